@@ -1,16 +1,33 @@
 """The write path: a batch of events in, one transaction, per-event outcomes out.
 
-(Stub: the implementation is being written; the interface is final.)
+A single LogEvent is a batch of one. Valid events are inserted into the log
+with one set-based statement that skips known (user_id, event_id) keys; only
+the events new to the log are handed to the sync handlers, in the same
+transaction, so a duplicate is harmless and an acknowledgement means committed.
 """
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
 
+from interactions_client.rules import RULES, SyncTarget
 from interactions_client.v1.event_pb2 import Event, FieldViolation
+from interactions_client.validation import validate
+from interactions_server import storage
+from interactions_server.sync import SyncEvent, SyncHandler, build_registry
+
+# Field names of each details payload, read once from the schema.
+_DETAIL_FIELDS: dict[str, tuple[str, ...]] = {
+    f.name: tuple(sub.name for sub in f.message_type.fields)
+    for f in Event.DESCRIPTOR.oneofs_by_name["details"].fields
+}
 
 
 @dataclass(slots=True)
@@ -31,12 +48,90 @@ class BatchResult:
     duplicate_count: int = 0
 
 
+def _row(event: Event, event_id: str, received_us: int) -> storage.EventRow:
+    rule = RULES[event.event_type]
+    ts = event.occurred_at
+    occurred_us = ts.seconds * 1_000_000 + ts.nanos // 1_000 if event.HasField("occurred_at") else received_us
+    value = event.event_value if event.HasField("event_value") else rule.default_value
+    member = event.WhichOneof("details")
+    details = None
+    if member is not None:
+        payload = getattr(event, member)
+        details = json.dumps({member: {name: getattr(payload, name) for name in _DETAIL_FIELDS[member]}})
+    return (
+        event.user_id,
+        event_id,
+        event.custom_type or rule.name,
+        event.session_id or None,
+        event.product_id or None,
+        value,  # type: ignore[return-value]  # validation guarantees a value or a default
+        occurred_us,
+        details,
+        json.dumps(dict(event.attributes)) if event.attributes else None,
+    )
+
+
 class Ingestor:
     """Validates and writes batches. Database failures propagate as asyncpg /
     OSError exceptions (the caller maps them to UNAVAILABLE)."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._sync: dict[int, SyncHandler] = build_registry()
 
     async def write(self, events: Sequence[Event]) -> BatchResult:
-        raise NotImplementedError
+        now = time.time()
+        received_us = int(now * 1_000_000)
+        result = BatchResult(event_ids=[""] * len(events), duplicate=[False] * len(events))
+        rows: list[storage.EventRow] = []
+        row_index: dict[tuple[str, str], int] = {}  # first occurrence of each key in the batch
+        repeats: list[int] = []  # later occurrences: duplicates of an earlier event in the batch
+        for i, event in enumerate(events):
+            event_id = event.event_id.lower() or str(uuid.uuid4())
+            result.event_ids[i] = event_id
+            violations = validate(event, now=now)
+            if violations:
+                result.rejected.append(Rejection(i, event.event_id, violations))
+                continue
+            key = (event.user_id, event_id)
+            if key in row_index:
+                repeats.append(i)
+                continue
+            row_index[key] = i
+            rows.append(_row(event, event_id, received_us))
+        if not rows:
+            return result
+
+        async with self._pool.acquire() as conn, conn.transaction():
+            new_keys = await storage.insert_events(conn, rows)
+            await self._sync_new(conn, [r for r in rows if (r[0], r[1]) in new_keys], events, row_index)
+
+        for key, i in row_index.items():
+            result.duplicate[i] = key not in new_keys
+        for i in repeats:
+            result.duplicate[i] = True
+        result.duplicate_count = sum(result.duplicate)
+        result.accepted_count = len(new_keys)
+        return result
+
+    async def _sync_new(
+        self,
+        conn: asyncpg.Connection,
+        new_rows: Sequence[storage.EventRow],
+        events: Sequence[Event],
+        row_index: dict[tuple[str, str], int],
+    ) -> None:
+        by_target: dict[int, list[SyncEvent]] = defaultdict(list)
+        for user_id, event_id, _, session_id, product_id, value, occurred_us, _, _ in new_rows:
+            rule = RULES[events[row_index[(user_id, event_id)]].event_type]
+            if rule.sync != SyncTarget.SYNC_TARGET_NONE:
+                by_target[rule.sync].append(
+                    SyncEvent(user_id, product_id or "", event_id, occurred_us, value, session_id, rule)
+                )
+        if not by_target:
+            return
+        locked = {e.user_id for t, evs in by_target.items() if self._sync[t].needs_user_lock for e in evs}
+        if locked:
+            await storage.lock_users(conn, locked)
+        for target in sorted(by_target):
+            await self._sync[target](conn, by_target[target])

@@ -1,0 +1,198 @@
+"""All SQL of the service outside migrations/.
+
+Writes are set-based: each function takes a whole batch as arrays and runs
+one statement. Timestamps travel as epoch microseconds and event ids as text,
+so that PostgreSQL does the conversions in C (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+# SQL expression: epoch microseconds (bigint) to timestamptz, exactly.
+_US_TO_TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
+
+# One row of the event log, in column order of INSERT_EVENTS.
+EventRow = tuple[str, str, str, str | None, str | None, int, int, str | None, str | None]
+
+INSERT_EVENTS = f"""
+INSERT INTO events (user_id, event_id, event_type, session_id, product_id,
+                    event_value, occurred_at, details, attributes)
+SELECT u, e::uuid, t, s, p, v, {_US_TO_TS.format("o")}, d::jsonb, a::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+            $6::int8[], $7::int8[], $8::text[], $9::text[]) AS r(u, e, t, s, p, v, o, d, a)
+ORDER BY u, e
+ON CONFLICT (user_id, event_id) DO NOTHING
+RETURNING user_id, event_id::text
+"""
+
+
+def to_micros(ts: datetime) -> int:
+    return (ts - EPOCH) // _MICROSECOND
+
+
+def from_micros(us: int) -> datetime:
+    return EPOCH + us * _MICROSECOND
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+
+
+async def insert_events(conn: asyncpg.Connection, rows: Sequence[EventRow]) -> set[tuple[str, str]]:
+    """Inserts the rows, skipping (user_id, event_id) already logged; returns the new keys."""
+    records = await conn.fetch(INSERT_EVENTS, *_columns(rows, 9))
+    return {(r[0], r[1]) for r in records}
+
+
+async def lock_users(conn: asyncpg.Connection, user_ids: Iterable[str]) -> None:
+    """Serialises state sync per user across transactions and processes.
+
+    Transaction-scoped advisory locks, taken in one consistent order so that
+    concurrent batches cannot deadlock. Held until commit.
+    """
+    await conn.execute(
+        """
+        SELECT pg_advisory_xact_lock(7301, k)
+        FROM (SELECT DISTINCT hashtext(u) AS k FROM unnest($1::text[]) AS u ORDER BY k) AS keys
+        """,
+        list(user_ids),
+    )
+
+
+# --- per-(user, product) state: cart_lines and wishlist_lines -------------
+
+# A state line: (user_id, product_id, value, updated_at us, last_event_id).
+# value is the quantity for the cart, added_at in epoch us (or None) for the wishlist.
+StateLine = tuple[str, str, int | None, int, str]
+
+_STATE_VALUE = {"cart_lines": "quantity", "wishlist_lines": "added_at"}
+
+
+def _value_out(table: str) -> str:
+    column = _STATE_VALUE[table]
+    return column if table == "cart_lines" else f"(extract(epoch FROM {column}) * 1000000)::int8"
+
+
+def _value_in(table: str) -> str:
+    return "v" if table == "cart_lines" else _US_TO_TS.format("v")
+
+
+async def fetch_lines(conn: asyncpg.Connection, table: str, keys: Sequence[tuple[str, str]]) -> list[StateLine]:
+    """The current lines of `keys` in a state table."""
+    records = await conn.fetch(
+        f"""
+        SELECT l.user_id, l.product_id, {_value_out(table)},
+               (extract(epoch FROM l.updated_at) * 1000000)::int8, l.last_event_id::text
+        FROM unnest($1::text[], $2::text[]) AS k(u, p)
+        JOIN {table} AS l ON l.user_id = k.u AND l.product_id = k.p
+        """,
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+    return [tuple(r) for r in records]  # type: ignore[misc]
+
+
+async def upsert_lines(conn: asyncpg.Connection, table: str, lines: Sequence[StateLine]) -> None:
+    """Writes the new state of each line, in key order (no deadlocks)."""
+    value = _STATE_VALUE[table]
+    await conn.execute(
+        f"""
+        INSERT INTO {table} AS l (user_id, product_id, {value}, updated_at, last_event_id)
+        SELECT u, p, {_value_in(table)}, {_US_TO_TS.format("t")}, e::uuid
+        FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[]) AS r(u, p, v, t, e)
+        ORDER BY u, p
+        ON CONFLICT (user_id, product_id) DO UPDATE
+        SET {value} = excluded.{value}, updated_at = excluded.updated_at,
+            last_event_id = excluded.last_event_id
+        """,
+        *_columns(sorted(lines), 5),
+    )
+
+
+async def fetch_key_events(
+    conn: asyncpg.Connection, keys: Sequence[tuple[str, str]], event_types: Sequence[str]
+) -> list[tuple[str, str, str, int, int, str]]:
+    """The logged events of the given types for each (user, product) key, in
+    fold order: (user_id, product_id, event_type, event_value, occurred_at us, event_id)."""
+    records = await conn.fetch(
+        """
+        SELECT e.user_id, e.product_id, e.event_type, e.event_value,
+               (extract(epoch FROM e.occurred_at) * 1000000)::int8, e.event_id::text
+        FROM unnest($1::text[], $2::text[]) AS k(u, p)
+        JOIN events AS e ON e.user_id = k.u AND e.product_id = k.p
+        WHERE e.event_type = ANY($3::text[])
+        ORDER BY e.user_id, e.product_id, e.occurred_at, e.event_id
+        """,
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        list(event_types),
+    )
+    return [tuple(r) for r in records]  # type: ignore[misc]
+
+
+# --- purchase_history ------------------------------------------------------
+
+PurchaseRow = tuple[str, int, str, str, str | None]  # user_id, purchased_at us, event_id, product_id, session_id
+
+
+async def insert_purchases(conn: asyncpg.Connection, rows: Sequence[PurchaseRow]) -> None:
+    await conn.execute(
+        f"""
+        INSERT INTO purchase_history (user_id, purchased_at, event_id, product_id, session_id)
+        SELECT u, {_US_TO_TS.format("t")}, e::uuid, p, s
+        FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[]) AS r(u, t, e, p, s)
+        ORDER BY u, t, e
+        ON CONFLICT DO NOTHING
+        """,
+        *_columns(rows, 5),
+    )
+
+
+# --- reads -------------------------------------------------------------------
+
+
+async def fetch_cart(pool: asyncpg.Pool, user_id: str) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        "SELECT product_id, quantity, updated_at FROM user_cart WHERE user_id = $1 ORDER BY product_id",
+        user_id,
+    )
+
+
+async def fetch_wishlist(pool: asyncpg.Pool, user_id: str) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        "SELECT product_id, added_at FROM user_wishlist WHERE user_id = $1 ORDER BY added_at, product_id",
+        user_id,
+    )
+
+
+async def fetch_purchases(
+    pool: asyncpg.Pool, user_id: str, limit: int, after: tuple[datetime, str] | None
+) -> list[asyncpg.Record]:
+    """A page of purchases, newest first; `after` is the last row of the previous page."""
+    if after is None:
+        return await pool.fetch(
+            """
+            SELECT event_id::text, product_id, session_id, purchased_at FROM purchase_history
+            WHERE user_id = $1 ORDER BY purchased_at DESC, event_id DESC LIMIT $2
+            """,
+            user_id,
+            limit,
+        )
+    return await pool.fetch(
+        """
+        SELECT event_id::text, product_id, session_id, purchased_at FROM purchase_history
+        WHERE user_id = $1 AND (purchased_at, event_id) < ($3, $4::uuid)
+        ORDER BY purchased_at DESC, event_id DESC LIMIT $2
+        """,
+        user_id,
+        limit,
+        after[0],
+        after[1],
+    )

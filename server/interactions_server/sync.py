@@ -1,0 +1,155 @@
+"""Per-type state sync, dispatched through a registry keyed by the sync
+target the schema declares for each type (EventRule.sync).
+
+State is order-independent: each (user, product) line always equals the fold
+of that key's events in (occurred_at, event_id) order. New events are folded
+onto the stored line when they are all newer than the last event folded into
+it (the common, in-order case); otherwise the line is recomputed from the log.
+Handlers run inside the batch's transaction, after the log insert, and see
+only events that were new to the log, so a resend is never applied twice.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import asyncpg
+
+from interactions_client.rules import RULES, SyncTarget, TypeRule, ValueRule
+from interactions_server import storage
+
+
+@dataclass(frozen=True, slots=True)
+class SyncEvent:
+    """The part of a newly logged event that state sync reads."""
+
+    user_id: str
+    product_id: str
+    event_id: str
+    occurred_us: int
+    value: int
+    session_id: str | None
+    rule: TypeRule
+
+
+class SyncHandler(Protocol):
+    # Whether the handler reads and rewrites state, so that the batch must
+    # hold the users' sync locks (storage.lock_users) while it runs.
+    needs_user_lock: bool
+
+    def __call__(self, conn: asyncpg.Connection, events: Sequence[SyncEvent]) -> Awaitable[None]: ...
+
+
+# A fold step: (state, event_value, occurred_at us) -> new state.
+Step = Callable[[int | None, int, int], int | None]
+
+
+def _add(q: int | None, v: int, _: int) -> int:
+    return (q or 0) + v
+
+
+def _remove(q: int | None, v: int, _: int) -> int:
+    return 0 if v == 0 else max((q or 0) - v, 0)
+
+
+def _set(_q: int | None, v: int, _: int) -> int:
+    return v
+
+
+def _wishlist(added_at: int | None, v: int, occurred_us: int) -> int | None:
+    if v == 0:
+        return None
+    return occurred_us if added_at is None else added_at
+
+
+# How each value rule acts on a target's state. Which types sync where, and
+# with which value rule, comes from the schema; these are the semantics.
+CART_STEPS: Mapping[int, Step] = {
+    ValueRule.VALUE_RULE_QUANTITY: _add,
+    ValueRule.VALUE_RULE_QUANTITY_OR_ALL: _remove,
+    ValueRule.VALUE_RULE_NEW_QUANTITY: _set,
+}
+WISHLIST_STEPS: Mapping[int, Step] = {ValueRule.VALUE_RULE_ADD_OR_REMOVE: _wishlist}
+
+
+class KeyedFold:
+    """State per (user, product) in `table`, folded from the events of the types syncing to it."""
+
+    needs_user_lock = True
+
+    def __init__(self, table: str, target: int, steps_by_value_rule: Mapping[int, Step]) -> None:
+        self.table = table
+        self.steps: dict[str, Step] = {}
+        for rule in RULES.values():
+            if rule.sync != target:
+                continue
+            if rule.value not in steps_by_value_rule:
+                raise RuntimeError(f"{rule.name} syncs to {table} with a value rule it cannot apply")
+            self.steps[rule.name] = steps_by_value_rule[rule.value]
+
+    def fold(self, state: int | None, events: Sequence[tuple[str, int, int]]) -> int | None:
+        for event_type, value, occurred_us in events:
+            state = self.steps[event_type](state, value, occurred_us)
+        return state
+
+    async def __call__(self, conn: asyncpg.Connection, events: Sequence[SyncEvent]) -> None:
+        by_key: dict[tuple[str, str], list[SyncEvent]] = defaultdict(list)
+        for e in events:
+            by_key[(e.user_id, e.product_id)].append(e)
+        keys = sorted(by_key)
+        current = {(line[0], line[1]): line for line in await storage.fetch_lines(conn, self.table, keys)}
+
+        lines: list[storage.StateLine] = []
+        stale: list[tuple[str, str]] = []
+        for key in keys:
+            new = sorted(by_key[key], key=lambda e: (e.occurred_us, e.event_id))
+            line = current.get(key)
+            if line is not None and (new[0].occurred_us, new[0].event_id) < (line[3], line[4]):
+                stale.append(key)  # arrived out of order: refold the key from the log
+                continue
+            state = self.fold(None if line is None else line[2], [(e.rule.name, e.value, e.occurred_us) for e in new])
+            lines.append((key[0], key[1], state, new[-1].occurred_us, new[-1].event_id))
+
+        if stale:
+            logged: dict[tuple[str, str], list[tuple[str, int, int, str]]] = defaultdict(list)
+            for user_id, product_id, event_type, value, occurred_us, event_id in await storage.fetch_key_events(
+                conn, stale, list(self.steps)
+            ):
+                logged[(user_id, product_id)].append((event_type, value, occurred_us, event_id))
+            for key in stale:
+                history = logged[key]
+                state = self.fold(None, [(t, v, us) for t, v, us, _ in history])
+                lines.append((key[0], key[1], state, history[-1][2], history[-1][3]))
+
+        await storage.upsert_lines(conn, self.table, lines)
+
+
+class AppendPurchases:
+    """purchase_history is append-only, so arrival order cannot matter."""
+
+    needs_user_lock = False
+
+    async def __call__(self, conn: asyncpg.Connection, events: Sequence[SyncEvent]) -> None:
+        await storage.insert_purchases(
+            conn, [(e.user_id, e.occurred_us, e.event_id, e.product_id, e.session_id) for e in events]
+        )
+
+
+def build_registry() -> dict[int, SyncHandler]:
+    """Handlers by SyncTarget; fails at start-up if the schema declares a
+    target (or a value rule on it) that no handler implements."""
+    registry: dict[int, SyncHandler] = {
+        SyncTarget.SYNC_TARGET_USER_CART: KeyedFold("cart_lines", SyncTarget.SYNC_TARGET_USER_CART, CART_STEPS),
+        SyncTarget.SYNC_TARGET_USER_WISHLIST: KeyedFold(
+            "wishlist_lines", SyncTarget.SYNC_TARGET_USER_WISHLIST, WISHLIST_STEPS
+        ),
+        SyncTarget.SYNC_TARGET_PURCHASE_HISTORY: AppendPurchases(),
+    }
+    declared = {r.sync for r in RULES.values()} - {SyncTarget.SYNC_TARGET_NONE}
+    missing = declared - registry.keys()
+    if missing:
+        raise RuntimeError(f"no sync handler for targets {sorted(missing)}")
+    return registry
