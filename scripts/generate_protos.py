@@ -69,7 +69,11 @@ def main(argv: list[str]) -> int:
         fresh = Path(tmp)
         generate(fresh)
         names = sorted({p.name for p in fresh.iterdir()} | {p.name for p in OUT.iterdir() if p.is_file()})
-        stale = [n for n in names if not (fresh / n).exists() or not (OUT / n).exists() or not filecmp.cmp(fresh / n, OUT / n, shallow=False)]
+        stale = [
+            n
+            for n in names
+            if not (fresh / n).exists() or not (OUT / n).exists() or not filecmp.cmp(fresh / n, OUT / n, shallow=False)
+        ]
     if stale:
         print(f"generated code is stale ({', '.join(stale)}): run python scripts/generate_protos.py", file=sys.stderr)
         return 1

@@ -28,13 +28,13 @@ class TypeRule:
     event_type: int
     name: str  # the stored name, e.g. "add_to_cart"
     description: str
-    product_id: int  # ProductIdRule
-    value: int  # ValueRule
+    product_id: ProductIdRule.ValueType
+    value: ValueRule.ValueType
     default_value: int | None  # None: the caller must set event_value
     details: str | None  # the `details` oneof member the type takes
     details_required: bool
     session_required: bool
-    sync: int  # SyncTarget
+    sync: SyncTarget.ValueType
     ml_weight: float | None
     proto: rules_pb2.EventRule
 
@@ -73,9 +73,7 @@ RULES: Mapping[int, TypeRule] = MappingProxyType(_read_rules())
 
 CUSTOM = RULES[EventType.EVENT_TYPE_CUSTOM]
 
-STANDARD: Mapping[str, TypeRule] = MappingProxyType(
-    {r.name: r for r in RULES.values() if r is not CUSTOM}
-)
+STANDARD: Mapping[str, TypeRule] = MappingProxyType({r.name: r for r in RULES.values() if r is not CUSTOM})
 """The seed's types by stored name."""
 
 

@@ -102,7 +102,9 @@ def _check_type(out: list[FieldViolation], event: Event, rule: TypeRule) -> None
             out.append(violation("custom_type", "is required for EVENT_TYPE_CUSTOM"))
         elif len(custom) > limits.MAX_CUSTOM_TYPE_LENGTH or not _SNAKE.fullmatch(custom):
             out.append(
-                violation("custom_type", f"must be lower snake case, at most {limits.MAX_CUSTOM_TYPE_LENGTH} characters")
+                violation(
+                    "custom_type", f"must be lower snake case, at most {limits.MAX_CUSTOM_TYPE_LENGTH} characters"
+                )
             )
         elif custom in STANDARD:
             out.append(violation("custom_type", f"{custom!r} is a standard type; use its EventType value"))
@@ -153,7 +155,10 @@ def _check_time(out: list[FieldViolation], event: Event, now: float) -> None:
         out.append(violation("occurred_at", "must not be before 1970-01-01"))
     elif ts.seconds > now + limits.MAX_FUTURE_SECONDS:
         out.append(
-            violation("occurred_at", f"is {ts.seconds - int(now)} s in the future; at most {limits.MAX_FUTURE_SECONDS} s is allowed")
+            violation(
+                "occurred_at",
+                f"is {ts.seconds - int(now)} s in the future; at most {limits.MAX_FUTURE_SECONDS} s is allowed",
+            )
         )
 
 
@@ -166,7 +171,9 @@ def _check_attributes(out: list[FieldViolation], event: Event) -> None:
         if not key or key.isspace():
             out.append(violation(field, "key must not be blank"))
         elif len(key) > limits.MAX_ATTRIBUTE_KEY_LENGTH:
-            out.append(violation(field, f"key is {len(key)} characters long; the limit is {limits.MAX_ATTRIBUTE_KEY_LENGTH}"))
+            out.append(
+                violation(field, f"key is {len(key)} characters long; the limit is {limits.MAX_ATTRIBUTE_KEY_LENGTH}")
+            )
         elif "\x00" in key:
             out.append(violation(field, "key must not contain NUL characters"))
         _text(out, field, value, limits.MAX_ATTRIBUTE_VALUE_LENGTH, required=False, blank_ok=True)

@@ -47,8 +47,7 @@ class GroupCommitter:
 
     async def close(self) -> None:
         """Writes what is queued, waits for the writes in flight, then stops."""
-        while not self._queue.empty() or self._writes:
-            await asyncio.sleep(0.005)
+        await self._queue.join()
         if self._collector is not None:
             self._collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -75,6 +74,8 @@ class GroupCommitter:
             return
         finally:
             self._slots.release()
+            for _ in batch:
+                self._queue.task_done()
         violations = {r.index: r.violations for r in result.rejected}
         for i, (_, future) in enumerate(batch):
             if not future.done():  # the caller may have gone (cancelled)

@@ -25,7 +25,7 @@ from interactions_server.sync import SyncEvent, SyncHandler, build_registry
 
 # Field names of each details payload, read once from the schema.
 _DETAIL_FIELDS: dict[str, tuple[str, ...]] = {
-    f.name: tuple(sub.name for sub in f.message_type.fields)
+    f.name: tuple(sub.name for sub in f.message_type.fields)  # type: ignore[union-attr]
     for f in Event.DESCRIPTOR.oneofs_by_name["details"].fields
 }
 

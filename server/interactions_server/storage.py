@@ -96,7 +96,7 @@ async def fetch_lines(conn: asyncpg.Connection, table: str, keys: Sequence[tuple
         [k[0] for k in keys],
         [k[1] for k in keys],
     )
-    return [tuple(r) for r in records]  # type: ignore[misc]
+    return [tuple(r) for r in records]
 
 
 async def upsert_lines(conn: asyncpg.Connection, table: str, lines: Sequence[StateLine]) -> None:
@@ -134,7 +134,7 @@ async def fetch_key_events(
         [k[1] for k in keys],
         list(event_types),
     )
-    return [tuple(r) for r in records]  # type: ignore[misc]
+    return [tuple(r) for r in records]
 
 
 # --- purchase_history ------------------------------------------------------
@@ -157,19 +157,27 @@ async def insert_purchases(conn: asyncpg.Connection, rows: Sequence[PurchaseRow]
 
 # --- reads -------------------------------------------------------------------
 
+_PURCHASES = """
+SELECT event_id::text, product_id, session_id, purchased_at FROM purchase_history
+WHERE user_id = $1 {after}
+ORDER BY purchased_at DESC, event_id DESC LIMIT $2
+"""
+_FIRST_PAGE = _PURCHASES.format(after="")
+_NEXT_PAGE = _PURCHASES.format(after="AND (purchased_at, event_id) < ($3, $4::uuid)")
+
 
 async def fetch_cart(pool: asyncpg.Pool, user_id: str) -> list[asyncpg.Record]:
-    return await pool.fetch(
-        "SELECT product_id, quantity, updated_at FROM user_cart WHERE user_id = $1 ORDER BY product_id",
-        user_id,
+    records: list[asyncpg.Record] = await pool.fetch(
+        "SELECT product_id, quantity, updated_at FROM user_cart WHERE user_id = $1 ORDER BY product_id", user_id
     )
+    return records
 
 
 async def fetch_wishlist(pool: asyncpg.Pool, user_id: str) -> list[asyncpg.Record]:
-    return await pool.fetch(
-        "SELECT product_id, added_at FROM user_wishlist WHERE user_id = $1 ORDER BY added_at, product_id",
-        user_id,
+    records: list[asyncpg.Record] = await pool.fetch(
+        "SELECT product_id, added_at FROM user_wishlist WHERE user_id = $1 ORDER BY added_at, product_id", user_id
     )
+    return records
 
 
 async def fetch_purchases(
@@ -177,22 +185,7 @@ async def fetch_purchases(
 ) -> list[asyncpg.Record]:
     """A page of purchases, newest first; `after` is the last row of the previous page."""
     if after is None:
-        return await pool.fetch(
-            """
-            SELECT event_id::text, product_id, session_id, purchased_at FROM purchase_history
-            WHERE user_id = $1 ORDER BY purchased_at DESC, event_id DESC LIMIT $2
-            """,
-            user_id,
-            limit,
-        )
-    return await pool.fetch(
-        """
-        SELECT event_id::text, product_id, session_id, purchased_at FROM purchase_history
-        WHERE user_id = $1 AND (purchased_at, event_id) < ($3, $4::uuid)
-        ORDER BY purchased_at DESC, event_id DESC LIMIT $2
-        """,
-        user_id,
-        limit,
-        after[0],
-        after[1],
-    )
+        records: list[asyncpg.Record] = await pool.fetch(_FIRST_PAGE, user_id, limit)
+    else:
+        records = await pool.fetch(_NEXT_PAGE, user_id, limit, *after)
+    return records
