@@ -1,7 +1,12 @@
 -- The event log and the per-user state it maintains. Every key leads with
 -- user_id so that the tables can be distributed by user_id (docs/scaling.md).
 
--- Every accepted event, once: (user_id, event_id) is the idempotency key.
+-- Every accepted event, once. The log is partitioned by month of
+-- occurred_at, so retention drops whole partitions (drop_event_partitions_before)
+-- instead of deleting rows. The idempotency key is (user_id, event_id); the
+-- primary key must include the partition key, and a resend carries the same
+-- occurred_at, so it conflicts in the same partition. (Events sent without
+-- occurred_at are checked across partitions by the server before insert.)
 CREATE TABLE events (
     user_id      text        NOT NULL,
     event_id     uuid        NOT NULL,
@@ -13,12 +18,57 @@ CREATE TABLE events (
     details      jsonb,
     attributes   jsonb,
     received_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (user_id, event_id)
-);
+    PRIMARY KEY (user_id, event_id, occurred_at)
+) PARTITION BY RANGE (occurred_at);
+
+-- Events older than the first monthly partition (historic imports).
+CREATE TABLE events_default PARTITION OF events DEFAULT;
 
 -- Recomputing a (user, product) state after an out-of-order event reads that
 -- key's events in (occurred_at, event_id) order.
 CREATE INDEX events_user_product_time ON events (user_id, product_id, occurred_at, event_id);
+
+-- Creates the monthly partitions covering [first, last] that do not exist
+-- yet. The server runs it at start-up and daily for the months around now,
+-- so current events never land in the default partition.
+CREATE FUNCTION ensure_event_partitions(first date, last date) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    month date := date_trunc('month', first);
+    created integer := 0;
+    name text;
+BEGIN
+    WHILE month <= last LOOP
+        name := format('events_%s', to_char(month, 'YYYY_MM'));
+        IF to_regclass(name) IS NULL THEN
+            EXECUTE format(
+                'CREATE TABLE %I PARTITION OF events FOR VALUES FROM (%L) TO (%L)',
+                name, month::timestamptz, (month + interval '1 month')::timestamptz);
+            created := created + 1;
+        END IF;
+        month := month + interval '1 month';
+    END LOOP;
+    RETURN created;
+END $$;
+
+-- Retention: drops the monthly partitions that end on or before `cutoff`.
+CREATE FUNCTION drop_event_partitions_before(cutoff date) RETURNS SETOF text
+LANGUAGE plpgsql AS $$
+DECLARE
+    part record;
+BEGIN
+    FOR part IN
+        SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'events'::regclass AND c.relname ~ '^events_[0-9]{4}_[0-9]{2}$'
+          AND (to_date(substr(c.relname, 8), 'YYYY_MM') + interval '1 month') <= cutoff
+        ORDER BY c.relname
+    LOOP
+        EXECUTE format('DROP TABLE %I', part.relname);
+        RETURN NEXT part.relname;
+    END LOOP;
+END $$;
+
+SELECT ensure_event_partitions((now() - interval '1 month')::date, (now() + interval '2 months')::date);
 
 -- State tables keep a line per (user, product) ever touched, with the
 -- position (occurred_at, event_id) of the last event folded into it: an

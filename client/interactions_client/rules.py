@@ -37,6 +37,10 @@ class TypeRule:
     sync: SyncTarget.ValueType
     ml_weight: float | None
     proto: rules_pb2.EventRule
+    # Derived flags, so that hot paths test plain booleans.
+    product_required: bool
+    product_allowed: bool
+    syncs: bool
 
 
 def _read_rules() -> dict[int, TypeRule]:
@@ -64,6 +68,9 @@ def _read_rules() -> dict[int, TypeRule]:
             sync=rule.sync,
             ml_weight=rule.ml_weight if rule.HasField("ml_weight") else None,
             proto=rule,
+            product_required=rule.product_id == ProductIdRule.PRODUCT_ID_RULE_REQUIRED,
+            product_allowed=rule.product_id != ProductIdRule.PRODUCT_ID_RULE_NOT_ALLOWED,
+            syncs=rule.sync != SyncTarget.SYNC_TARGET_NONE,
         )
     return rules
 

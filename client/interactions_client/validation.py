@@ -11,7 +11,7 @@ import re
 import time
 
 from interactions_client import limits
-from interactions_client.rules import CUSTOM, RULES, STANDARD, ProductIdRule, SyncTarget, TypeRule, ValueRule
+from interactions_client.rules import CUSTOM, RULES, STANDARD, SyncTarget, TypeRule, ValueRule
 from interactions_client.v1.event_pb2 import Event, FieldViolation
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -113,12 +113,11 @@ def _check_type(out: list[FieldViolation], event: Event, rule: TypeRule) -> None
         out.append(violation("custom_type", "is only for EVENT_TYPE_CUSTOM events"))
 
     _text(out, "session_id", event.session_id, limits.MAX_ID_LENGTH, required=rule.session_required)
-    if rule.product_id == ProductIdRule.PRODUCT_ID_RULE_NOT_ALLOWED:
+    if not rule.product_allowed:
         if event.product_id:
             out.append(violation("product_id", f"is not allowed for {name} events"))
     else:
-        required = rule.product_id == ProductIdRule.PRODUCT_ID_RULE_REQUIRED
-        _text(out, "product_id", event.product_id, limits.MAX_ID_LENGTH, required=required)
+        _text(out, "product_id", event.product_id, limits.MAX_ID_LENGTH, required=rule.product_required)
 
     if event.HasField("event_value"):
         lowest, highest, meaning = _VALUE_RANGES[rule.value]

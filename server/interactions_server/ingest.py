@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from interactions_client.rules import RULES, SyncTarget
+from interactions_client.rules import RULES
 from interactions_client.v1.event_pb2 import Event, FieldViolation
 from interactions_client.validation import validate
 from interactions_server import storage
@@ -86,6 +86,7 @@ class Ingestor:
         rows: list[storage.EventRow] = []
         row_index: dict[tuple[str, str], int] = {}  # first occurrence of each key in the batch
         repeats: list[int] = []  # later occurrences: duplicates of an earlier event in the batch
+        untimed: list[tuple[str, str]] = []  # caller's id, server's time: a resend may sit in another partition
         for i, event in enumerate(events):
             event_id = event.event_id.lower() or str(uuid.uuid4())
             result.event_ids[i] = event_id
@@ -99,10 +100,15 @@ class Ingestor:
                 continue
             row_index[key] = i
             rows.append(_row(event, event_id, received_us))
+            if event.event_id and not event.HasField("occurred_at"):
+                untimed.append(key)
         if not rows:
             return result
 
         async with self._pool.acquire() as conn, conn.transaction():
+            if untimed:
+                logged = await storage.find_logged(conn, untimed)
+                rows = [r for r in rows if (r[0], r[1]) not in logged]
             new_keys = await storage.insert_events(conn, rows)
             await self._sync_new(conn, [r for r in rows if (r[0], r[1]) in new_keys], events, row_index)
 
@@ -124,7 +130,7 @@ class Ingestor:
         by_target: dict[int, list[SyncEvent]] = defaultdict(list)
         for user_id, event_id, _, session_id, product_id, value, occurred_us, _, _ in new_rows:
             rule = RULES[events[row_index[(user_id, event_id)]].event_type]
-            if rule.sync != SyncTarget.SYNC_TARGET_NONE:
+            if rule.syncs:
                 by_target[rule.sync].append(
                     SyncEvent(user_id, product_id or "", event_id, occurred_us, value, session_id, rule)
                 )

@@ -1,0 +1,167 @@
+"""The one place exceptions become gRPC status codes.
+
+Servicer methods are decorated with `rpc_errors` (unary responses) or
+`stream_rpc_errors` (streamed responses) and simply raise:
+
+- `InvalidArgument(violations)` → INVALID_ARGUMENT with `google.rpc.BadRequest`
+  field violations in the status details;
+- `Unavailable(message)` → UNAVAILABLE (e.g. the server is shutting down);
+- a database-unreachable error (see `is_database_unavailable`) → UNAVAILABLE;
+- a transaction conflict (deadlock, serialization failure) → ABORTED;
+- anything else → INTERNAL with a generic message; the traceback is logged
+  here and never sent to the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from typing import Any, NoReturn, TypeVar
+
+import asyncpg
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from interactions_client.v1.event_pb2 import FieldViolation
+
+_log = logging.getLogger(__name__)
+
+DATABASE_UNAVAILABLE_MESSAGE = "database unavailable; retry later"
+INTERNAL_MESSAGE = "internal error"
+CONFLICT_MESSAGE = "transaction conflict; retry"
+_MAX_MESSAGE_LENGTH = 300
+
+# SQLSTATEs that mean "the database cannot serve right now" rather than "this
+# request is wrong": connection exceptions (class 08), shutdowns and start-up
+# (57P01-57P03), statement timeout / cancel (57014), too many connections (53300).
+_UNAVAILABLE_SQLSTATE_CLASSES = frozenset({"08"})
+_UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57014", "53300"})
+
+_Self = TypeVar("_Self")
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+
+
+class InvalidArgument(Exception):
+    """The request is wrong; reported as INVALID_ARGUMENT with BadRequest details."""
+
+    def __init__(self, violations: Iterable[FieldViolation], message: str = "invalid request") -> None:
+        self.violations = list(violations)
+        self.message = message
+        super().__init__(summarize(message, self.violations))
+
+
+class Unavailable(Exception):
+    """The service cannot handle the call now; the caller should retry (elsewhere)."""
+
+
+def summarize(message: str, violations: Iterable[FieldViolation]) -> str:
+    """A one-line human-readable status message, e.g. "invalid event: user_id is required"."""
+    text = "; ".join(f"{v.field} {v.description}" for v in violations)
+    text = f"{message}: {text}" if text else message
+    return text if len(text) <= _MAX_MESSAGE_LENGTH else text[: _MAX_MESSAGE_LENGTH - 3] + "..."
+
+
+def bad_request_status(violations: Iterable[FieldViolation], message: str = "invalid request") -> grpc.Status:
+    """INVALID_ARGUMENT carrying a google.rpc.BadRequest with one violation per field."""
+    violations = list(violations)
+    bad_request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in violations
+        ]
+    )
+    detail = any_pb2.Any()
+    detail.Pack(bad_request)
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=summarize(message, violations), details=[detail])
+    return rpc_status.to_status(status)
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means the database is unreachable or not serving (retryable),
+    as opposed to a bug or a bad request."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(is_database_unavailable(e) for e in exc.exceptions)
+    # OSError covers refused/reset connections, a missing unix socket and
+    # TimeoutError (pool acquire and connect timeouts).
+    if isinstance(exc, OSError | asyncpg.PostgresConnectionError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        return sqlstate in _UNAVAILABLE_SQLSTATES or sqlstate[:2] in _UNAVAILABLE_SQLSTATE_CLASSES
+    if isinstance(exc, asyncpg.InterfaceError):
+        # Only a closed pool or connection; other InterfaceErrors are misuse (bugs).
+        text = str(exc)
+        return "closed" in text or "closing" in text
+    return False
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_is_conflict(e) for e in exc.exceptions)
+    return isinstance(exc, asyncpg.exceptions.TransactionRollbackError)
+
+
+async def abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> NoReturn:
+    """Ends the RPC with the status `exc` maps to."""
+    if isinstance(exc, InvalidArgument):
+        await context.abort_with_status(bad_request_status(exc.violations, exc.message))
+    if isinstance(exc, Unavailable):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    if is_database_unavailable(exc):
+        _log.warning("%s: database unavailable: %s", method, _short(exc))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_UNAVAILABLE_MESSAGE)
+    if _is_conflict(exc):
+        _log.warning("%s: transaction conflict: %s", method, _short(exc))
+        await context.abort(grpc.StatusCode.ABORTED, CONFLICT_MESSAGE)
+    _log.error("%s failed", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE_LENGTH]
+
+
+UnaryMethod = Callable[[_Self, _Request, Any], Awaitable[_Response]]
+StreamMethod = Callable[[_Self, _Request, Any], AsyncGenerator[_Response, None]]
+
+
+def rpc_errors(method: UnaryMethod[_Self, _Request, _Response]) -> UnaryMethod[_Self, _Request, _Response]:
+    """Maps the exceptions of a unary-response servicer method to status codes."""
+
+    @functools.wraps(method)
+    async def wrapper(self: _Self, request: _Request, context: grpc.aio.ServicerContext) -> _Response:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise  # context.abort() was called: the status is already set
+        except Exception as exc:
+            await abort_for(exc, context, method.__qualname__)
+
+    return wrapper
+
+
+def stream_rpc_errors(method: StreamMethod[_Self, _Request, _Response]) -> StreamMethod[_Self, _Request, _Response]:
+    """Maps the exceptions of a response-streaming servicer method (an async
+    generator) to status codes. Responses already yielded stay delivered."""
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: _Self, request: _Request, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[_Response, None]:
+        try:
+            # aclosing: if this generator is closed (call cancelled while a
+            # response is being sent), the method's own cleanup runs now.
+            async with contextlib.aclosing(method(self, request, context)) as responses:
+                async for response in responses:
+                    yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_for(exc, context, method.__qualname__)
+
+    return wrapper

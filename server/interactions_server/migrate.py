@@ -1,0 +1,122 @@
+"""Schema migrations: plain numbered SQL files, applied in order, once.
+
+Files are named `NNNN_description.sql` (e.g. `0001_events.sql`). Each pending
+file runs in its own transaction together with its row in `schema_migrations`,
+so a failing file leaves no trace and is retried on the next start. Runners
+hold a PostgreSQL advisory lock while they work, so replicas starting at the
+same time apply every file exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+_log = logging.getLogger(__name__)
+
+# pg_advisory_lock key shared by every runner of this service ("interact").
+LOCK_KEY = 0x696E_7465_7261_6374
+_FILE_NAME = re.compile(r"(?P<version>\d+)_(?P<name>[A-Za-z0-9_]+)\.sql")
+
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+class MigrationError(Exception):
+    """The migrations directory or one of its files is not usable as is."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+
+    @property
+    def sql(self) -> str:
+        return self.path.read_text(encoding="utf-8")
+
+
+def default_directory() -> Path:
+    """The migrations shipped in the wheel (`interactions_server/migrations`),
+    else those at the root of a source checkout."""
+    packaged = Path(__file__).resolve().parent / "migrations"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "migrations"
+
+
+def load(directory: Path | None = None) -> list[Migration]:
+    """The migrations in `directory`, by version. Fails on a misnamed .sql file
+    or a repeated version rather than silently skipping one."""
+    directory = default_directory() if directory is None else directory
+    if not directory.is_dir():
+        raise MigrationError(f"migrations directory not found: {directory}")
+    migrations: dict[int, Migration] = {}
+    for path in sorted(directory.glob("*.sql")):
+        match = _FILE_NAME.fullmatch(path.name)
+        if match is None:
+            raise MigrationError(f"migration file name must look like 0001_description.sql: {path.name}")
+        version = int(match["version"])
+        if version in migrations:
+            raise MigrationError(
+                f"migration version {version} is used twice: {migrations[version].path.name}, {path.name}"
+            )
+        migrations[version] = Migration(version, match["name"], path)
+    return [migrations[v] for v in sorted(migrations)]
+
+
+async def apply(connection: asyncpg.Connection, directory: Path | None = None) -> list[Migration]:
+    """Applies the pending migrations on `connection`; returns those it applied."""
+    migrations = load(directory)
+    # A session-level lock: other runners wait here until this one is done,
+    # then find nothing left to do.
+    await connection.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+    try:
+        await connection.execute(_CREATE_TABLE)
+        applied_versions = {r["version"] for r in await connection.fetch("SELECT version FROM schema_migrations")}
+        unknown = applied_versions - {m.version for m in migrations}
+        if unknown:
+            _log.warning("the database has migrations this server does not know: %s", sorted(unknown))
+        applied: list[Migration] = []
+        for migration in migrations:
+            if migration.version in applied_versions:
+                continue
+            try:
+                async with connection.transaction():
+                    await connection.execute(migration.sql)
+                    await connection.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        migration.version,
+                        migration.name,
+                    )
+            except Exception as exc:
+                _log.error("migration %s failed (rolled back): %s: %s", migration.path.name, type(exc).__name__, exc)
+                raise
+            _log.info("applied migration %04d_%s", migration.version, migration.name)
+            applied.append(migration)
+        return applied
+    finally:
+        if not connection.is_closed():
+            await connection.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+
+
+async def migrate(dsn: str, directory: Path | None = None, *, connect_timeout: float = 10.0) -> list[Migration]:
+    """Connects to `dsn`, applies the pending migrations and disconnects."""
+    connection = await asyncpg.connect(dsn, timeout=connect_timeout)
+    try:
+        applied = await apply(connection, directory)
+    finally:
+        await connection.close()
+    if not applied:
+        _log.info("schema is up to date")
+    return applied

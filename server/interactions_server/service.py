@@ -1,0 +1,156 @@
+"""interactions.v1.InteractionService: the RPCs in front of the write path."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Any, cast
+
+from interactions_client import limits
+from interactions_client.rules import RULES
+from interactions_client.v1 import interaction_service_pb2 as pb
+from interactions_client.v1 import interaction_service_pb2_grpc
+from interactions_client.v1.event_pb2 import Event, EventType, FieldViolation
+from interactions_server.errors import InvalidArgument, Unavailable, rpc_errors, stream_rpc_errors
+from interactions_server.group_commit import GroupCommitter
+from interactions_server.ingest import BatchResult, Ingestor, Rejection
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["InteractionService"].full_name
+SHUTTING_DOWN = "server is shutting down; resend unacknowledged batches"
+DEFAULT_BATCHES_IN_FLIGHT = 3
+
+# Writes in request order; None once the reading task has ended.
+_WriteQueue = asyncio.Queue[asyncio.Task[pb.StreamEventsResponse] | None]
+
+
+class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer):
+    """Validation and writing are the Ingestor's; this class maps requests to
+    batches, batches to responses, and bounds the work of each stream."""
+
+    def __init__(
+        self, ingestor: Ingestor, committer: GroupCommitter, *, batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT
+    ) -> None:
+        self._ingestor = ingestor
+        self._committer = committer  # LogEvent: concurrent calls share transactions
+        self._batches_in_flight = batches_in_flight
+        self._readers: set[asyncio.Task[None]] = set()
+        self._draining = False
+        self._event_types = pb.ListEventTypesResponse(
+            event_types=[
+                pb.EventTypeInfo(event_type=cast("EventType.ValueType", r.event_type), name=r.name, rule=r.proto)
+                for r in RULES.values()
+            ]
+        )
+
+    def drain(self) -> None:
+        """Stops reading new batches on every stream (for shutdown). Batches
+        already read are still committed and acknowledged, then each stream
+        ends with UNAVAILABLE so that its client resends the rest elsewhere."""
+        self._draining = True
+        for reader in self._readers:
+            reader.cancel()
+
+    @rpc_errors
+    async def LogEvent(self, request: pb.LogEventRequest, context: Any) -> pb.LogEventResponse:
+        if not request.HasField("event"):
+            raise InvalidArgument([FieldViolation(field="event", description="is required")], "invalid event")
+        outcome = await self._committer.submit(request.event)
+        if outcome.violations:
+            # BadRequest paths are relative to the request: event.<field>.
+            violations = [
+                FieldViolation(field=f"event.{v.field}", description=v.description) for v in outcome.violations
+            ]
+            raise InvalidArgument(violations, "invalid event")
+        return pb.LogEventResponse(event_id=outcome.event_id, duplicate=outcome.duplicate)
+
+    @rpc_errors
+    async def LogEvents(self, request: pb.LogEventsRequest, context: Any) -> pb.LogEventsResponse:
+        _check_batch_size(request.events)
+        result = await self._write(request.events)
+        return pb.LogEventsResponse(
+            accepted_count=result.accepted_count,
+            duplicate_count=result.duplicate_count,
+            rejected=_rejected(result.rejected),
+        )
+
+    @stream_rpc_errors
+    async def StreamEvents(
+        self, request_iterator: AsyncIterator[pb.StreamEventsRequest], context: Any
+    ) -> AsyncGenerator[pb.StreamEventsResponse, None]:
+        # One task reads requests and starts their writes; this generator
+        # answers them in request order as they commit. The semaphore bounds
+        # the batches held per stream (written or waiting to be answered), so
+        # memory stays bounded and a slow reader of responses slows the sender.
+        if self._draining:
+            raise Unavailable(SHUTTING_DOWN)
+        writes: _WriteQueue = asyncio.Queue()
+        slots = asyncio.Semaphore(self._batches_in_flight)
+        reader = asyncio.create_task(self._read_stream(aiter(request_iterator), writes, slots))
+        # A done callback rather than a `finally` in the reader: it also runs
+        # when the reader is cancelled before it ever started.
+        reader.add_done_callback(lambda _: writes.put_nowait(None))
+        self._readers.add(reader)
+        try:
+            while (write := await writes.get()) is not None:
+                yield await write
+                slots.release()
+            await asyncio.wait([reader])
+            if reader.cancelled():  # by drain(): this generator itself is still running
+                raise Unavailable(SHUTTING_DOWN)
+            if (error := reader.exception()) is not None:
+                raise error
+        finally:
+            self._readers.discard(reader)
+            _discard(reader)
+            while not writes.empty():
+                if (pending := writes.get_nowait()) is not None:
+                    _discard(pending)
+
+    @rpc_errors
+    async def ListEventTypes(self, request: pb.ListEventTypesRequest, context: Any) -> pb.ListEventTypesResponse:
+        return self._event_types
+
+    async def _read_stream(
+        self, requests: AsyncIterator[pb.StreamEventsRequest], writes: _WriteQueue, slots: asyncio.Semaphore
+    ) -> None:
+        while True:
+            await slots.acquire()
+            request = await anext(requests, None)
+            if request is None:
+                return
+            _check_batch_size(request.events, sequence=request.sequence)
+            writes.put_nowait(asyncio.create_task(self._write_stream_batch(request)))
+
+    async def _write_stream_batch(self, request: pb.StreamEventsRequest) -> pb.StreamEventsResponse:
+        result = await self._write(request.events)
+        return pb.StreamEventsResponse(
+            sequence=request.sequence,
+            accepted_count=result.accepted_count,
+            duplicate_count=result.duplicate_count,
+            rejected=_rejected(result.rejected),
+        )
+
+    async def _write(self, events: Sequence[Event]) -> BatchResult:
+        if not events:
+            return BatchResult()
+        return await self._ingestor.write(events)
+
+
+def _check_batch_size(events: Sequence[Event], *, sequence: int | None = None) -> None:
+    if len(events) > limits.MAX_BATCH_EVENTS:
+        where = "" if sequence is None else f" (request with sequence {sequence})"
+        description = f"has {len(events)} events{where}; the limit is {limits.MAX_BATCH_EVENTS}"
+        raise InvalidArgument([FieldViolation(field="events", description=description)], "batch too large")
+
+
+def _rejected(rejections: Sequence[Rejection]) -> list[pb.RejectedEvent]:
+    return [pb.RejectedEvent(index=r.index, event_id=r.event_id, violations=r.violations) for r in rejections]
+
+
+def _discard(task: asyncio.Task[Any]) -> None:
+    """Cancels `task`, or marks its outcome as seen if it already finished
+    (so that asyncio does not log "exception was never retrieved")."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()

@@ -1,0 +1,117 @@
+"""interactions.v1.UserStateService: reads of the state the events maintain."""
+
+from __future__ import annotations
+
+import base64
+import re
+import struct
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from interactions_client import limits
+from interactions_client.v1 import user_state_service_pb2 as pb
+from interactions_client.v1 import user_state_service_pb2_grpc
+from interactions_client.v1.event_pb2 import FieldViolation
+from interactions_server import storage
+from interactions_server.errors import InvalidArgument, rpc_errors
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["UserStateService"].full_name
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1_000
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+# A page token is the (purchased_at, event_id) of the last purchase returned:
+# epoch microseconds (signed 64-bit) and the 16 UUID bytes, base64url-encoded.
+_TOKEN = struct.Struct(">q16s")
+_TOKEN_TEXT = re.compile(r"[A-Za-z0-9_-]{32}")  # 24 bytes in unpadded base64url
+
+
+class UserStateService(user_state_service_pb2_grpc.UserStateServiceServicer):
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @rpc_errors
+    async def GetCart(self, request: pb.GetCartRequest, context: Any) -> pb.GetCartResponse:
+        rows = await storage.fetch_cart(self._pool, _user_id(request.user_id))
+        return pb.GetCartResponse(
+            items=[
+                pb.CartItem(product_id=r["product_id"], quantity=r["quantity"], updated_at=_timestamp(r["updated_at"]))
+                for r in rows
+            ]
+        )
+
+    @rpc_errors
+    async def GetWishlist(self, request: pb.GetWishlistRequest, context: Any) -> pb.GetWishlistResponse:
+        rows = await storage.fetch_wishlist(self._pool, _user_id(request.user_id))
+        return pb.GetWishlistResponse(
+            items=[pb.WishlistItem(product_id=r["product_id"], added_at=_timestamp(r["added_at"])) for r in rows]
+        )
+
+    @rpc_errors
+    async def ListPurchases(self, request: pb.ListPurchasesRequest, context: Any) -> pb.ListPurchasesResponse:
+        user_id = _user_id(request.user_id)
+        page_size = _page_size(request.page_size)
+        after = decode_page_token(request.page_token) if request.page_token else None
+        # One row more than the page tells whether there is a next page.
+        rows = await storage.fetch_purchases(self._pool, user_id, page_size + 1, after)
+        page = rows[:page_size]
+        response = pb.ListPurchasesResponse(
+            purchases=[
+                pb.Purchase(
+                    event_id=str(r["event_id"]),
+                    product_id=r["product_id"],
+                    purchased_at=_timestamp(r["purchased_at"]),
+                    session_id=r["session_id"] or "",
+                )
+                for r in page
+            ]
+        )
+        if len(rows) > page_size:
+            last = page[-1]
+            response.next_page_token = encode_page_token(last["purchased_at"], str(last["event_id"]))
+        return response
+
+
+def encode_page_token(purchased_at: datetime, event_id: str) -> str:
+    micros = (purchased_at - _EPOCH) // _MICROSECOND
+    raw = _TOKEN.pack(micros, uuid.UUID(event_id).bytes)
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_page_token(token: str) -> tuple[datetime, str]:
+    """The (purchased_at, event_id) a page token stands for; InvalidArgument if
+    it is not a token this service issued."""
+    if _TOKEN_TEXT.fullmatch(token):
+        micros, event_id = _TOKEN.unpack(base64.urlsafe_b64decode(token))
+        try:
+            return _EPOCH + micros * _MICROSECOND, str(uuid.UUID(bytes=event_id))
+        except OverflowError:  # a date no purchase can have
+            pass
+    violation = FieldViolation(field="page_token", description="is not a token from a previous response")
+    raise InvalidArgument([violation], "invalid page token")
+
+
+def _user_id(user_id: str) -> str:
+    if not user_id or user_id.isspace():
+        raise InvalidArgument([FieldViolation(field="user_id", description="is required")])
+    if len(user_id) > limits.MAX_ID_LENGTH:
+        description = f"is {len(user_id)} characters long; the limit is {limits.MAX_ID_LENGTH}"
+        raise InvalidArgument([FieldViolation(field="user_id", description=description)])
+    return user_id
+
+
+def _page_size(page_size: int) -> int:
+    if page_size < 0:
+        raise InvalidArgument([FieldViolation(field="page_size", description="must not be negative")])
+    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _timestamp(value: datetime) -> Timestamp:
+    timestamp = Timestamp()
+    timestamp.FromDatetime(value)
+    return timestamp
