@@ -23,6 +23,7 @@ from interactions_server import migrate, service, user_state
 from interactions_server.embedded_db import EmbeddedPostgres
 from interactions_server.errors import is_database_unavailable
 from interactions_server.group_commit import GroupCommitter
+from interactions_server.partitions import PartitionKeeper
 from interactions_server.health import DatabaseHealth
 from interactions_server.ingest import Ingestor
 
@@ -80,6 +81,7 @@ class App:
         self._embedded: EmbeddedPostgres | None = None
         self._health: DatabaseHealth | None = None
         self._committer: GroupCommitter | None = None
+        self._partitions: PartitionKeeper | None = None
         self._interactions: service.InteractionService | None = None
         self._server: grpc.aio.Server | None = None
         self._stopped = False
@@ -138,6 +140,8 @@ class App:
         except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
             raise StartupError(f"cannot listen on {config.listen}: address in use or invalid") from exc
         self._server = server
+        self._partitions = PartitionKeeper(self._pool)
+        await self._partitions.start()
         await self._health.start()
         await server.start()
 
@@ -174,6 +178,8 @@ class App:
             await self._server.stop(grace)
         if self._committer is not None:
             await self._committer.close()
+        if self._partitions is not None:
+            await self._partitions.stop()
         if self._pool is not None:
             try:
                 await asyncio.wait_for(self._pool.close(), timeout=5.0)

@@ -217,3 +217,19 @@ async def fetch_purchases(
     else:
         records = await pool.fetch(_NEXT_PAGE, user_id, limit, *after)
     return records
+
+
+# --- maintenance ---------------------------------------------------------------
+
+
+async def ensure_event_partitions(pool: asyncpg.Pool, months_back: int, months_ahead: int) -> int:
+    """Creates the missing monthly partitions of the event log around now; returns how many."""
+    created: int = await pool.fetchval(
+        """
+        SELECT ensure_event_partitions(
+            (now() - make_interval(months => $1))::date, (now() + make_interval(months => $2))::date)
+        """,
+        months_back,
+        months_ahead,
+    )
+    return created
