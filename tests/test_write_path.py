@@ -121,11 +121,7 @@ async def test_re_adding_keeps_the_first_added_at(
     assert item.added_at == first.occurred_at
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["view", "click", "review", "search", "page_view", "product_view", "cart_add", "cart_remove", "cart_update"]
-    + ["wishlist_add", "wishlist_remove", "login", "logout"],
-)
+@pytest.mark.parametrize("name", [n for n, rule in STANDARD.items() if not rule.syncs])
 async def test_other_types_sync_nothing(name: str, interaction_stub: InteractionServiceStub, server: App) -> None:
     response = await log(interaction_stub, event(name))
     assert response.accepted_count == 1

@@ -23,9 +23,9 @@ from interactions_server import migrate, service, user_state
 from interactions_server.embedded_db import EmbeddedPostgres
 from interactions_server.errors import is_database_unavailable
 from interactions_server.group_commit import GroupCommitter
-from interactions_server.partitions import PartitionKeeper
 from interactions_server.health import DatabaseHealth
 from interactions_server.ingest import Ingestor
+from interactions_server.partitions import PartitionKeeper
 
 _log = logging.getLogger(__name__)
 
