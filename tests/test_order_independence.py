@@ -46,9 +46,9 @@ def model_fold(events: Iterable[Event]) -> tuple[dict[tuple[str, str], tuple[int
             quantities[key] = (0 if v == 0 else max(q - v, 0), at)
         elif name == "update_cart_quantity":
             quantities[key] = (v, at)
-        elif v == 1:
+        elif name == "wishlist" and v == 1:
             wishlist.setdefault(key, at)
-        else:
+        elif name == "wishlist":
             wishlist.pop(key, None)
     return {k: qa for k, qa in quantities.items() if qa[0] > 0}, wishlist
 

@@ -4,13 +4,9 @@ migrations and the command line."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import re
 import signal
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +29,7 @@ from interactions_server.server import SERVICE_NAMES, App, StartupError
 from tests.events import valid_event
 from tests.support import (
     StartServer,
+    cli,
     events_table_locked,
     eventually,
     has_blocked_writes,
@@ -298,50 +295,6 @@ def test_a_repeated_migration_version_is_an_error(tmp_path: Path) -> None:
 
 
 # --- the command line ----------------------------------------------------------
-
-
-class ServerProcess:
-    """`python -m interactions_server.cli ...` with its log (stderr) read line by line."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.log: list[str] = []
-
-    async def wait_for_line(self, pattern: str, seconds: float = 30.0) -> re.Match[str]:
-        assert self.process.stderr is not None
-        async with asyncio.timeout(seconds):
-            while True:
-                line = (await self.process.stderr.readline()).decode()
-                if not line:
-                    raise AssertionError(f"exited before logging {pattern!r}:\n{''.join(self.log)}")
-                self.log.append(line)
-                if match := re.search(pattern, line):
-                    return match
-
-    async def finish(self, seconds: float = 30.0) -> int:
-        """Waits for the process to exit; returns its exit code."""
-        assert self.process.stderr is not None
-        async with asyncio.timeout(seconds):
-            self.log.extend((await self.process.stderr.read()).decode().splitlines(keepends=True))
-            return await self.process.wait()
-
-
-@contextlib.asynccontextmanager
-async def cli(*args: str) -> AsyncIterator[ServerProcess]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INTERACTIONS_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "interactions_server.cli", *args, env=env, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        yield ServerProcess(process)
-    finally:
-        if process.returncode is None:  # the test failed: stop it, embedded PostgreSQL included
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 10)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
 
 
 async def run_cli(*args: str) -> tuple[int, str]:
