@@ -1,12 +1,21 @@
 -- The event log and the per-user state it maintains. Every key leads with
 -- user_id so that the tables can be distributed by user_id (docs/scaling.md).
 
--- Every accepted event, once. The log is partitioned by month of
--- occurred_at, so retention drops whole partitions (drop_event_partitions_before)
--- instead of deleting rows. The idempotency key is (user_id, event_id); the
--- primary key must include the partition key, and a resend carries the same
--- occurred_at, so it conflicts in the same partition. (Events sent without
--- occurred_at are checked across partitions by the server before insert.)
+-- The idempotency index of the log: every accepted (user_id, event_id) once,
+-- whatever its occurred_at and whichever partition holds the event. A batch
+-- inserts its keys here first (ON CONFLICT DO NOTHING) and logs only the
+-- events whose key was new, in the same statement.
+CREATE TABLE event_keys (
+    user_id      text        NOT NULL,
+    event_id     uuid        NOT NULL,
+    occurred_at  timestamptz NOT NULL,  -- where the event is: retention deletes keys with their partition
+    PRIMARY KEY (user_id, event_id)
+);
+
+-- Every accepted event. Partitioned by month of occurred_at, so retention
+-- drops whole partitions (drop_event_partitions_before) instead of deleting
+-- rows. Uniqueness is event_keys' job: a unique index here would have to
+-- include occurred_at and so could not catch a resend with another time.
 CREATE TABLE events (
     user_id      text        NOT NULL,
     event_id     uuid        NOT NULL,
@@ -17,8 +26,7 @@ CREATE TABLE events (
     occurred_at  timestamptz NOT NULL,
     details      jsonb,
     attributes   jsonb,
-    received_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (user_id, event_id, occurred_at)
+    received_at  timestamptz NOT NULL DEFAULT now()
 ) PARTITION BY RANGE (occurred_at);
 
 -- Events older than the first monthly partition (historic imports).
@@ -51,21 +59,26 @@ BEGIN
     RETURN created;
 END $$;
 
--- Retention: drops the monthly partitions that end on or before `cutoff`.
+-- Retention: forgets the events older than the month of `cutoff` (whole
+-- months only): drops their monthly partitions, deletes older rows of the
+-- default partition, and deletes their dedup keys. Returns the dropped tables.
 CREATE FUNCTION drop_event_partitions_before(cutoff date) RETURNS SETOF text
 LANGUAGE plpgsql AS $$
 DECLARE
+    boundary timestamptz := date_trunc('month', cutoff);
     part record;
 BEGIN
     FOR part IN
         SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
         WHERE i.inhparent = 'events'::regclass AND c.relname ~ '^events_[0-9]{4}_[0-9]{2}$'
-          AND (to_date(substr(c.relname, 8), 'YYYY_MM') + interval '1 month') <= cutoff
+          AND to_date(substr(c.relname, 8), 'YYYY_MM') + interval '1 month' <= boundary
         ORDER BY c.relname
     LOOP
         EXECUTE format('DROP TABLE %I', part.relname);
         RETURN NEXT part.relname;
     END LOOP;
+    DELETE FROM events_default WHERE occurred_at < boundary;
+    DELETE FROM event_keys WHERE occurred_at < boundary;
 END $$;
 
 SELECT ensure_event_partitions((now() - interval '1 month')::date, (now() + interval '2 months')::date);

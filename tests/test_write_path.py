@@ -178,6 +178,18 @@ async def test_a_resend_without_occurred_at_is_still_a_duplicate(
     assert await server.pool.fetchval("SELECT count(*) FROM events") == 1
 
 
+async def test_the_same_event_id_with_another_time_is_still_a_duplicate(
+    interaction_stub: InteractionServiceStub, server: App
+) -> None:
+    first = event("add_to_cart", value=2, at=1)
+    moved = Event()
+    moved.CopyFrom(first)
+    moved.occurred_at.FromDatetime(datetime(2020, 5, 1, tzinfo=UTC))  # another month, another partition
+    await log(interaction_stub, first)
+    assert (await log(interaction_stub, moved)).duplicate_count == 1
+    assert await server.pool.fetchval("SELECT count(*) FROM events") == 1
+
+
 async def test_events_land_in_monthly_partitions_and_retention_drops_old_months(
     interaction_stub: InteractionServiceStub, server: App
 ) -> None:
@@ -196,6 +208,10 @@ async def test_events_land_in_monthly_partitions_and_retention_drops_old_months(
         dropped = await conn.fetch("SELECT * FROM drop_event_partitions_before('2020-03-01')")
     assert [r[0] for r in dropped] == ["events_2020_01", "events_2020_02"]
     assert await server.pool.fetchval("SELECT count(*) FROM events") == 2
+    # Retention by whole months: dropping April forgets the March event and its key.
+    await server.pool.execute("SELECT drop_event_partitions_before('2020-04-10')")
+    assert await server.pool.fetchval("SELECT count(*) FROM events") == 1
+    assert await server.pool.fetchval("SELECT count(*) FROM event_keys") == 1
 
 
 async def test_concurrent_unary_calls_share_commits_and_get_their_own_results(

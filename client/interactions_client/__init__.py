@@ -1,8 +1,49 @@
 """Client of the Interactions service: generated stubs (``interactions_client.v1``),
-the rule catalog (``rules``) and event validation (``validation``)."""
+the rule catalog (``rules``), event validation (``validation``), the asyncio and
+synchronous clients, the bulk streamer and the ``interactions`` command."""
 
+from interactions_client.channel import TlsConfig
+from interactions_client.client import InteractionsClient
+from interactions_client.errors import (
+    DeadlineExceededError,
+    DeliveryFailedError,
+    InteractionsError,
+    InvalidArgumentError,
+    InvalidEventError,
+    UnavailableError,
+)
+from interactions_client.results import BatchResult, LogResult, Rejection
+from interactions_client.rpc_protos import Violation
 from interactions_client.rules import RULES, STANDARD, TypeRule
+from interactions_client.streamer import EventStreamer, StreamTotals, Undelivered
+from interactions_client.sync_client import SyncInteractionsClient
+from interactions_client.sync_streamer import SyncEventStreamer
 from interactions_client.v1.event_pb2 import Event, EventType, FieldViolation
 from interactions_client.validation import validate
 
-__all__ = ["RULES", "STANDARD", "Event", "EventType", "FieldViolation", "TypeRule", "validate"]
+__all__ = [
+    "RULES",
+    "STANDARD",
+    "BatchResult",
+    "DeadlineExceededError",
+    "DeliveryFailedError",
+    "Event",
+    "EventStreamer",
+    "EventType",
+    "FieldViolation",
+    "InteractionsClient",
+    "InteractionsError",
+    "InvalidArgumentError",
+    "InvalidEventError",
+    "LogResult",
+    "Rejection",
+    "StreamTotals",
+    "SyncEventStreamer",
+    "SyncInteractionsClient",
+    "TlsConfig",
+    "TypeRule",
+    "UnavailableError",
+    "Undelivered",
+    "Violation",
+    "validate",
+]

@@ -86,7 +86,6 @@ class Ingestor:
         rows: list[storage.EventRow] = []
         row_index: dict[tuple[str, str], int] = {}  # first occurrence of each key in the batch
         repeats: list[int] = []  # later occurrences: duplicates of an earlier event in the batch
-        untimed: list[tuple[str, str]] = []  # caller's id, server's time: a resend may sit in another partition
         for i, event in enumerate(events):
             event_id = event.event_id.lower() or str(uuid.uuid4())
             result.event_ids[i] = event_id
@@ -100,17 +99,16 @@ class Ingestor:
                 continue
             row_index[key] = i
             rows.append(_row(event, event_id, received_us))
-            if event.event_id and not event.HasField("occurred_at"):
-                untimed.append(key)
         if not rows:
             return result
 
-        async with self._pool.acquire() as conn, conn.transaction():
-            if untimed:
-                logged = await storage.find_logged(conn, untimed)
-                rows = [r for r in rows if (r[0], r[1]) not in logged]
-            new_keys = await storage.insert_events(conn, rows)
-            await self._sync_new(conn, [r for r in rows if (r[0], r[1]) in new_keys], events, row_index)
+        if not any(RULES[events[i].event_type].syncs for i in row_index.values()):
+            # One statement is its own transaction: no BEGIN / COMMIT round trips.
+            new_keys = await storage.insert_events(self._pool, rows)
+        else:
+            async with self._pool.acquire() as conn, conn.transaction():
+                new_keys = await storage.insert_events(conn, rows)
+                await self._sync_new(conn, [r for r in rows if (r[0], r[1]) in new_keys], events, row_index)
 
         for key, i in row_index.items():
             result.duplicate[i] = key not in new_keys

@@ -22,14 +22,22 @@ _US_TO_TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
 EventRow = tuple[str, str, str, str | None, str | None, int, int, str | None, str | None]
 
 INSERT_EVENTS = f"""
-INSERT INTO events (user_id, event_id, event_type, session_id, product_id,
-                    event_value, occurred_at, details, attributes)
-SELECT u, e::uuid, t, s, p, v, {_US_TO_TS.format("o")}, d::jsonb, a::jsonb
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-            $6::int8[], $7::int8[], $8::text[], $9::text[]) AS r(u, e, t, s, p, v, o, d, a)
-ORDER BY u, e
-ON CONFLICT (user_id, event_id, occurred_at) DO NOTHING
-RETURNING user_id, event_id::text
+WITH batch AS (
+    SELECT u, e::uuid AS e, t, s, p, v, {_US_TO_TS.format("o")} AS o, d::jsonb AS d, a::jsonb AS a
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                $6::int8[], $7::int8[], $8::text[], $9::text[]) AS r(u, e, t, s, p, v, o, d, a)
+), new AS (
+    INSERT INTO event_keys (user_id, event_id, occurred_at)
+    SELECT u, e, o FROM batch ORDER BY u, e
+    ON CONFLICT DO NOTHING
+    RETURNING user_id, event_id
+), logged AS (
+    INSERT INTO events (user_id, event_id, event_type, session_id, product_id,
+                        event_value, occurred_at, details, attributes)
+    SELECT b.u, b.e, b.t, b.s, b.p, b.v, b.o, b.d, b.a
+    FROM batch AS b JOIN new ON new.user_id = b.u AND new.event_id = b.e
+)
+SELECT user_id, event_id::text FROM new
 """
 
 
@@ -45,37 +53,10 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
 
-async def insert_events(conn: asyncpg.Connection, rows: Sequence[EventRow]) -> set[tuple[str, str]]:
-    """Inserts the rows, skipping (user_id, event_id) already logged; returns the new keys."""
+async def insert_events(conn: asyncpg.Connection | asyncpg.Pool, rows: Sequence[EventRow]) -> set[tuple[str, str]]:
+    """Logs the rows whose (user_id, event_id) is new (in one statement);
+    returns those keys. The rows' keys must be unique within the batch."""
     records = await conn.fetch(INSERT_EVENTS, *_columns(rows, 9))
-    return {(r[0], r[1]) for r in records}
-
-
-async def find_logged(conn: asyncpg.Connection, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-    """The (user_id, event_id) keys already in the log, in any partition.
-
-    For events whose occurred_at the server assigned: a resend gets a new
-    receive time, so the primary key alone cannot catch it. The keys are
-    locked first (in one order) so that concurrent resends cannot both pass.
-    """
-    users, ids = [k[0] for k in keys], [k[1] for k in keys]
-    await conn.execute(
-        """
-        SELECT pg_advisory_xact_lock(7302, k)
-        FROM (SELECT DISTINCT hashtext(u || '/' || e) AS k FROM unnest($1::text[], $2::text[]) AS r(u, e) ORDER BY k) AS keys
-        """,
-        users,
-        ids,
-    )
-    records = await conn.fetch(
-        """
-        SELECT e.user_id, e.event_id::text
-        FROM unnest($1::text[], $2::uuid[]) AS k(u, e)
-        JOIN events AS e ON e.user_id = k.u AND e.event_id = k.e
-        """,
-        users,
-        ids,
-    )
     return {(r[0], r[1]) for r in records}
 
 

@@ -1,0 +1,210 @@
+"""The asyncio client (grpc.aio)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Coroutine, Iterable
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from interactions_client import batches
+from interactions_client.channel import DEFAULT_DEADLINE, ChannelOptions, TlsConfig, create_aio_channel, default_target
+from interactions_client.errors import InvalidEventError, from_rpc_error
+from interactions_client.events import EventMethods, with_event_id
+from interactions_client.results import BatchResult, LogResult
+from interactions_client.rpc_protos import (
+    HEALTH_CHECK_METHOD,
+    SERVING,
+    Violation,
+    parse_health_check_status,
+    serialize_health_check_request,
+)
+from interactions_client.streamer import EventStreamer, RejectionCallback
+from interactions_client.v1.event_pb2 import Event
+from interactions_client.v1.interaction_service_pb2 import LogEventRequest
+from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
+from interactions_client.v1.user_state_service_pb2 import (
+    CartItem,
+    GetCartRequest,
+    GetWishlistRequest,
+    ListPurchasesRequest,
+    Purchase,
+    WishlistItem,
+)
+from interactions_client.v1.user_state_service_pb2_grpc import UserStateServiceStub
+from interactions_client.validation import validate as validate_event
+
+
+def resolve_tls(tls: TlsConfig | bool) -> TlsConfig | None:
+    """True: TLS with the system's trust store; False: plaintext."""
+    if isinstance(tls, TlsConfig):
+        return tls
+    return TlsConfig() if tls else None
+
+
+def prevalidate(event: Event) -> None:
+    """Raises InvalidEventError (local) when `event` breaks a rule."""
+    violations = validate_event(event)
+    if violations:
+        found = [Violation(v.field, v.description) for v in violations]
+        raise InvalidEventError("invalid event", found, local=True)
+
+
+class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]]):
+    """Logs interactions and reads user state; `async with InteractionsClient() as client:`.
+
+    Every typed method (`view`, `add_to_cart`, ... see EventMethods) is a
+    coroutine returning a LogResult. Failures raise InteractionsError
+    subclasses (errors.py). A unary call gets `deadline` seconds (the gRPC
+    deadline, None for none) unless the call passes its own `deadline`; UNAVAILABLE is retried by the channel (writes are
+    idempotent by event_id).
+
+    target: host:port; default INTERACTIONS_TARGET or localhost:50051.
+    tls: a TlsConfig, True for TLS with the system's roots, False for plaintext.
+    validate: check events locally first, so a bad one fails without a round trip.
+    options: extra channel arguments (override the defaults of channel.py).
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        tls: TlsConfig | bool = False,
+        deadline: float | None = DEFAULT_DEADLINE,
+        validate: bool = True,
+        options: ChannelOptions = (),
+    ) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            # Otherwise the channel binds to a loop that asyncio.run() later replaces,
+            # and the first call fails with an obscure "attached to a different loop".
+            raise RuntimeError(
+                "create InteractionsClient inside a coroutine (a grpc.aio channel belongs to the event loop "
+                "that made it), or use SyncInteractionsClient"
+            ) from None
+        self.target = target or default_target()
+        self.deadline = deadline
+        self.validate = validate
+        self._channel = create_aio_channel(self.target, resolve_tls(tls), options)
+        self._interactions = InteractionServiceStub(self._channel)
+        self._state = UserStateServiceStub(self._channel)
+        self._health_check = self._channel.unary_unary(
+            HEALTH_CHECK_METHOD,
+            request_serializer=serialize_health_check_request,
+            response_deserializer=parse_health_check_status,
+        )
+
+    async def __aenter__(self) -> InteractionsClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _deadline(self, deadline: float | None) -> float | None:
+        return self.deadline if deadline is None else deadline
+
+    # Writes.
+
+    async def _submit(self, event: Event) -> LogResult:
+        return await self.log(event)
+
+    async def log(self, event: Event, *, deadline: float | None = None) -> LogResult:
+        """Logs one event the caller built. One without event_id is sent as a copy with a fresh one."""
+        event = with_event_id(event)
+        if self.validate:
+            prevalidate(event)
+        try:
+            response = await self._interactions.LogEvent(LogEventRequest(event=event), timeout=self._deadline(deadline))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, about_event=True) from error
+        return LogResult(response.event_id, response.duplicate)
+
+    async def log_many(self, events: Iterable[Event], *, deadline: float | None = None) -> BatchResult:
+        """Logs events in calls of at most limits.MAX_BATCH_EVENTS; bad events are
+        reported in `rejected` (local=True when pre-validation caught them).
+
+        On a failed call it raises; earlier calls are committed, and resending
+        the whole list is safe (duplicates are recognised by event_id).
+        """
+        result = BatchResult()
+        for chunk in batches.chunks(events, result, validate=self.validate):
+            try:
+                response = await self._interactions.LogEvents(chunk.request(), timeout=self._deadline(deadline))
+            except grpc.RpcError as error:
+                raise from_rpc_error(error, about_event=True) from error
+            batches.fold(result, chunk, response)
+        return batches.finish(result)
+
+    def stream(
+        self,
+        *,
+        batch_size: int = 500,
+        linger: float = 0.02,
+        max_in_flight: int = 8,
+        retry_timeout: float = 60.0,
+        on_rejected: RejectionCallback | None = None,
+        raise_on_failure: bool = True,
+    ) -> EventStreamer:
+        """The bulk streamer (streamer.py): `async with client.stream() as s: await s.send(event)`."""
+        return EventStreamer(
+            self._interactions.StreamEvents,
+            batch_size=batch_size,
+            linger=linger,
+            max_in_flight=max_in_flight,
+            retry_timeout=retry_timeout,
+            validate=self.validate,
+            on_rejected=on_rejected,
+            raise_on_failure=raise_on_failure,
+        )
+
+    # Reads.
+
+    async def get_cart(self, user_id: str, *, deadline: float | None = None) -> list[CartItem]:
+        try:
+            response = await self._state.GetCart(GetCartRequest(user_id=user_id), timeout=self._deadline(deadline))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        return list(response.items)
+
+    async def get_wishlist(self, user_id: str, *, deadline: float | None = None) -> list[WishlistItem]:
+        try:
+            response = await self._state.GetWishlist(
+                GetWishlistRequest(user_id=user_id), timeout=self._deadline(deadline)
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        return list(response.items)
+
+    async def list_purchases(
+        self, user_id: str, *, page_size: int = 100, deadline: float | None = None
+    ) -> AsyncIterator[Purchase]:
+        """Every purchase of the user, newest first, fetched page by page (`deadline` is per page)."""
+        request = ListPurchasesRequest(user_id=user_id, page_size=page_size)
+        while True:
+            try:
+                response = await self._state.ListPurchases(request, timeout=self._deadline(deadline))
+            except grpc.RpcError as error:
+                raise from_rpc_error(error) from error
+            for purchase in response.purchases:
+                yield purchase
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    async def health(self, service: str = "", *, deadline: float | None = None) -> bool:
+        """grpc.health.v1 Check: True when the service reports SERVING.
+        Raises (e.g. UnavailableError) when the server cannot be asked."""
+        try:
+            status: int = await self._health_check(service, timeout=self._deadline(deadline))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        return status == SERVING
