@@ -5,12 +5,17 @@ pip finds grpcio and protobuf in the local wheel cache or the registry.)"""
 
 from __future__ import annotations
 
+import asyncio
+import re
 import subprocess
 import sys
 import venv
 from pathlib import Path
 
+from interactions_server.server import App
+
 CLIENT = Path(__file__).resolve().parents[1] / "client"
+README = CLIENT.parent / "README.md"
 
 SCRIPT = """
 import importlib.util
@@ -32,7 +37,19 @@ def run(*args: str | Path, cwd: Path | None = None) -> str:
     return done.stdout
 
 
-def test_wheel_installs_alone_and_works(tmp_path: Path) -> None:
+def readme_example(target: str) -> str:
+    """The root README's client example: logs every seed type, reads the cart back."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    [example] = [b for b in blocks if "InteractionsClient(" in b]
+    return example.replace('"localhost:50051"', repr(target))
+
+
+async def test_wheel_installs_alone_and_works(tmp_path: Path, server: App) -> None:
+    await asyncio.to_thread(install_and_check, tmp_path, server.address)
+    assert await server.pool.fetchval("SELECT count(DISTINCT event_type) FROM events WHERE user_id = 'user-1'") == 18
+
+
+def install_and_check(tmp_path: Path, target: str) -> None:
     run(sys.executable, "-m", "build", "--wheel", CLIENT, "-o", tmp_path / "dist")
     (wheel,) = (tmp_path / "dist").glob("interactions_client-*.whl")
 
@@ -46,6 +63,7 @@ def test_wheel_installs_alone_and_works(tmp_path: Path) -> None:
     assert installed - {"interactions-client", "grpcio", "protobuf", "typing-extensions"} == set()
 
     assert run(python, "-c", SCRIPT, cwd=tmp_path).startswith("ok InteractionServiceStub")
+    assert 'product_id: "sku-42"' in run(python, "-c", readme_example(target), cwd=tmp_path)
     assert "add_to_cart" in run(interactions, "types", cwd=tmp_path)
     probe = subprocess.run(
         [interactions, "health", "--target", "127.0.0.1:1", "--deadline", "1"], capture_output=True, text=True
