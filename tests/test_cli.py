@@ -294,3 +294,14 @@ def test_progress_lines_elsewhere() -> None:
     progress = Progress(out, total_bytes=None, line_every=0)
     progress.update(lines=5, bytes_read=10, events=5)
     assert out.getvalue().startswith("progress: 5 lines")
+
+
+def test_common_options_go_before_or_after_the_command() -> None:
+    from interactions_client.cli import build_parser
+
+    parser = build_parser()
+    before = parser.parse_args(["--target", "h:1", "--json", "cart", "u1"])
+    after = parser.parse_args(["cart", "u1", "--target", "h:1", "--json"])
+    neither = parser.parse_args(["cart", "u1"])
+    assert (before.target, before.json) == (after.target, after.json) == ("h:1", True)
+    assert neither.target != "h:1" and neither.json is False

@@ -38,23 +38,33 @@ EXIT_REJECTED_LINES = 3
 _DETAIL_OPTIONS = ("query", "page_path", "referrer", "product_name", "quantity", "action")
 
 
-def _common_options() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--target", default=default_target(), help="host:port (default: $INTERACTIONS_TARGET or localhost:50051)"
+def _add_common_options(parser: argparse.ArgumentParser, *, defaults: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after the command's name.
+    After it they carry no defaults, so that they never reset a value given before it."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    add = parser.add_argument
+    add(
+        "--target",
+        default=default(default_target()),
+        help="host:port (default: $INTERACTIONS_TARGET or localhost:50051)",
     )
-    common.add_argument("--tls", action="store_true", help="use TLS (implied by the certificate options)")
-    common.add_argument("--ca-cert", type=Path, help="PEM root certificates to trust (default: the system's)")
-    common.add_argument("--client-cert", type=Path, help="PEM client certificate chain, for mutual TLS")
-    common.add_argument("--client-key", type=Path, help="PEM private key of --client-cert")
-    common.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE, help="seconds per call (default: 10)")
-    common.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
-    return common
+    add("--tls", action="store_true", default=default(False), help="use TLS (implied by the certificate options)")
+    add("--ca-cert", type=Path, default=default(None), help="PEM root certificates to trust (default: the system's)")
+    add("--client-cert", type=Path, default=default(None), help="PEM client certificate chain, for mutual TLS")
+    add("--client-key", type=Path, default=default(None), help="PEM private key of --client-cert")
+    add("--deadline", type=float, default=default(DEFAULT_DEADLINE), help="seconds per call (default: 10)")
+    add("--json", action="store_true", default=default(False), help="print JSON for scripts instead of tables")
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _common_options()
-    parser = argparse.ArgumentParser(prog="interactions", description="Client of the Interactions service.")
+    parser = _add_common_options(
+        argparse.ArgumentParser(prog="interactions", description="Client of the Interactions service."), defaults=True
+    )
+    common = _add_common_options(argparse.ArgumentParser(add_help=False), defaults=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     imp = commands.add_parser(
