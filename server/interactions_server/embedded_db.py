@@ -7,6 +7,7 @@ server listens on a unix socket only, and it is stopped when the service stops.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ class EmbeddedPostgres:
     def start(self) -> str:
         """Initializes the data directory if needed, starts PostgreSQL and
         returns its connection URI."""
+        # pgserver asks platformdirs for a runtime dir it does not use here;
+        # on machines without XDG_RUNTIME_DIR that only prints a warning.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
         # Imported lazily: only needed without a database URL.
         from pgserver.postgres_server import get_server
 
