@@ -26,6 +26,7 @@ CREATE TABLE events (
     occurred_at  timestamptz NOT NULL,
     details      jsonb,
     attributes   jsonb,
+    syncs_state  boolean     NOT NULL,  -- the type updates a state table (the catalog's sync target)
     received_at  timestamptz NOT NULL DEFAULT now()
 ) PARTITION BY RANGE (occurred_at);
 
@@ -33,8 +34,9 @@ CREATE TABLE events (
 CREATE TABLE events_default PARTITION OF events DEFAULT;
 
 -- Recomputing a (user, product) state after an out-of-order event reads that
--- key's events in (occurred_at, event_id) order.
-CREATE INDEX events_user_product_time ON events (user_id, product_id, occurred_at, event_id);
+-- key's events in (occurred_at, event_id) order. Partial: only the few events
+-- that sync state are ever read this way, so most inserts skip the index.
+CREATE INDEX events_state_history ON events (user_id, product_id, occurred_at, event_id) WHERE syncs_state;
 
 -- Creates the monthly partitions covering [first, last] that do not exist
 -- yet. The server runs it at start-up and daily for the months around now,

@@ -85,7 +85,7 @@ async def test_lost_acknowledgements_are_resent_and_count_as_duplicates(
 ) -> None:
     # Requests 3 and 7 are committed, then their stream breaks before the answer.
     fake.faults.break_after_commit_at = {3, 7}
-    async with client.stream(batch_size=100, max_in_flight=4) as stream:
+    async with client.stream(batch_size=100, max_in_flight=4, linger=60) as stream:  # batches close by size only
         for i in range(2_000):
             await stream.send(view(i))
     totals = stream.totals
@@ -274,7 +274,8 @@ async def test_sync_streamer(fake: FakeServer) -> None:
     fake.faults.break_after_commit_at = {2}
 
     def stream_from_a_thread() -> StreamTotals:
-        with SyncInteractionsClient(fake.address) as client, client.stream(batch_size=100) as stream:
+        # A long linger: batches close by size only, so the broken one holds exactly 100 events.
+        with SyncInteractionsClient(fake.address) as client, client.stream(batch_size=100, linger=60) as stream:
             for i in range(1_000):
                 stream.send(view(i))
             stream.send(Event(event_type=VIEW, user_id="u1"))  # rejected locally

@@ -68,6 +68,7 @@ def _row(event: Event, event_id: str, received_us: int) -> storage.EventRow:
         occurred_us,
         details,
         json.dumps(dict(event.attributes)) if event.attributes else None,
+        rule.syncs,
     )
 
 
@@ -102,13 +103,14 @@ class Ingestor:
         if not rows:
             return result
 
-        if not any(RULES[events[i].event_type].syncs for i in row_index.values()):
+        syncing = self._sync_events(rows, events, row_index)
+        if not syncing:
             # One statement is its own transaction: no BEGIN / COMMIT round trips.
             new_keys = await storage.insert_events(self._pool, rows)
         else:
             async with self._pool.acquire() as conn, conn.transaction():
                 new_keys = await storage.insert_events(conn, rows)
-                await self._sync_new(conn, [r for r in rows if (r[0], r[1]) in new_keys], events, row_index)
+                await self._sync_new(conn, syncing, new_keys)
 
         for key, i in row_index.items():
             result.duplicate[i] = key not in new_keys
@@ -118,24 +120,31 @@ class Ingestor:
         result.accepted_count = len(new_keys)
         return result
 
-    async def _sync_new(
-        self,
-        conn: asyncpg.Connection,
-        new_rows: Sequence[storage.EventRow],
-        events: Sequence[Event],
-        row_index: dict[tuple[str, str], int],
-    ) -> None:
+    def _sync_events(
+        self, rows: Sequence[storage.EventRow], events: Sequence[Event], row_index: dict[tuple[str, str], int]
+    ) -> dict[int, list[SyncEvent]]:
+        """The batch's events that sync state, by target. Built before the
+        transaction opens, so that it stays short."""
         by_target: dict[int, list[SyncEvent]] = defaultdict(list)
-        for user_id, event_id, _, session_id, product_id, value, occurred_us, _, _ in new_rows:
-            rule = RULES[events[row_index[(user_id, event_id)]].event_type]
-            if rule.syncs:
+        for user_id, event_id, _, session_id, product_id, value, occurred_us, _, _, syncs in rows:
+            if syncs:
+                rule = RULES[events[row_index[(user_id, event_id)]].event_type]
                 by_target[rule.sync].append(
                     SyncEvent(user_id, product_id or "", event_id, occurred_us, value, session_id, rule)
                 )
-        if not by_target:
-            return
-        locked = {e.user_id for t, evs in by_target.items() if self._sync[t].needs_user_lock for e in evs}
+        return by_target
+
+    async def _sync_new(
+        self, conn: asyncpg.Connection, by_target: dict[int, list[SyncEvent]], new_keys: set[tuple[str, str]]
+    ) -> None:
+        """Runs the sync handlers on the events that were new to the log."""
+        new = {
+            target: fresh
+            for target, candidates in by_target.items()
+            if (fresh := [e for e in candidates if (e.user_id, e.event_id) in new_keys])
+        }
+        locked = {(e.user_id, e.product_id) for t, evs in new.items() if self._sync[t].needs_key_lock for e in evs}
         if locked:
-            await storage.lock_users(conn, locked)
-        for target in sorted(by_target):
-            await self._sync[target](conn, by_target[target])
+            await storage.lock_keys(conn, locked)
+        for target in sorted(new):
+            await self._sync[target](conn, new[target])

@@ -70,6 +70,14 @@ class ServerConfig:
     batches_in_flight: int = service.DEFAULT_BATCHES_IN_FLIGHT  # per stream
 
 
+async def _end_transaction(connection: asyncpg.Connection) -> None:
+    """Pool reset on release. asyncpg's default also clears session state
+    (RESET ALL, UNLISTEN, advisory unlock): a round trip per batch that this
+    service does not need, as it keeps no session state on pooled connections."""
+    if connection.is_in_transaction():
+        await connection.execute("ROLLBACK")
+
+
 class App:
     """One server process: start() then stop(); `port` is the bound port."""
 
@@ -117,7 +125,9 @@ class App:
         await self._migrate(dsn)
         # Connections that die with the database are dropped and replaced by
         # the pool on the next acquire, so the pool survives a restart.
-        self._pool = await asyncpg.create_pool(dsn, min_size=config.pool_min_size, max_size=config.pool_max_size)
+        self._pool = await asyncpg.create_pool(
+            dsn, min_size=config.pool_min_size, max_size=config.pool_max_size, reset=_end_transaction
+        )
         self._health = DatabaseHealth(
             dsn, SERVICE_NAMES, interval=config.health_interval, timeout=config.health_timeout
         )

@@ -7,7 +7,7 @@ so that PostgreSQL does the conversions in C (see docs/performance.md).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,13 +19,13 @@ _MICROSECOND = timedelta(microseconds=1)
 _US_TO_TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
 
 # One row of the event log, in column order of INSERT_EVENTS.
-EventRow = tuple[str, str, str, str | None, str | None, int, int, str | None, str | None]
+EventRow = tuple[str, str, str, str | None, str | None, int, int, str | None, str | None, bool]
 
 INSERT_EVENTS = f"""
 WITH batch AS (
-    SELECT u, e::uuid AS e, t, s, p, v, {_US_TO_TS.format("o")} AS o, d::jsonb AS d, a::jsonb AS a
+    SELECT u, e::uuid AS e, t, s, p, v, {_US_TO_TS.format("o")} AS o, d::jsonb AS d, a::jsonb AS a, y
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                $6::int8[], $7::int8[], $8::text[], $9::text[]) AS r(u, e, t, s, p, v, o, d, a)
+                $6::int8[], $7::int8[], $8::text[], $9::text[], $10::bool[]) AS r(u, e, t, s, p, v, o, d, a, y)
 ), new AS (
     INSERT INTO event_keys (user_id, event_id, occurred_at)
     SELECT u, e, o FROM batch ORDER BY u, e
@@ -33,8 +33,8 @@ WITH batch AS (
     RETURNING user_id, event_id
 ), logged AS (
     INSERT INTO events (user_id, event_id, event_type, session_id, product_id,
-                        event_value, occurred_at, details, attributes)
-    SELECT b.u, b.e, b.t, b.s, b.p, b.v, b.o, b.d, b.a
+                        event_value, occurred_at, details, attributes, syncs_state)
+    SELECT b.u, b.e, b.t, b.s, b.p, b.v, b.o, b.d, b.a, b.y
     FROM batch AS b JOIN new ON new.user_id = b.u AND new.event_id = b.e
 )
 SELECT user_id, event_id::text FROM new
@@ -56,22 +56,27 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
 async def insert_events(conn: asyncpg.Connection | asyncpg.Pool, rows: Sequence[EventRow]) -> set[tuple[str, str]]:
     """Logs the rows whose (user_id, event_id) is new (in one statement);
     returns those keys. The rows' keys must be unique within the batch."""
-    records = await conn.fetch(INSERT_EVENTS, *_columns(rows, 9))
+    records = await conn.fetch(INSERT_EVENTS, *_columns(rows, 10))
     return {(r[0], r[1]) for r in records}
 
 
-async def lock_users(conn: asyncpg.Connection, user_ids: Iterable[str]) -> None:
-    """Serialises state sync per user across transactions and processes.
+async def lock_keys(conn: asyncpg.Connection, keys: Collection[tuple[str, str]]) -> None:
+    """Serialises state sync per (user_id, product_id) across transactions and processes.
 
     Transaction-scoped advisory locks, taken in one consistent order so that
-    concurrent batches cannot deadlock. Held until commit.
+    concurrent batches cannot deadlock, and held until commit. Per key rather
+    than per user: a hot user's batches only wait for each other where they
+    touch the same product.
     """
+    users, products = [k[0] for k in keys], [k[1] for k in keys]
     await conn.execute(
         """
         SELECT pg_advisory_xact_lock(7301, k)
-        FROM (SELECT DISTINCT hashtext(u) AS k FROM unnest($1::text[]) AS u ORDER BY k) AS keys
+        FROM (SELECT DISTINCT hashtext(u || '/' || p) AS k
+              FROM unnest($1::text[], $2::text[]) AS r(u, p) ORDER BY k) AS keys
         """,
-        list(user_ids),
+        users,
+        products,
     )
 
 
@@ -136,7 +141,7 @@ async def fetch_key_events(
                (extract(epoch FROM e.occurred_at) * 1000000)::int8, e.event_id::text
         FROM unnest($1::text[], $2::text[]) AS k(u, p)
         JOIN events AS e ON e.user_id = k.u AND e.product_id = k.p
-        WHERE e.event_type = ANY($3::text[])
+        WHERE e.syncs_state AND e.event_type = ANY($3::text[])
         ORDER BY e.user_id, e.product_id, e.occurred_at, e.event_id
         """,
         [k[0] for k in keys],

@@ -36,9 +36,9 @@ class SyncEvent:
 
 
 class SyncHandler(Protocol):
-    # Whether the handler reads and rewrites state, so that the batch must
-    # hold the users' sync locks (storage.lock_users) while it runs.
-    needs_user_lock: bool
+    # Whether the handler reads and rewrites per-(user, product) state, so that
+    # the batch must hold those keys' locks (storage.lock_keys) while it runs.
+    needs_key_lock: bool
 
     def __call__(self, conn: asyncpg.Connection, events: Sequence[SyncEvent]) -> Awaitable[None]: ...
 
@@ -78,7 +78,7 @@ WISHLIST_STEPS: Mapping[int, Step] = {ValueRule.VALUE_RULE_ADD_OR_REMOVE: _wishl
 class KeyedFold:
     """State per (user, product) in `table`, folded from the events of the types syncing to it."""
 
-    needs_user_lock = True
+    needs_key_lock = True
 
     def __init__(self, table: str, target: int, steps_by_value_rule: Mapping[int, Step]) -> None:
         self.table = table
@@ -130,7 +130,7 @@ class KeyedFold:
 class AppendPurchases:
     """purchase_history is append-only, so arrival order cannot matter."""
 
-    needs_user_lock = False
+    needs_key_lock = False
 
     async def __call__(self, conn: asyncpg.Connection, events: Sequence[SyncEvent]) -> None:
         await storage.insert_purchases(

@@ -1,0 +1,49 @@
+"""The benchmark runs end to end at tiny sizes and prints every measure.
+
+Slow (it starts PostgreSQL, the server, a no-op server and client processes):
+run with `scripts/test -m slow`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The start of the table row of every measure, (a) to (g).
+MEASURE_ROWS = (
+    "(a) DB ceiling",
+    "(b) bulk StreamEvents",
+    "(c) RPC ceiling",
+    "(d) LogEvent, 64 callers",
+    "(d) LogEvent p50",
+    "(d) LogEvent p99",
+    "(e) server RSS peak",
+    "(e) server RSS at end",
+    "(e) RSS last quarter",
+    "(f) bulk with",
+    "(g) fan-out 1 stream",
+    "(g) fan-out 4 streams",
+    "(g) fan-out 16 streams",
+)
+
+
+@pytest.mark.slow
+def test_quick_run_prints_every_measure(request: pytest.FixtureRequest) -> None:
+    # Nothing deselects slow tests by default yet, so this one opts out itself.
+    if "slow" not in str(request.config.getoption("markexpr", "")):
+        pytest.skip("slow: run with -m slow")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    for start in MEASURE_ROWS:
+        row = next((line for line in lines if line.startswith(start)), None)
+        assert row is not None, f"no {start!r} row in:\n{done.stdout}"
+        assert "VOID" not in row, row  # every event and call of the run succeeded
+    assert "CPU (cores busy" in done.stdout
