@@ -73,7 +73,7 @@ def test_typed_method_builds_a_valid_event_of_its_type(
     assert validate(event) == []
     assert event.event_type == rule.event_type
     assert event.user_id == "u1"
-    assert uuid.UUID(event.event_id).version == 4
+    assert uuid.UUID(event.event_id).version == 7  # time-ordered new_event_id()
     assert before - 1 <= event.occurred_at.ToNanoseconds() / 1e9 <= time.time() + 1
     if value is None:
         assert not event.HasField("event_value")  # the type's default applies
@@ -219,3 +219,15 @@ def test_target_default_comes_from_the_environment(monkeypatch: pytest.MonkeyPat
     assert channel.default_target() == "localhost:50051"
     monkeypatch.setenv(channel.TARGET_ENV, "interactions:443")
     assert channel.default_target() == "interactions:443"
+
+
+def test_new_event_ids_are_time_ordered_uuid7() -> None:
+    from interactions_client.events import new_event_id
+
+    first = new_event_id()
+    time.sleep(0.002)
+    later = [new_event_id() for _ in range(100)]
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in [first, *later])
+    assert all(first < i for i in later)  # the millisecond prefix orders them
+    assert len(set(later)) == 100
+    assert validate(new_event("view", "u1", product_id="p1")) == []
