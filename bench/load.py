@@ -23,9 +23,9 @@ from itertools import islice
 from types import TracebackType
 from typing import Any
 
+from bench.workload import check_valid, stream_events
 from interactions_client import InteractionsClient, InteractionsError
 from interactions_client.v1.event_pb2 import Event
-from bench.workload import check_valid, stream_events
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +102,8 @@ class LoadOutcome:
 
     @property
     def problems(self) -> int:
-        return sum(r.rejected + r.failed + len(r.errors) for r in self.results)
+        """Events or calls that did not end as new, accepted writes (the workload's events are all new)."""
+        return sum(r.rejected + r.failed + r.duplicate for r in self.results)
 
     @property
     def cpu_seconds(self) -> float:
@@ -134,23 +135,25 @@ def _child_main(job: Job, ready: Any, go: multiprocessing.synchronize.Event, res
         ready.put("failed")
 
 
-async def _run_job(job: Job, ready: Any, go: multiprocessing.synchronize.Event, timeout: float) -> LoadResult:
+async def _run_job(job: Job, ready: Any, go: multiprocessing.synchronize.Event, wait_limit: float) -> LoadResult:
     if isinstance(job, StreamJob):
-        return await _run_streams(job, ready, go, timeout)
-    return await _run_unary(job, ready, go, timeout)
+        return await _run_streams(job, ready, go, wait_limit)
+    return await _run_unary(job, ready, go, wait_limit)
 
 
-async def _wait_for_go(ready: Any, go: multiprocessing.synchronize.Event, timeout: float) -> tuple[float, float]:
+async def _wait_for_go(ready: Any, go: multiprocessing.synchronize.Event, wait_limit: float) -> tuple[float, float]:
     ready.put("ready")
-    if not await asyncio.to_thread(go.wait, timeout):
+    if not await asyncio.to_thread(go.wait, wait_limit):
         raise TimeoutError("no go signal")
     return time.monotonic(), time.process_time()
 
 
-async def _run_streams(job: StreamJob, ready: Any, go: multiprocessing.synchronize.Event, timeout: float) -> LoadResult:
+async def _run_streams(
+    job: StreamJob, ready: Any, go: multiprocessing.synchronize.Event, wait_limit: float
+) -> LoadResult:
     def events_of(stream: int) -> Iterable[Event]:
         events = stream_events(job.seed, stream, job.stream_count, job.total_events, job.base_time)
-        if job.lazy:
+        if job.lazy:  # check a sample made the same way (validity does not depend on the count)
             check_valid(list(islice(stream_events(job.seed, stream, job.stream_count, 2_000, job.base_time), 2_000)))
             return events
         made = list(events)
@@ -162,9 +165,11 @@ async def _run_streams(job: StreamJob, ready: Any, go: multiprocessing.synchroni
     try:
         for client in clients:  # connect before the clock starts
             await client.health()
-        started, cpu = await _wait_for_go(ready, go, timeout)
-        async with asyncio.timeout(timeout):
-            totals = await asyncio.gather(*(_stream(c, w, job.batch_size) for c, w in zip(clients, workloads, strict=True)))
+        started, cpu = await _wait_for_go(ready, go, wait_limit)
+        async with asyncio.timeout(wait_limit):
+            totals = await asyncio.gather(
+                *(_stream(c, w, job.batch_size) for c, w in zip(clients, workloads, strict=True))
+            )
         result = LoadResult(started, time.monotonic(), time.process_time() - cpu)
     finally:
         for client in clients:
@@ -184,24 +189,26 @@ async def _stream(
 ) -> tuple[int, int, int, int, int, list[str]]:
     options = {} if batch_size is None else {"batch_size": batch_size}
     errors: list[str] = []
-    streamer = client.stream(raise_on_failure=False, on_rejected=lambda r: errors.append(f"rejected: {r.violations}"), **options)
+    streamer = client.stream(
+        raise_on_failure=False, on_rejected=lambda r: errors.append(f"rejected: {r.violations}"), **options
+    )
     async with streamer:
         for event in events:
             await streamer.send(event)
     t = streamer.totals
-    if t.failed and streamer.undelivered:
-        errors.append(f"{t.failed} events failed")
+    if t.failed:
+        errors.append(f"{t.failed} events failed: {streamer.undelivered[0] if streamer.undelivered else ''}")
     return t.sent, t.accepted, t.duplicate, t.rejected, t.failed, errors[:3]
 
 
-async def _run_unary(job: UnaryJob, ready: Any, go: multiprocessing.synchronize.Event, timeout: float) -> LoadResult:
+async def _run_unary(job: UnaryJob, ready: Any, go: multiprocessing.synchronize.Event, wait_limit: float) -> LoadResult:
     events = list(stream_events(job.seed, job.worker, job.workers, job.total_calls, job.base_time))
     check_valid(events)
     async with InteractionsClient(job.target) as client:
-        await client.health() if job.target else None
-        started, cpu = await _wait_for_go(ready, go, timeout)
+        await client.health()  # connect before the clock starts
+        started, cpu = await _wait_for_go(ready, go, wait_limit)
         result = LoadResult(started, 0.0, 0.0, events=len(events))
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait_limit):
             if job.rate is None:
                 await _closed_loop(client, iter(events), job.callers, result)
             else:
@@ -213,13 +220,16 @@ async def _run_unary(job: UnaryJob, ready: Any, go: multiprocessing.synchronize.
 
 async def _log(client: InteractionsClient, event: Event, result: LoadResult) -> bool:
     try:
-        await client.log(event)
+        logged = await client.log(event)
     except InteractionsError as error:
         result.failed += 1
         if len(result.errors) < 3:
             result.errors.append(f"{type(error).__name__}: {error}")
         return False
-    result.accepted += 1
+    if logged.duplicate:
+        result.duplicate += 1
+    else:
+        result.accepted += 1
     return True
 
 
@@ -232,7 +242,8 @@ async def _closed_loop(client: InteractionsClient, events: Iterator[Event], call
 
 
 async def _open_loop(client: InteractionsClient, events: list[Event], rate: float, result: LoadResult) -> None:
-    """Starts call i at start + i / rate, however long earlier calls take."""
+    """Starts call i at start + i / rate, however long earlier calls take (so
+    as many calls are in flight as the latency needs)."""
 
     async def timed(event: Event, due: float) -> None:
         sent = time.monotonic()
@@ -267,9 +278,7 @@ class LoadRun:
         self._results = context.Queue()
         self._go = context.Event()
         self._processes = [
-            context.Process(
-                target=_child_main, args=(job, self._ready, self._go, self._results, timeout), daemon=True
-            )
+            context.Process(target=_child_main, args=(job, self._ready, self._go, self._results, timeout), daemon=True)
             for job in jobs
         ]
 

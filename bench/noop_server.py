@@ -1,7 +1,7 @@
 """The RPC ceiling: InteractionService with a LogEvent that does nothing.
 
-`python -m bench.noop_server --listen 127.0.0.1:PORT` serves it with the real
-server's channel options, so that the benchmark can compare LogEvent on the
+`python -m bench.noop_server --listen 127.0.0.1:PORT` serves it (and
+grpc.health.v1) with the real server's channel options, so that the benchmark can compare LogEvent on the
 real server with the cost of the gRPC round trip alone (same messages, same
 client, same machine).
 """
@@ -17,6 +17,7 @@ from typing import Any
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import grpc.aio
+from grpc_health.v1 import health, health_pb2_grpc
 
 from interactions_client.v1 import interaction_service_pb2 as pb
 from interactions_client.v1 import interaction_service_pb2_grpc
@@ -30,7 +31,11 @@ class NoopInteractionService(interaction_service_pb2_grpc.InteractionServiceServ
 
 async def serve(listen: str) -> None:
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    interaction_service_pb2_grpc.add_InteractionServiceServicer_to_server(NoopInteractionService(), server)
+    interaction_service_pb2_grpc.add_InteractionServiceServicer_to_server(
+        NoopInteractionService(),  # type: ignore[abstract]  # the other methods answer UNIMPLEMENTED
+        server,
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # SERVING for ""
     server.add_insecure_port(listen)
     await server.start()
     stop = asyncio.Event()

@@ -67,11 +67,24 @@ def tree_cpu_seconds(root: int) -> dict[int, float]:
     return seconds
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent not idle since boot (the first line of /proc/stat)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle, iowait
-    return (sum(values[:8]) - idle) / _TICKS_PER_SECOND
+@dataclass(frozen=True, slots=True)
+class MachineCpu:
+    """CPU seconds of all cores since boot, by kind (the first line of /proc/stat)."""
+
+    processes: float  # user, nice, system: time charged to processes
+    interrupts: float  # irq, softirq: e.g. loopback network processing
+    steal: float  # taken by the hypervisor for other virtual machines
+
+    @classmethod
+    def read(cls) -> MachineCpu:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (f / _TICKS_PER_SECOND for f in fields)
+        return cls(user + nice + system, irq + softirq, steal)
+
+    def __sub__(self, other: MachineCpu) -> MachineCpu:
+        return MachineCpu(
+            self.processes - other.processes, self.interrupts - other.interrupts, self.steal - other.steal
+        )
 
 
 @dataclass(slots=True)
@@ -81,13 +94,15 @@ class CpuShares:
     wall_seconds: float
     server: float
     postgres: float
-    client: float
-    machine: float  # every process on the machine, ours included
+    client: float  # the load processes and the orchestrating process
+    machine_processes: float  # every process of the machine, ours included
+    interrupts: float  # irq and softirq time (loopback networking is part of it)
+    steal: float  # time the hypervisor gave to other machines: noise
 
     @property
     def other(self) -> float:
-        """Cores used by processes outside the benchmark (other sessions: noise)."""
-        return max(0.0, self.machine - self.server - self.postgres - self.client)
+        """Cores used by processes outside the benchmark (noise)."""
+        return max(0.0, self.machine_processes - self.server - self.postgres - self.client)
 
 
 @dataclass(slots=True)
@@ -99,22 +114,34 @@ class CpuMeter:
     _wall: float = 0.0
     _server: float = 0.0
     _postgres: dict[int, float] = field(default_factory=dict)
-    _machine: float = 0.0
+    _machine: MachineCpu = MachineCpu(0.0, 0.0, 0.0)
+    _own: float = 0.0
 
     def start(self) -> None:
         self._wall = time.monotonic()
+        self._own = time.process_time()
         self._server = process_cpu_seconds(self.server_pid)
         self._postgres = tree_cpu_seconds(self.postgres_pid)
-        self._machine = machine_busy_seconds()
+        self._machine = MachineCpu.read()
 
     def stop(self, client_cpu_seconds: float) -> CpuShares:
+        """`client_cpu_seconds`: what the load processes report for the measure."""
         wall = max(time.monotonic() - self._wall, 1e-9)
+        client = client_cpu_seconds + time.process_time() - self._own
         server = process_cpu_seconds(self.server_pid) - self._server
         now = tree_cpu_seconds(self.postgres_pid)
         postgres = sum(seconds - self._postgres.get(pid, 0.0) for pid, seconds in now.items())
         # A backend that exited during the measure is in the root's reaped time.
-        machine = machine_busy_seconds() - self._machine
-        return CpuShares(wall, server / wall, max(postgres, 0.0) / wall, client_cpu_seconds / wall, machine / wall)
+        machine = MachineCpu.read() - self._machine
+        return CpuShares(
+            wall,
+            server / wall,
+            max(postgres, 0.0) / wall,
+            client / wall,
+            machine.processes / wall,
+            machine.interrupts / wall,
+            machine.steal / wall,
+        )
 
 
 @dataclass(slots=True)

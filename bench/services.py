@@ -9,12 +9,8 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
-
-import grpc
-import grpc.aio
 
 from interactions_client import InteractionsClient
 from interactions_client.errors import InteractionsError
@@ -45,7 +41,7 @@ class ServiceProcess:
         self.target = f"127.0.0.1:{self.port}"
         self.command = [*command, "--listen", self.target]
         self.log_path = log_path
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: asyncio.subprocess.Process | None = None
 
     @classmethod
     def interactions_server(cls, database_url: str, log_dir: Path) -> ServiceProcess:
@@ -62,46 +58,40 @@ class ServiceProcess:
             raise RuntimeError(f"{self.name} is not running")
         return self._process.pid
 
-    async def start(self, *, check_health: bool, timeout: float = 60.0) -> None:
-        """Starts the process and waits until it serves: health SERVING, or
-        for a server without health, a channel that connects."""
+    async def start(self, within: float = 60.0) -> None:
+        """Starts the process and waits (at most `within` seconds) until its health check answers SERVING."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("INTERACTIONS_")}
         with self.log_path.open("wb") as log:
-            self._process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            process = await asyncio.create_subprocess_exec(*self.command, stdout=log, stderr=log, env=env)
+        self._process = process
         try:
-            async with asyncio.timeout(timeout):
-                while not await self._serving(check_health):
-                    if self._process.poll() is not None:
-                        raise RuntimeError(f"{self.name} exited with {self._process.returncode}:\n{self.log_tail()}")
+            async with asyncio.timeout(within):
+                while not await self._serving():
+                    if process.returncode is not None:
+                        raise RuntimeError(f"{self.name} exited with {process.returncode}:\n{self.log_tail()}")
                     await asyncio.sleep(0.2)
         except TimeoutError:
             await self.stop()
-            raise RuntimeError(f"{self.name} did not serve within {timeout:.0f} s:\n{self.log_tail()}") from None
+            raise RuntimeError(f"{self.name} did not serve within {within:.0f} s:\n{self.log_tail()}") from None
 
-    async def _serving(self, check_health: bool) -> bool:
-        if check_health:
-            async with InteractionsClient(self.target, deadline=1.0) as client:
-                try:
-                    return await client.health()
-                except InteractionsError:
-                    return False
-        async with grpc.aio.insecure_channel(self.target) as channel:
+    async def _serving(self) -> bool:
+        async with InteractionsClient(self.target, deadline=1.0) as client:
             try:
-                await asyncio.wait_for(channel.channel_ready(), 1.0)
-            except TimeoutError:
+                return await client.health()
+            except InteractionsError:
                 return False
-            return True
 
-    async def stop(self, timeout: float = 20.0) -> None:
+    async def stop(self, within: float = 20.0) -> None:
+        """SIGTERM (a graceful stop), then SIGKILL after `within` seconds."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None or process.returncode is not None:
             return
         process.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.to_thread(process.wait), timeout)
+            await asyncio.wait_for(process.wait(), within)
         except TimeoutError:
             process.kill()
-            await asyncio.to_thread(process.wait)
+            await process.wait()
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -48,19 +48,6 @@ _QUERIES = ("laptop", "running shoes", "coffee grinder", "usb-c cable", "desk la
 _DEVICES = ("web", "ios", "android")
 _REFERRERS = ("https://www.example.com/", "https://search.example.org/?q=deals", "")
 
-# The columns the ceiling copies, in the order of copy_row.
-COPY_COLUMNS = (
-    "user_id",
-    "event_id",
-    "event_type",
-    "session_id",
-    "product_id",
-    "event_value",
-    "occurred_at",
-    "details",
-    "attributes",
-)
-
 
 def _zipf_cumulative(n: int, exponent: float) -> list[float]:
     return list(itertools.accumulate(1.0 / (k**exponent) for k in range(1, n + 1)))
@@ -95,7 +82,7 @@ def stream_events(seed: int, stream: int, streams: int, total: int, base_time: f
 def _event(rng: random.Random, type_name: str, user: int, product: int, at: float) -> Event:
     seconds = int(at)
     event = Event(
-        event_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+        event_id=uuid7(int(at * 1000), rng.getrandbits(80)),
         event_type=STANDARD[type_name].event_type,  # type: ignore[arg-type]
         user_id=f"user-{user}",
         session_id=f"sess-{user}-{seconds // 1800}",
@@ -124,6 +111,15 @@ def _event(rng: random.Random, type_name: str, user: int, product: int, at: floa
     return event
 
 
+def uuid7(unix_ms: int, random_bits: int) -> str:
+    """A UUIDv7 (RFC 9562) like the client's default event ids (new_event_id),
+    from the event's time and the workload's random source (reproducible)."""
+    value = (unix_ms & (1 << 48) - 1) << 80 | random_bits & (1 << 80) - 1
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
+    return str(uuid.UUID(int=value))
+
+
 def check_valid(events: Sequence[Event], sample: int = 2_000) -> None:
     """Raises when an event of an evenly spread sample breaks a rule of the schema."""
     step = max(1, len(events) // sample)
@@ -134,8 +130,8 @@ def check_valid(events: Sequence[Event], sample: int = 2_000) -> None:
             raise ValueError(f"the workload made an invalid event ({found}): {event}")
 
 
-def copy_row(event: Event) -> tuple[Any, ...]:
-    """The event as a row of the log (COPY_COLUMNS), converted the way the server stores it."""
+def log_row(event: Event) -> dict[str, Any]:
+    """The event as a row of the log, by column, converted the way the server stores it."""
     rule = STANDARD_BY_NUMBER[event.event_type]
     member = event.WhichOneof("details")
     details = None
@@ -143,17 +139,19 @@ def copy_row(event: Event) -> tuple[Any, ...]:
         payload = getattr(event, member)
         details = json.dumps({member: {f.name: getattr(payload, f.name) for f in payload.DESCRIPTOR.fields}})
     ts = event.occurred_at
-    return (
-        event.user_id,
-        uuid.UUID(event.event_id),
-        rule.name,
-        event.session_id or None,
-        event.product_id or None,
-        event.event_value if event.HasField("event_value") else rule.default_value,
-        datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC),
-        details,
-        json.dumps(dict(event.attributes)) if event.attributes else None,
-    )
+    return {
+        "user_id": event.user_id,
+        "event_id": uuid.UUID(event.event_id),
+        "event_type": rule.name,
+        "session_id": event.session_id or None,
+        "product_id": event.product_id or None,
+        "event_value": event.event_value if event.HasField("event_value") else rule.default_value,
+        "occurred_at": datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC),
+        "details": details,
+        "attributes": json.dumps(dict(event.attributes)) if event.attributes else None,
+        "syncs_state": rule.syncs,
+    }
 
 
 STANDARD_BY_NUMBER = {rule.event_type: rule for rule in STANDARD.values()}
+SYNCING_TYPES = tuple(rule.name for rule in STANDARD.values() if rule.syncs)

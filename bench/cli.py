@@ -1,0 +1,229 @@
+"""`python -m bench`: runs the benchmark and prints the table (or JSON)."""
+
+from __future__ import annotations
+
+import os
+
+# Before gRPC is imported: this process forks only to exec (pgserver's pg_ctl,
+# the server, spawned load processes), so gRPC's fork handlers are not needed.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from bench import measures
+from bench.config import MEASURES, BenchConfig
+from bench.database import EmbeddedDatabase
+from bench.report import Results, render, to_json
+from bench.services import ServiceProcess
+
+
+def _progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _measure_set(text: str) -> frozenset[str]:
+    chosen = frozenset(part.strip().lower() for part in text.split(",") if part.strip())
+    unknown = chosen - MEASURES.keys()
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"measures are letters of {','.join(MEASURES)}; got {text!r}")
+    return chosen
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _not_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = BenchConfig()
+    measures_help = "; ".join(f"{k}: {v}" for k, v in MEASURES.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark of the Interactions service: every figure is a ratio against a ceiling "
+        "measured in the same run on this machine (docs/performance.md).",
+    )
+    parser.add_argument("--only", type=_measure_set, help=f"comma-separated measures to run ({measures_help})")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON (the table goes to stderr)")
+    parser.add_argument("--events", type=_positive, help=f"events per bulk run (default {defaults.events:,})")
+    parser.add_argument(
+        "--unary-calls", type=_positive, help=f"calls per closed-loop unary run (default {defaults.unary_calls:,})"
+    )
+    parser.add_argument(
+        "--latency-calls",
+        type=_positive,
+        help=f"calls of the open-loop latency run (default {defaults.latency_calls:,})",
+    )
+    parser.add_argument("--callers", type=_positive, help=f"concurrent unary callers (default {defaults.callers})")
+    parser.add_argument(
+        "--memory-events",
+        type=_positive,
+        help=f"events of the memory stream (default {defaults.memory_events:,}; full run 2000000)",
+    )
+    parser.add_argument(
+        "--preload",
+        type=_not_negative,
+        help=f"rows in the log for (f) (default {defaults.preload:,}; full run 10000000; 0 skips)",
+    )
+    parser.add_argument(
+        "--client-processes",
+        type=_not_negative,
+        help="client processes for the fan-out (default: one per core, at most one per stream)",
+    )
+    parser.add_argument(
+        "--unary-processes",
+        type=_positive,
+        help=f"client processes sharing the unary callers (default {defaults.unary_processes})",
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive, help="the streamer's batch_size (default: the streamer's own default)"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=_positive,
+        help=f"runs of each throughput measure, the best kept (default {defaults.repeat}; --quick and --profile: 1)",
+    )
+    parser.add_argument("--seed", type=int, help=f"workload seed (default {defaults.seed})")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample the server with py-spy during (b) and (d); raw profiles and summaries go to DIR",
+    )
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> BenchConfig:
+    config = BenchConfig()
+    if args.quick:
+        config = config.quick_sizes()
+    overrides = {
+        "measures": args.only,
+        "events": args.events,
+        "unary_calls": args.unary_calls,
+        "latency_calls": args.latency_calls,
+        "callers": args.callers,
+        "memory_events": args.memory_events,
+        "preload": args.preload,
+        "client_processes": args.client_processes,
+        "unary_processes": args.unary_processes,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "repeat": args.repeat,
+        "profile_dir": args.profile,
+    }
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    if config.profile_dir is not None and args.repeat is None:
+        config = replace(config, repeat=1)  # a profile of one run, and no time lost
+    return config
+
+
+def code_version() -> str:
+    """The commit of the working tree, "+changes" when the service's code differs from it."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
+    changed = git("status", "--porcelain", "--", "server", "client", "migrations")
+    return f"{commit}+changes" if changed else commit
+
+
+async def run(config: BenchConfig) -> Results:
+    results = Results(
+        load_before=os.getloadavg(),
+        code=code_version(),
+        profiled=config.profile_dir is not None,
+        repeat=config.repeat,
+        callers=config.callers,
+    )
+    log_dir = Path(tempfile.mkdtemp(prefix="interactions-bench-logs-"))
+    db = EmbeddedDatabase()
+    server: ServiceProcess | None = None
+    try:
+        _progress("starting the embedded PostgreSQL")
+        await asyncio.to_thread(db.start)
+        server = ServiceProcess.interactions_server(db.url, log_dir)
+        _progress(f"starting {' '.join(server.command)}")
+        await server.start()
+        bench = measures.Bench(config, db, server, log_dir, _progress)
+        await _measure(bench, results)
+        results.profiles = bench.profiles
+    except BaseException:
+        if server is not None:
+            _progress(f"server log (tail):\n{server.log_tail()}")
+        raise
+    finally:
+        if server is not None:
+            await server.stop()
+        await asyncio.to_thread(db.stop)
+        shutil.rmtree(log_dir, ignore_errors=True)
+    results.load_after = os.getloadavg()
+    return results
+
+
+async def _measure(bench: measures.Bench, results: Results) -> None:
+    """The chosen measures, in an order where each finds the log as it needs
+    it: (f) comes last, as its preload stays in the log."""
+    config, only = bench.config, bench.config.measures
+    await measures.warm_up(bench)
+    if "a" in only:
+        results.ceiling, results.ceiling_events_only = await measures.ceiling(bench)
+    if "b" in only or "f" in only:  # (f) is measured against (b)
+        results.bulk = await measures.bulk(bench)
+    if "c" in only:
+        results.rpc_ceiling = await measures.rpc_ceiling(bench)
+    if "d" in only:
+        results.unary = await measures.unary(bench)
+        results.latency = await measures.latency(bench, results.unary.rate)
+    if "e" in only:
+        results.memory = await measures.memory(bench)
+    if "g" in only:
+        results.fanout = await measures.fanout(bench)
+    if "f" in only:
+        if config.preload > 0:
+            results.growth, results.preload_seconds = await measures.growth(bench)
+            results.preload_rows = config.preload
+        else:
+            results.skipped["f"] = "--preload 0"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from(args)
+    logging.basicConfig(level=logging.WARNING)
+    started = time.monotonic()
+    results = asyncio.run(run(config))
+    _progress(f"done in {time.monotonic() - started:.0f} s")
+    table = render(results)
+    if args.json:
+        print(table, file=sys.stderr)
+        print(json.dumps(to_json(results), indent=2))
+    else:
+        print(table)
+    return 0

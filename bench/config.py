@@ -1,0 +1,48 @@
+"""What a benchmark run measures, and how much."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+MEASURES: dict[str, str] = {
+    "a": "database ceiling: COPY into a table like the log",
+    "b": "bulk ingest: StreamEvents through the shipped streamer",
+    "c": "RPC ceiling: no-op LogEvent",
+    "d": "unary LogEvent on the real server",
+    "e": "server memory during a long stream",
+    "f": "bulk ingest with rows already in the log",
+    "g": "fan-out: 1, 4 and 16 concurrent streams",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    measures: frozenset[str] = frozenset(MEASURES)
+    events: int = 100_000  # per bulk run: (a), (b), (f) and each fan-out level of (g)
+    unary_calls: int = 20_000  # (c) and (d), closed loop
+    latency_calls: int = 10_000  # (d), open loop at half the maximum rate
+    callers: int = 64
+    memory_events: int = 300_000  # (e); 2,000,000 for the full run
+    preload: int = 1_000_000  # (f); 0 skips it; 10,000,000 for the full run
+    fanout: tuple[int, ...] = (1, 4, 16)
+    client_processes: int = 0  # client processes for the fan-out; 0: one per core, at most one per stream
+    unary_processes: int = 1  # client processes sharing the unary callers
+    batch_size: int | None = None  # the streamer's batch_size; None: its default
+    seed: int = 5
+    repeat: int = 2  # runs of each throughput measure; the fastest counts (noise only slows a run down)
+    profile_dir: Path | None = None  # py-spy the server during (b) and (d) into this directory
+    quick: bool = False
+
+    def quick_sizes(self) -> BenchConfig:
+        """Tiny sizes for a smoke test: every measure runs, none means much."""
+        return replace(
+            self,
+            events=3_000,
+            unary_calls=1_000,
+            latency_calls=500,
+            memory_events=10_000,
+            preload=20_000,
+            repeat=1,
+            quick=True,
+        )

@@ -1,0 +1,323 @@
+"""The results of a run: the table of measures against their targets, the CPU
+each measure used, and the same as JSON."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bench.measures import Latency, Memory, Profile, Throughput
+
+MB = 1024.0  # kB per MB
+RSS_LIMIT_MB = 250.0
+FLAT_GROWTH = 0.10  # RSS in the last quarter at most 10% above the second quarter
+
+
+@dataclass(slots=True)
+class Results:
+    """Everything a run measured; a field stays None when its measure did not run."""
+
+    ceiling: Throughput | None = None  # (a): COPY into the log's tables (events and event_keys)
+    ceiling_events_only: Throughput | None = None  # (a), for reference: COPY into events alone
+    bulk: Throughput | None = None  # (b)
+    rpc_ceiling: Throughput | None = None  # (c)
+    unary: Throughput | None = None  # (d)
+    latency: Latency | None = None  # (d)
+    memory: Memory | None = None  # (e)
+    growth: Throughput | None = None  # (f)
+    preload_rows: int = 0
+    preload_seconds: float = 0.0
+    fanout: dict[int, Throughput] = field(default_factory=dict)  # (g)
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    skipped: dict[str, str] = field(default_factory=dict)  # measure -> why
+    code: str = ""  # the commit measured, and whether the working tree differed
+    profiled: bool = False  # py-spy and pg_stat_activity sampling ran during (b) and (d)
+    repeat: int = 1  # runs of each throughput measure, the best kept
+    callers: int = 64  # concurrent unary callers
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    key: str  # the measure's letter
+    measure: str
+    value: str
+    ratio: str = ""
+    target: str = ""
+    met: bool | None = None  # None: no target
+    void: str = ""  # why the figure cannot be trusted (failed events, errors)
+    noise: float | None = None  # cores used outside the benchmark during the figure's run(s)
+
+    @property
+    def met_text(self) -> str:
+        if self.void:
+            return "VOID"
+        return "" if self.met is None else ("yes" if self.met else "NO")
+
+    @property
+    def noise_text(self) -> str:
+        return "" if self.noise is None else f"{self.noise:.2f}"
+
+
+def _noise(*figures: Throughput | None) -> float | None:
+    """Cores taken by other processes and other machines during these figures' runs (the worst)."""
+    found = [f.cpu.other + f.cpu.steal for f in figures if f is not None]
+    return max(found) if found else None
+
+
+def _ratio(value: float, ceiling: Throughput | None, of: str) -> tuple[str, float | None]:
+    if ceiling is None or ceiling.rate <= 0:
+        return "", None
+    ratio = value / ceiling.rate
+    return f"{ratio:.2f} of {of}", ratio
+
+
+def _void(*figures: Throughput | None) -> str:
+    problems = [f for f in figures if f is not None and f.problems]
+    return "; ".join(f"{f.problems} failed/rejected: {'; '.join(f.errors)}" for f in problems)
+
+
+def _ms(seconds: float) -> str:
+    return "n/a" if math.isnan(seconds) else f"{seconds * 1000:.1f} ms"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:g}M" if n >= 1_000_000 else f"{n / 1e3:g}k"
+
+
+def _met(ratio: float | None, at_least: float) -> bool | None:
+    return None if ratio is None else ratio >= at_least
+
+
+def rows(results: Results) -> list[Row]:
+    out: list[Row] = []
+    a, b, c, d = results.ceiling, results.bulk, results.rpc_ceiling, results.unary
+    callers = f"{results.callers} callers"
+    if a is not None:
+        what = "the log's table + keys" if a.with_keys else "a table like the log"
+        out.append(Row("a", f"(a) DB ceiling: COPY into {what}", f"{a.rate:,.0f} rows/s", "1.00", noise=_noise(a)))
+        if (ae := results.ceiling_events_only) is not None and a.with_keys:
+            text, _ = _ratio(ae.rate, a, "(a)")
+            out.append(
+                Row("a", "(a) reference: COPY into events alone", f"{ae.rate:,.0f} rows/s", text, noise=_noise(ae))
+            )
+    if b is not None:
+        text, ratio = _ratio(b.rate, a, "(a)")
+        target = ">= 0.6 of (a) (aim 0.8)"
+        out.append(
+            Row(
+                "b",
+                "(b) bulk StreamEvents, 1 stream",
+                f"{b.rate:,.0f} events/s",
+                text,
+                target,
+                _met(ratio, 0.6),
+                _void(b),
+                _noise(a, b),
+            )
+        )
+    if c is not None:
+        out.append(
+            Row(
+                "c",
+                f"(c) RPC ceiling: no-op LogEvent, {callers}",
+                f"{c.rate:,.0f} calls/s",
+                "1.00",
+                void=_void(c),
+                noise=_noise(c),
+            )
+        )
+    if d is not None:
+        text, ratio = _ratio(d.rate, c, "(c)")
+        out.append(
+            Row(
+                "d",
+                f"(d) LogEvent, {callers}",
+                f"{d.rate:,.0f} calls/s",
+                text,
+                ">= 0.8 of (c)",
+                _met(ratio, 0.8),
+                _void(d),
+                _noise(c, d),
+            )
+        )
+    if (lat := results.latency) is not None:
+        where = f"at {lat.rate:,.0f} calls/s (half max)"
+        run = lat.throughput
+        out.append(Row("d", f"(d) LogEvent p50 {where}", _ms(lat.p50), void=_void(run), noise=_noise(run)))
+        out.append(
+            Row(
+                "d",
+                f"(d) LogEvent p99 {where}",
+                _ms(lat.p99),
+                target="<= 10 ms",
+                met=lat.p99 <= 0.010,
+                void=_void(run),
+                noise=_noise(run),
+            )
+        )
+    if (mem := results.memory) is not None:
+        run, rss = mem.throughput, mem.rss
+        size = f"{_size(run.count)}-event stream"
+        note = "" if run.count >= 2_000_000 else " (for 2M)"
+        q2, q4 = rss.quarter_mean_kb(2), rss.quarter_mean_kb(4)
+        growth = (q4 - q2) / q2 if q2 else 0.0
+        void, noise = _void(run), _noise(run)
+        out.append(
+            Row(
+                "e",
+                f"(e) server RSS peak, {size}",
+                f"{rss.peak_kb / MB:.0f} MB",
+                target=f"< {RSS_LIMIT_MB:.0f} MB{note}",
+                met=rss.peak_kb / MB < RSS_LIMIT_MB,
+                void=void,
+                noise=noise,
+            )
+        )
+        out.append(
+            Row(
+                "e",
+                f"(e) server RSS at end, {size}",
+                f"{rss.end_kb / MB:.0f} MB (start {rss.start_kb / MB:.0f})",
+                void=void,
+                noise=noise,
+            )
+        )
+        out.append(
+            Row(
+                "e",
+                "(e) RSS last quarter vs second quarter",
+                f"{(q4 - q2) / MB:+.1f} MB ({growth:+.1%})",
+                target=f"flat (<= +{FLAT_GROWTH:.0%})",
+                met=growth <= FLAT_GROWTH,
+                void=void,
+                noise=noise,
+            )
+        )
+    if (f := results.growth) is not None:
+        text, ratio = _ratio(f.rate, b, "(b)")
+        note = "" if results.preload_rows >= 10_000_000 else " (for 10M)"
+        out.append(
+            Row(
+                "f",
+                f"(f) bulk with {_size(results.preload_rows)} rows in the log",
+                f"{f.rate:,.0f} events/s",
+                text,
+                f">= 0.8 of (b){note}",
+                _met(ratio, 0.8),
+                _void(f),
+                _noise(b, f),
+            )
+        )
+    for streams, g in results.fanout.items():
+        text, _ = _ratio(g.rate, a, "(a)")
+        label = f"(g) fan-out {streams} stream{'s' if streams > 1 else ''}, {g.processes} client proc."
+        out.append(Row("g", label, f"{g.rate:,.0f} events/s", text, void=_void(g), noise=_noise(a, g)))
+    for key, why in results.skipped.items():
+        out.append(Row(key, f"({key}) skipped", why))
+    return out
+
+
+def cpu_rows(results: Results) -> list[tuple[str, Throughput]]:
+    named: list[tuple[str, Throughput | None]] = [
+        ("(a) DB ceiling", results.ceiling),
+        ("(b) bulk", results.bulk),
+        ("(c) RPC ceiling", results.rpc_ceiling),
+        ("(d) LogEvent max", results.unary),
+        ("(d) LogEvent half max", results.latency.throughput if results.latency else None),
+        ("(e) memory stream", results.memory.throughput if results.memory else None),
+        ("(f) bulk, preloaded", results.growth),
+        *((f"(g) {s} stream(s)", g) for s, g in results.fanout.items()),
+    ]
+    return [(name, r) for name, r in named if r is not None]
+
+
+def _table(header: list[str], body: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in body)])
+
+
+def render(results: Results) -> str:
+    table = _table(
+        ["measure", "value", "ratio", "target", "met?", "noise"],
+        [[r.measure, r.value, r.ratio, r.target, r.met_text, r.noise_text] for r in rows(results)],
+        {1, 5},
+    )
+    cpu = _table(
+        ["CPU (cores busy)", "wall s", "server", "postgres", "client", "irq", "other", "steal", "WAL B/ev"],
+        [
+            [name, f"{t.cpu.wall_seconds:.1f}"]
+            + [
+                f"{v:.2f}"
+                for v in (t.cpu.server, t.cpu.postgres, t.cpu.client, t.cpu.interrupts, t.cpu.other, t.cpu.steal)
+            ]
+            + [f"{t.wal_bytes / t.count:,.0f}"]
+            for name, t in cpu_rows(results)
+        ],
+        {1, 2, 3, 4, 5, 6, 7, 8},
+    )
+    voids = [f"VOID {r.measure}: {r.void}" for r in rows(results) if r.void]
+    profiled = "PROFILED run: py-spy and pg_stat_activity sampling slowed (b) and (d).\n" if results.profiled else ""
+    machine = (
+        f"{profiled}code: {results.code}; throughputs: best of {results.repeat} run(s); "
+        f"machine: {os.cpu_count()} cores; load average {results.load_before[0]:.2f} before, "
+        f"{results.load_after[0]:.2f} after. CPU in cores (CPU s / wall s): irq = interrupt and softirq time (loopback "
+        "networking), other = processes outside the benchmark, steal = taken by the hypervisor for other machines; "
+        "other and steal are noise; WAL B/ev = WAL bytes written per row, event or call; a row's noise is their sum during its run(s) (and its ceiling's, the worst)."
+    )
+    return "\n\n".join(part for part in [table, cpu, machine, "\n".join(voids)] if part)
+
+
+def to_json(results: Results) -> dict[str, Any]:
+    def throughput(t: Throughput | None) -> dict[str, Any] | None:
+        return None if t is None else {**asdict(t), "rate": t.rate, "cpu": {**asdict(t.cpu), "other": t.cpu.other}}
+
+    memory = None
+    if results.memory is not None:
+        rss = results.memory.rss
+        memory = {
+            "stream": throughput(results.memory.throughput),
+            "peak_kb": rss.peak_kb,
+            "end_kb": rss.end_kb,
+            "start_kb": rss.start_kb,
+            "second_quarter_mean_kb": rss.quarter_mean_kb(2),
+            "last_quarter_mean_kb": rss.quarter_mean_kb(4),
+            "samples": rss.samples,
+        }
+    latency = None
+    if (lat := results.latency) is not None:
+        latency = {**{k: v for k, v in asdict(lat).items() if k != "throughput"}, "run": throughput(lat.throughput)}
+    return {
+        "code": results.code,
+        "profiled": results.profiled,
+        "repeat": results.repeat,
+        "machine": {"cpu_count": os.cpu_count(), "load_before": results.load_before, "load_after": results.load_after},
+        "rows": [{**asdict(r), "status": r.met_text} for r in rows(results)],
+        "a_ceiling": throughput(results.ceiling),
+        "a_ceiling_events_only": throughput(results.ceiling_events_only),
+        "b_bulk": throughput(results.bulk),
+        "c_rpc_ceiling": throughput(results.rpc_ceiling),
+        "d_unary": throughput(results.unary),
+        "d_latency": latency,
+        "e_memory": memory,
+        "f_growth": None
+        if results.growth is None
+        else {
+            "preload_rows": results.preload_rows,
+            "preload_seconds": results.preload_seconds,
+            "run": throughput(results.growth),
+        },
+        "g_fanout": {str(s): throughput(g) for s, g in results.fanout.items()},
+        "profiles": {name: asdict(p) for name, p in results.profiles.items()},
+        "skipped": results.skipped,
+    }
