@@ -43,10 +43,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2_grpc
 
+from interactions_client.client import InteractionsClient
 from interactions_client.v1 import interaction_service_pb2_grpc, user_state_service_pb2_grpc
 from interactions_server import migrate
 from interactions_server.server import App, ServerConfig
 from tests.support import StartServer, postgres_directory
+from tests.test_client_fakes import FakeServer, start_fake_server
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset, falls back to /tmp (harmless)
@@ -168,3 +170,21 @@ def user_state_stub(channel: grpc.aio.Channel) -> user_state_service_pb2_grpc.Us
 @pytest.fixture
 def health_stub(channel: grpc.aio.Channel) -> health_pb2_grpc.HealthStub:
     return health_pb2_grpc.HealthStub(channel)
+
+
+# --- the client against a fake server (tests/test_client_fakes.py) ------------
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeServer]:
+    """A real grpc.aio server with in-memory servicers and injectable faults."""
+    server = await start_fake_server()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def client(fake: FakeServer) -> AsyncIterator[InteractionsClient]:
+    """An InteractionsClient connected to `fake`."""
+    async with InteractionsClient(fake.address) as client:
+        yield client

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -30,19 +29,6 @@ from interactions_client.v1.event_pb2 import Event, EventType
 from tests.test_client_fakes import FakeServer, start_fake_server
 
 VIEW = EventType.EVENT_TYPE_VIEW
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeServer]:
-    server = await start_fake_server()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def client(fake: FakeServer) -> AsyncIterator[InteractionsClient]:
-    async with InteractionsClient(fake.address) as client:
-        yield client
 
 
 def free_port() -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -35,19 +34,6 @@ def view(i: int, *, user: str | None = None) -> Event:
 def assert_balanced(totals: StreamTotals) -> None:
     assert totals.sent == totals.accepted + totals.duplicate + totals.rejected + totals.failed
     assert totals.unresolved == 0
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeServer]:
-    server = await start_fake_server()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def client(fake: FakeServer) -> AsyncIterator[InteractionsClient]:
-    async with InteractionsClient(fake.address) as client:
-        yield client
 
 
 async def test_every_event_is_acknowledged(client: InteractionsClient, fake: FakeServer) -> None:

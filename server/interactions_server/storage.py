@@ -15,8 +15,9 @@ import asyncpg
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-# SQL expression: epoch microseconds (bigint) to timestamptz, exactly.
+# SQL expressions converting epoch microseconds (bigint) and timestamptz, exactly.
 _US_TO_TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
+_TS_TO_US = "(extract(epoch FROM {}) * 1000000)::int8"
 
 # One row of the event log, in column order of INSERT_EVENTS.
 EventRow = tuple[str, str, str, str | None, str | None, int, int, str | None, str | None, bool]
@@ -86,24 +87,20 @@ async def lock_keys(conn: asyncpg.Connection, keys: Collection[tuple[str, str]])
 # value is the quantity for the cart, added_at in epoch us (or None) for the wishlist.
 StateLine = tuple[str, str, int | None, int, str]
 
-_STATE_VALUE = {"cart_lines": "quantity", "wishlist_lines": "added_at"}
-
-
-def _value_out(table: str) -> str:
-    column = _STATE_VALUE[table]
-    return column if table == "cart_lines" else f"(extract(epoch FROM {column}) * 1000000)::int8"
-
-
-def _value_in(table: str) -> str:
-    return "v" if table == "cart_lines" else _US_TO_TS.format("v")
+# Per state table: its value column, that column as read into Python, and
+# the expression that writes the value `v` back.
+_STATE_VALUE: dict[str, tuple[str, str, str]] = {
+    "cart_lines": ("quantity", "l.quantity", "v"),
+    "wishlist_lines": ("added_at", _TS_TO_US.format("l.added_at"), _US_TO_TS.format("v")),
+}
 
 
 async def fetch_lines(conn: asyncpg.Connection, table: str, keys: Sequence[tuple[str, str]]) -> list[StateLine]:
     """The current lines of `keys` in a state table."""
     records = await conn.fetch(
         f"""
-        SELECT l.user_id, l.product_id, {_value_out(table)},
-               (extract(epoch FROM l.updated_at) * 1000000)::int8, l.last_event_id::text
+        SELECT l.user_id, l.product_id, {_STATE_VALUE[table][1]}, {_TS_TO_US.format("l.updated_at")},
+               l.last_event_id::text
         FROM unnest($1::text[], $2::text[]) AS k(u, p)
         JOIN {table} AS l ON l.user_id = k.u AND l.product_id = k.p
         """,
@@ -115,11 +112,11 @@ async def fetch_lines(conn: asyncpg.Connection, table: str, keys: Sequence[tuple
 
 async def upsert_lines(conn: asyncpg.Connection, table: str, lines: Sequence[StateLine]) -> None:
     """Writes the new state of each line, in key order (no deadlocks)."""
-    value = _STATE_VALUE[table]
+    value, _, value_in = _STATE_VALUE[table]
     await conn.execute(
         f"""
         INSERT INTO {table} AS l (user_id, product_id, {value}, updated_at, last_event_id)
-        SELECT u, p, {_value_in(table)}, {_US_TO_TS.format("t")}, e::uuid
+        SELECT u, p, {value_in}, {_US_TO_TS.format("t")}, e::uuid
         FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[]) AS r(u, p, v, t, e)
         ORDER BY u, p
         ON CONFLICT (user_id, product_id) DO UPDATE
@@ -136,9 +133,9 @@ async def fetch_key_events(
     """The logged events of the given types for each (user, product) key, in
     fold order: (user_id, product_id, event_type, event_value, occurred_at us, event_id)."""
     records = await conn.fetch(
-        """
+        f"""
         SELECT e.user_id, e.product_id, e.event_type, e.event_value,
-               (extract(epoch FROM e.occurred_at) * 1000000)::int8, e.event_id::text
+               {_TS_TO_US.format("e.occurred_at")}, e.event_id::text
         FROM unnest($1::text[], $2::text[]) AS k(u, p)
         JOIN events AS e ON e.user_id = k.u AND e.product_id = k.p
         WHERE e.syncs_state AND e.event_type = ANY($3::text[])
