@@ -285,3 +285,47 @@ async def test_list_purchases_page_size_defaults_to_100_and_caps_at_1000(
     )
     assert [p.product_id for p in last.purchases] == ["p0"]
     assert last.next_page_token == ""
+
+
+# LogEventRequest{event: Event{user_id: b"\xff"}}: bytes no protobuf runtime
+# can parse (a string field with bad UTF-8), as a buggy client might send.
+_EVENT_WITH_BAD_UTF8 = bytes([0x22, 1, 0xFF])
+MALFORMED_LOG_EVENT = bytes([0x0A, len(_EVENT_WITH_BAD_UTF8)]) + _EVENT_WITH_BAD_UTF8
+MALFORMED_STREAM_REQUEST = bytes([0x12, len(_EVENT_WITH_BAD_UTF8)]) + _EVENT_WITH_BAD_UTF8
+
+
+@pytest.mark.parametrize(
+    ("method", "payload"),
+    [
+        ("/interactions.v1.InteractionService/LogEvent", MALFORMED_LOG_EVENT),
+        ("/interactions.v1.InteractionService/LogEvents", MALFORMED_LOG_EVENT),
+        ("/interactions.v1.UserStateService/GetCart", bytes([0x0A, 1, 0xFF])),
+    ],
+)
+async def test_a_request_that_does_not_parse_is_invalid_argument_not_unknown(
+    server: App, channel: grpc.aio.Channel, method: str, payload: bytes
+) -> None:
+    call = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call(payload)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "bad UTF-8" in error.value.details()
+    assert await server.pool.fetchval("SELECT count(*) FROM events") == 0
+
+
+async def test_a_stream_request_that_does_not_parse_ends_the_stream_with_invalid_argument(
+    server: App, channel: grpc.aio.Channel
+) -> None:
+    good = pb.StreamEventsRequest(sequence=1, events=[valid_event(EventType.EVENT_TYPE_VIEW)]).SerializeToString()
+    call = channel.stream_stream(
+        "/interactions.v1.InteractionService/StreamEvents",
+        request_serializer=lambda b: b,
+        response_deserializer=pb.StreamEventsResponse.FromString,
+    )
+    responses = []
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        async for response in call(iter([good, MALFORMED_STREAM_REQUEST])):
+            responses.append(response)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [r.sequence for r in responses] == [1]  # the good batch before it was committed and answered
+    assert await server.pool.fetchval("SELECT count(*) FROM events") == 1

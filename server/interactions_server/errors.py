@@ -5,6 +5,8 @@ Servicer methods are decorated with `rpc_errors` (unary responses) or
 
 - `InvalidArgument(violations)` → INVALID_ARGUMENT with `google.rpc.BadRequest`
   field violations in the status details;
+- a request that did not parse (`MalformedRequest`, see `lenient_parser`) →
+  INVALID_ARGUMENT, where gRPC itself would answer UNKNOWN;
 - `Unavailable(message)` → UNAVAILABLE (e.g. the server is shutting down);
 - a database-unreachable error (see `is_database_unavailable`) → UNAVAILABLE;
 - a transaction conflict (deadlock, serialization failure) → ABORTED;
@@ -18,11 +20,12 @@ import contextlib
 import functools
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import asyncpg
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -55,13 +58,46 @@ class InvalidArgument(Exception):
         super().__init__(summarize(message, self.violations))
 
 
+class MalformedRequest:
+    """Stands in for a request message whose bytes did not parse (bad UTF-8 in
+    a string field, a truncated message): the servicer's decorator turns it
+    into INVALID_ARGUMENT."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def lenient_parser(message_class: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
+    """A request deserializer that never raises (gRPC would answer UNKNOWN)."""
+
+    def parse(data: bytes) -> Message | MalformedRequest:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return MalformedRequest(str(exc))
+
+    return parse
+
+
+def check_parsed(request: object) -> None:
+    if isinstance(request, MalformedRequest):
+        violation = FieldViolation(field="", description=f"the request is not a valid message: {request.error}")
+        raise InvalidArgument([violation], "malformed request")
+
+
+async def _checked(requests: Any) -> AsyncGenerator[Any, None]:
+    async for request in requests:
+        check_parsed(request)
+        yield request
+
+
 class Unavailable(Exception):
     """The service cannot handle the call now; the caller should retry (elsewhere)."""
 
 
 def summarize(message: str, violations: Iterable[FieldViolation]) -> str:
     """A one-line human-readable status message, e.g. "invalid event: user_id is required"."""
-    text = "; ".join(f"{v.field} {v.description}" for v in violations)
+    text = "; ".join(f"{v.field} {v.description}".lstrip() for v in violations)
     text = f"{message}: {text}" if text else message
     return text if len(text) <= _MAX_MESSAGE_LENGTH else text[: _MAX_MESSAGE_LENGTH - 3] + "..."
 
@@ -136,6 +172,7 @@ def rpc_errors(method: UnaryMethod[_Self, _Request, _Response]) -> UnaryMethod[_
     @functools.wraps(method)
     async def wrapper(self: _Self, request: _Request, context: grpc.aio.ServicerContext) -> _Response:
         try:
+            check_parsed(request)
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise  # context.abort() was called: the status is already set
@@ -154,9 +191,12 @@ def stream_rpc_errors(method: StreamMethod[_Self, _Request, _Response]) -> Strea
         self: _Self, request: _Request, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[_Response, None]:
         try:
+            # A request stream is checked message by message as it is read.
+            requests = cast(_Request, _checked(request)) if hasattr(request, "__aiter__") else request
+            check_parsed(requests)
             # aclosing: if this generator is closed (call cancelled while a
             # response is being sent), the method's own cleanup runs now.
-            async with contextlib.aclosing(method(self, request, context)) as responses:
+            async with contextlib.aclosing(method(self, requests, context)) as responses:
                 async for response in responses:
                     yield response
         except grpc.aio.AbortError:

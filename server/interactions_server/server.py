@@ -15,13 +15,15 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from interactions_client.v1 import interaction_service_pb2_grpc, user_state_service_pb2_grpc
+from interactions_client.v1 import interaction_service_pb2, user_state_service_pb2
 from interactions_server import migrate, service, user_state
 from interactions_server.embedded_db import EmbeddedPostgres
-from interactions_server.errors import is_database_unavailable
+from interactions_server.errors import is_database_unavailable, lenient_parser
 from interactions_server.group_commit import GroupCommitter
 from interactions_server.health import DatabaseHealth
 from interactions_server.ingest import Ingestor
@@ -76,6 +78,29 @@ async def _end_transaction(connection: asyncpg.Connection) -> None:
     service does not need, as it keeps no session state on pooled connections."""
     if connection.is_in_transaction():
         await connection.execute("ROLLBACK")
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
+    """Registers `servicer` like the generated add_*_to_server, except that a
+    request that does not parse reaches it as errors.MalformedRequest (and so
+    INVALID_ARGUMENT) instead of failing inside gRPC as UNKNOWN."""
+    handlers = {
+        method.name: _HANDLER_KINDS[(method.client_streaming, method.server_streaming)](
+            getattr(servicer, method.name),
+            request_deserializer=lenient_parser(message_factory.GetMessageClass(method.input_type)),
+            response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 class App:
@@ -139,9 +164,13 @@ class App:
         )
 
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        interaction_service_pb2_grpc.add_InteractionServiceServicer_to_server(self._interactions, server)
-        user_state_service_pb2_grpc.add_UserStateServiceServicer_to_server(
-            user_state.UserStateService(self._pool), server
+        add_servicer(
+            server, self._interactions, interaction_service_pb2.DESCRIPTOR.services_by_name["InteractionService"]
+        )
+        add_servicer(
+            server,
+            user_state.UserStateService(self._pool),
+            user_state_service_pb2.DESCRIPTOR.services_by_name["UserStateService"],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health.servicer, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
