@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from interactions_client.rules import RULES
+from interactions_client.rules import RULES, stored_name
 from interactions_client.v1.event_pb2 import Event, FieldViolation
 from interactions_client.validation import validate
 from interactions_server import storage
@@ -61,7 +61,7 @@ def _row(event: Event, event_id: str, received_us: int) -> storage.EventRow:
     return (
         event.user_id,
         event_id,
-        event.custom_type or rule.name,
+        stored_name(event),
         event.session_id or None,
         event.product_id or None,
         value,  # type: ignore[return-value]  # validation guarantees a value or a default

@@ -8,13 +8,11 @@ so that PostgreSQL does the conversions in C (see docs/performance.md).
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 # SQL expressions converting epoch microseconds (bigint) and timestamptz, exactly.
 _US_TO_TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
 _TS_TO_US = "(extract(epoch FROM {}) * 1000000)::int8"
@@ -40,14 +38,6 @@ WITH batch AS (
 )
 SELECT user_id, event_id::text FROM new
 """
-
-
-def to_micros(ts: datetime) -> int:
-    return (ts - EPOCH) // _MICROSECOND
-
-
-def from_micros(us: int) -> datetime:
-    return EPOCH + us * _MICROSECOND
 
 
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
