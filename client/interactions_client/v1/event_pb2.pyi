@@ -201,18 +201,26 @@ class SearchDetails(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     QUERY_FIELD_NUMBER: _builtins.int
+    RESULT_COUNT_FIELD_NUMBER: _builtins.int
     query: _builtins.str
     """The search term; required and non-blank."""
+    result_count: _builtins.int
+    """How many results the search returned, when the caller knows it
+    (search analytics report the share of searches with none).
+    """
     def __init__(
         self,
         *,
         query: _builtins.str = ...,
+        result_count: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_result_count", b"_result_count", "result_count", b"result_count"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_result_count", b"_result_count", "query", b"query", "result_count", b"result_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__result_count: _TypeAlias = _typing.Literal["result_count"]  # noqa: Y015
+    _WhichOneofArgType__result_count: _TypeAlias = _typing.Literal["_result_count", b"_result_count"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__result_count) -> _WhichOneofReturnType__result_count | None: ...
 
 Global___SearchDetails: _TypeAlias = SearchDetails  # noqa: Y015
 

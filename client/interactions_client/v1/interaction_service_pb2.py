@@ -22,37 +22,46 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from interactions_client.v1 import access_pb2 as interactions_dot_v1_dot_access__pb2
 from interactions_client.v1 import event_pb2 as interactions_dot_v1_dot_event__pb2
 from interactions_client.v1 import rules_pb2 as interactions_dot_v1_dot_rules__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)interactions/v1/interaction_service.proto\x12\x0finteractions.v1\x1a\x1binteractions/v1/event.proto\x1a\x1binteractions/v1/rules.proto\"8\n\x0fLogEventRequest\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.interactions.v1.Event\"7\n\x10LogEventResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\":\n\x10LogEventsRequest\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.interactions.v1.Event\"v\n\x11LogEventsResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x01 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\x05\x12\x30\n\x08rejected\x18\x03 \x03(\x0b\x32\x1e.interactions.v1.RejectedEvent\"O\n\x13StreamEventsRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12&\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x16.interactions.v1.Event\"\x8b\x01\n\x14StreamEventsResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x30\n\x08rejected\x18\x04 \x03(\x0b\x32\x1e.interactions.v1.RejectedEvent\"e\n\rRejectedEvent\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x33\n\nviolations\x18\x03 \x03(\x0b\x32\x1f.interactions.v1.FieldViolation\"\x17\n\x15ListEventTypesRequest\"M\n\x16ListEventTypesResponse\x12\x33\n\x0b\x65vent_types\x18\x01 \x03(\x0b\x32\x1e.interactions.v1.EventTypeInfo\"w\n\rEventTypeInfo\x12.\n\nevent_type\x18\x01 \x01(\x0e\x32\x1a.interactions.v1.EventType\x12\x0c\n\x04name\x18\x02 \x01(\t\x12(\n\x04rule\x18\x03 \x01(\x0b\x32\x1a.interactions.v1.EventRule2\xfd\x02\n\x12InteractionService\x12O\n\x08LogEvent\x12 .interactions.v1.LogEventRequest\x1a!.interactions.v1.LogEventResponse\x12R\n\tLogEvents\x12!.interactions.v1.LogEventsRequest\x1a\".interactions.v1.LogEventsResponse\x12_\n\x0cStreamEvents\x12$.interactions.v1.StreamEventsRequest\x1a%.interactions.v1.StreamEventsResponse(\x01\x30\x01\x12\x61\n\x0eListEventTypes\x12&.interactions.v1.ListEventTypesRequest\x1a\'.interactions.v1.ListEventTypesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)interactions/v1/interaction_service.proto\x12\x0finteractions.v1\x1a\x1cinteractions/v1/access.proto\x1a\x1binteractions/v1/event.proto\x1a\x1binteractions/v1/rules.proto\"8\n\x0fLogEventRequest\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.interactions.v1.Event\"7\n\x10LogEventResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\":\n\x10LogEventsRequest\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.interactions.v1.Event\"v\n\x11LogEventsResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x01 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\x05\x12\x30\n\x08rejected\x18\x03 \x03(\x0b\x32\x1e.interactions.v1.RejectedEvent\"O\n\x13StreamEventsRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12&\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x16.interactions.v1.Event\"\x8b\x01\n\x14StreamEventsResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x30\n\x08rejected\x18\x04 \x03(\x0b\x32\x1e.interactions.v1.RejectedEvent\"e\n\rRejectedEvent\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x33\n\nviolations\x18\x03 \x03(\x0b\x32\x1f.interactions.v1.FieldViolation\"\x17\n\x15ListEventTypesRequest\"M\n\x16ListEventTypesResponse\x12\x33\n\x0b\x65vent_types\x18\x01 \x03(\x0b\x32\x1e.interactions.v1.EventTypeInfo\"w\n\rEventTypeInfo\x12.\n\nevent_type\x18\x01 \x01(\x0e\x32\x1a.interactions.v1.EventType\x12\x0c\n\x04name\x18\x02 \x01(\t\x12(\n\x04rule\x18\x03 \x01(\x0b\x32\x1a.interactions.v1.EventRule2\x95\x03\n\x12InteractionService\x12U\n\x08LogEvent\x12 .interactions.v1.LogEventRequest\x1a!.interactions.v1.LogEventResponse\"\x04\xd8\xf3\x18\x02\x12X\n\tLogEvents\x12!.interactions.v1.LogEventsRequest\x1a\".interactions.v1.LogEventsResponse\"\x04\xd8\xf3\x18\x02\x12\x65\n\x0cStreamEvents\x12$.interactions.v1.StreamEventsRequest\x1a%.interactions.v1.StreamEventsResponse\"\x04\xd8\xf3\x18\x02(\x01\x30\x01\x12g\n\x0eListEventTypes\x12&.interactions.v1.ListEventTypesRequest\x1a\'.interactions.v1.ListEventTypesResponse\"\x04\xd8\xf3\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'interactions.v1.interaction_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOGEVENTREQUEST']._serialized_start=120
-  _globals['_LOGEVENTREQUEST']._serialized_end=176
-  _globals['_LOGEVENTRESPONSE']._serialized_start=178
-  _globals['_LOGEVENTRESPONSE']._serialized_end=233
-  _globals['_LOGEVENTSREQUEST']._serialized_start=235
-  _globals['_LOGEVENTSREQUEST']._serialized_end=293
-  _globals['_LOGEVENTSRESPONSE']._serialized_start=295
-  _globals['_LOGEVENTSRESPONSE']._serialized_end=413
-  _globals['_STREAMEVENTSREQUEST']._serialized_start=415
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=494
-  _globals['_STREAMEVENTSRESPONSE']._serialized_start=497
-  _globals['_STREAMEVENTSRESPONSE']._serialized_end=636
-  _globals['_REJECTEDEVENT']._serialized_start=638
-  _globals['_REJECTEDEVENT']._serialized_end=739
-  _globals['_LISTEVENTTYPESREQUEST']._serialized_start=741
-  _globals['_LISTEVENTTYPESREQUEST']._serialized_end=764
-  _globals['_LISTEVENTTYPESRESPONSE']._serialized_start=766
-  _globals['_LISTEVENTTYPESRESPONSE']._serialized_end=843
-  _globals['_EVENTTYPEINFO']._serialized_start=845
-  _globals['_EVENTTYPEINFO']._serialized_end=964
-  _globals['_INTERACTIONSERVICE']._serialized_start=967
-  _globals['_INTERACTIONSERVICE']._serialized_end=1348
+  _globals['_INTERACTIONSERVICE'].methods_by_name['LogEvent']._loaded_options = None
+  _globals['_INTERACTIONSERVICE'].methods_by_name['LogEvent']._serialized_options = b'\330\363\030\002'
+  _globals['_INTERACTIONSERVICE'].methods_by_name['LogEvents']._loaded_options = None
+  _globals['_INTERACTIONSERVICE'].methods_by_name['LogEvents']._serialized_options = b'\330\363\030\002'
+  _globals['_INTERACTIONSERVICE'].methods_by_name['StreamEvents']._loaded_options = None
+  _globals['_INTERACTIONSERVICE'].methods_by_name['StreamEvents']._serialized_options = b'\330\363\030\002'
+  _globals['_INTERACTIONSERVICE'].methods_by_name['ListEventTypes']._loaded_options = None
+  _globals['_INTERACTIONSERVICE'].methods_by_name['ListEventTypes']._serialized_options = b'\330\363\030\001'
+  _globals['_LOGEVENTREQUEST']._serialized_start=150
+  _globals['_LOGEVENTREQUEST']._serialized_end=206
+  _globals['_LOGEVENTRESPONSE']._serialized_start=208
+  _globals['_LOGEVENTRESPONSE']._serialized_end=263
+  _globals['_LOGEVENTSREQUEST']._serialized_start=265
+  _globals['_LOGEVENTSREQUEST']._serialized_end=323
+  _globals['_LOGEVENTSRESPONSE']._serialized_start=325
+  _globals['_LOGEVENTSRESPONSE']._serialized_end=443
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=445
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=524
+  _globals['_STREAMEVENTSRESPONSE']._serialized_start=527
+  _globals['_STREAMEVENTSRESPONSE']._serialized_end=666
+  _globals['_REJECTEDEVENT']._serialized_start=668
+  _globals['_REJECTEDEVENT']._serialized_end=769
+  _globals['_LISTEVENTTYPESREQUEST']._serialized_start=771
+  _globals['_LISTEVENTTYPESREQUEST']._serialized_end=794
+  _globals['_LISTEVENTTYPESRESPONSE']._serialized_start=796
+  _globals['_LISTEVENTTYPESRESPONSE']._serialized_end=873
+  _globals['_EVENTTYPEINFO']._serialized_start=875
+  _globals['_EVENTTYPEINFO']._serialized_end=994
+  _globals['_INTERACTIONSERVICE']._serialized_start=997
+  _globals['_INTERACTIONSERVICE']._serialized_end=1402
 # @@protoc_insertion_point(module_scope)

@@ -23,33 +23,40 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from interactions_client.v1 import access_pb2 as interactions_dot_v1_dot_access__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(interactions/v1/user_state_service.proto\x12\x0finteractions.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"!\n\x0eGetCartRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\";\n\x0fGetCartResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.interactions.v1.CartItem\"`\n\x08\x43\x61rtItem\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x03\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"%\n\x12GetWishlistRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"C\n\x13GetWishlistResponse\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.interactions.v1.WishlistItem\"P\n\x0cWishlistItem\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12,\n\x08\x61\x64\x64\x65\x64_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x14ListPurchasesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"^\n\x15ListPurchasesResponse\x12,\n\tpurchases\x18\x01 \x03(\x0b\x32\x19.interactions.v1.Purchase\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"v\n\x08Purchase\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nproduct_id\x18\x02 \x01(\t\x12\x30\n\x0cpurchased_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x04 \x01(\t2\x9a\x02\n\x10UserStateService\x12L\n\x07GetCart\x12\x1f.interactions.v1.GetCartRequest\x1a .interactions.v1.GetCartResponse\x12X\n\x0bGetWishlist\x12#.interactions.v1.GetWishlistRequest\x1a$.interactions.v1.GetWishlistResponse\x12^\n\rListPurchases\x12%.interactions.v1.ListPurchasesRequest\x1a&.interactions.v1.ListPurchasesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(interactions/v1/user_state_service.proto\x12\x0finteractions.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cinteractions/v1/access.proto\"!\n\x0eGetCartRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\";\n\x0fGetCartResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.interactions.v1.CartItem\"`\n\x08\x43\x61rtItem\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x03\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"%\n\x12GetWishlistRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"C\n\x13GetWishlistResponse\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.interactions.v1.WishlistItem\"P\n\x0cWishlistItem\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12,\n\x08\x61\x64\x64\x65\x64_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x14ListPurchasesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"^\n\x15ListPurchasesResponse\x12,\n\tpurchases\x18\x01 \x03(\x0b\x32\x19.interactions.v1.Purchase\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"v\n\x08Purchase\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nproduct_id\x18\x02 \x01(\t\x12\x30\n\x0cpurchased_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x04 \x01(\t2\xac\x02\n\x10UserStateService\x12R\n\x07GetCart\x12\x1f.interactions.v1.GetCartRequest\x1a .interactions.v1.GetCartResponse\"\x04\xd8\xf3\x18\x03\x12^\n\x0bGetWishlist\x12#.interactions.v1.GetWishlistRequest\x1a$.interactions.v1.GetWishlistResponse\"\x04\xd8\xf3\x18\x03\x12\x64\n\rListPurchases\x12%.interactions.v1.ListPurchasesRequest\x1a&.interactions.v1.ListPurchasesResponse\"\x04\xd8\xf3\x18\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'interactions.v1.user_state_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETCARTREQUEST']._serialized_start=94
-  _globals['_GETCARTREQUEST']._serialized_end=127
-  _globals['_GETCARTRESPONSE']._serialized_start=129
-  _globals['_GETCARTRESPONSE']._serialized_end=188
-  _globals['_CARTITEM']._serialized_start=190
-  _globals['_CARTITEM']._serialized_end=286
-  _globals['_GETWISHLISTREQUEST']._serialized_start=288
-  _globals['_GETWISHLISTREQUEST']._serialized_end=325
-  _globals['_GETWISHLISTRESPONSE']._serialized_start=327
-  _globals['_GETWISHLISTRESPONSE']._serialized_end=394
-  _globals['_WISHLISTITEM']._serialized_start=396
-  _globals['_WISHLISTITEM']._serialized_end=476
-  _globals['_LISTPURCHASESREQUEST']._serialized_start=478
-  _globals['_LISTPURCHASESREQUEST']._serialized_end=556
-  _globals['_LISTPURCHASESRESPONSE']._serialized_start=558
-  _globals['_LISTPURCHASESRESPONSE']._serialized_end=652
-  _globals['_PURCHASE']._serialized_start=654
-  _globals['_PURCHASE']._serialized_end=772
-  _globals['_USERSTATESERVICE']._serialized_start=775
-  _globals['_USERSTATESERVICE']._serialized_end=1057
+  _globals['_USERSTATESERVICE'].methods_by_name['GetCart']._loaded_options = None
+  _globals['_USERSTATESERVICE'].methods_by_name['GetCart']._serialized_options = b'\330\363\030\003'
+  _globals['_USERSTATESERVICE'].methods_by_name['GetWishlist']._loaded_options = None
+  _globals['_USERSTATESERVICE'].methods_by_name['GetWishlist']._serialized_options = b'\330\363\030\003'
+  _globals['_USERSTATESERVICE'].methods_by_name['ListPurchases']._loaded_options = None
+  _globals['_USERSTATESERVICE'].methods_by_name['ListPurchases']._serialized_options = b'\330\363\030\003'
+  _globals['_GETCARTREQUEST']._serialized_start=124
+  _globals['_GETCARTREQUEST']._serialized_end=157
+  _globals['_GETCARTRESPONSE']._serialized_start=159
+  _globals['_GETCARTRESPONSE']._serialized_end=218
+  _globals['_CARTITEM']._serialized_start=220
+  _globals['_CARTITEM']._serialized_end=316
+  _globals['_GETWISHLISTREQUEST']._serialized_start=318
+  _globals['_GETWISHLISTREQUEST']._serialized_end=355
+  _globals['_GETWISHLISTRESPONSE']._serialized_start=357
+  _globals['_GETWISHLISTRESPONSE']._serialized_end=424
+  _globals['_WISHLISTITEM']._serialized_start=426
+  _globals['_WISHLISTITEM']._serialized_end=506
+  _globals['_LISTPURCHASESREQUEST']._serialized_start=508
+  _globals['_LISTPURCHASESREQUEST']._serialized_end=586
+  _globals['_LISTPURCHASESRESPONSE']._serialized_start=588
+  _globals['_LISTPURCHASESRESPONSE']._serialized_end=682
+  _globals['_PURCHASE']._serialized_start=684
+  _globals['_PURCHASE']._serialized_end=802
+  _globals['_USERSTATESERVICE']._serialized_start=805
+  _globals['_USERSTATESERVICE']._serialized_end=1105
 # @@protoc_insertion_point(module_scope)
