@@ -10,6 +10,7 @@ from interactions_client.errors import (
     InteractionsError,
     InvalidArgumentError,
     InvalidEventError,
+    NotFoundError,
     UnavailableError,
 )
 from interactions_client.results import BatchResult, LogResult, Rejection
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidEventError",
     "LogResult",
+    "NotFoundError",
     "Rejection",
     "StreamTotals",
     "SyncEventStreamer",

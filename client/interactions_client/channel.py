@@ -43,6 +43,7 @@ _RETRIED_METHODS = [
     {"service": "interactions.v1.InteractionService", "method": "LogEvents"},
     {"service": "interactions.v1.InteractionService", "method": "ListEventTypes"},
     {"service": "interactions.v1.UserStateService"},
+    {"service": "interactions.v1.AnalyticsService"},
 ]
 
 SERVICE_CONFIG: dict[str, Any] = {

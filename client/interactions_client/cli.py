@@ -20,11 +20,13 @@ from typing import Any, BinaryIO
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from interactions_client import analytics_cli
 from interactions_client.catalog import HEADER, PRODUCT_LABELS, SYNC_LABELS, VALUE_LABELS, catalog_row, format_table
 from interactions_client.channel import DEFAULT_DEADLINE, TlsConfig, default_target
 from interactions_client.client import InteractionsClient
 from interactions_client.errors import InteractionsError, InvalidArgumentError
 from interactions_client.events import new_event
+from interactions_client.export_files import UsageError
 from interactions_client.jsonl_import import RejectedLines, import_jsonl, rejected_path_for
 from interactions_client.progress import Progress
 from interactions_client.rules import RULES
@@ -100,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("types", parents=[common], help="print the event type catalog")
     health = commands.add_parser("health", parents=[common], help="exit 0 only when the service is SERVING")
     health.add_argument("--service", default="", help="a service name (default: the server as a whole)")
+    analytics_cli.add_commands(commands, common)
     return parser
 
 
@@ -265,6 +268,7 @@ _CLIENT_COMMANDS = {
     "wishlist": _wishlist,
     "purchases": _purchases,
     "health": _health,
+    **analytics_cli.COMMANDS,
 }
 
 
@@ -278,10 +282,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "types":  # the catalog compiled into this client; no server needed
             return _types(args)
+        analytics_cli.check_usage(args)
         with contextlib.ExitStack() as files:
             if args.command == "import":
                 args.source = files.enter_context(args.file.open("rb"))
             return asyncio.run(_run(args))
+    except UsageError as error:
+        sys.stderr.write(f"error: {error}\n")
+        return EXIT_USAGE
     except InvalidArgumentError as error:
         sys.stderr.write(f"error: {error.reason}\n")
         for violation in error.violations:

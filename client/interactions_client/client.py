@@ -11,6 +11,7 @@ import grpc
 import grpc.aio
 
 from interactions_client import batches
+from interactions_client.analytics import AnalyticsMethods
 from interactions_client.channel import DEFAULT_DEADLINE, ChannelOptions, TlsConfig, create_aio_channel, default_target
 from interactions_client.errors import InvalidEventError, from_rpc_error
 from interactions_client.events import EventMethods, with_event_id
@@ -23,6 +24,7 @@ from interactions_client.rpc_protos import (
     serialize_health_check_request,
 )
 from interactions_client.streamer import EventStreamer, RejectionCallback
+from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
 from interactions_client.v1.event_pb2 import Event
 from interactions_client.v1.interaction_service_pb2 import LogEventRequest
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
@@ -53,11 +55,12 @@ def prevalidate(event: Event) -> None:
         raise InvalidEventError("invalid event", found, local=True)
 
 
-class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]]):
+class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], AnalyticsMethods):
     """Logs interactions and reads user state; `async with InteractionsClient() as client:`.
 
     Every typed method (`view`, `add_to_cart`, ... see EventMethods) is a
-    coroutine returning a LogResult. Failures raise InteractionsError
+    coroutine returning a LogResult. The AnalyticsService methods (export_events,
+    get_session, ...) come from AnalyticsMethods (analytics.py). Failures raise InteractionsError
     subclasses (errors.py). A unary call gets `deadline` seconds (the gRPC
     deadline, None for none) unless the call passes its own `deadline`; UNAVAILABLE is retried by the channel (writes are
     idempotent by event_id).
@@ -92,6 +95,7 @@ class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]]):
         self._channel = create_aio_channel(self.target, resolve_tls(tls), options)
         self._interactions = InteractionServiceStub(self._channel)
         self._state = UserStateServiceStub(self._channel)
+        self._analytics = AnalyticsServiceStub(self._channel)
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
             request_serializer=serialize_health_check_request,

@@ -70,6 +70,10 @@ class DeadlineExceededError(InteractionsError):
     retryable = True
 
 
+class NotFoundError(InteractionsError):
+    """What was asked for does not exist (e.g. a session or a user without events)."""
+
+
 class DeliveryFailedError(InteractionsError):
     """The bulk streamer gave up: the events it reports as failed were not confirmed.
     They may have been committed; resending them is safe (event_id deduplicates)."""
@@ -83,6 +87,7 @@ class DeliveryFailedError(InteractionsError):
 _BY_CODE: dict[grpc.StatusCode, type[InteractionsError]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
 }
 
 

@@ -8,6 +8,7 @@ from types import TracebackType
 import grpc
 
 from interactions_client import batches
+from interactions_client.analytics import SyncAnalyticsMethods
 from interactions_client.channel import DEFAULT_DEADLINE, ChannelOptions, TlsConfig, create_sync_channel, default_target
 from interactions_client.client import prevalidate, resolve_tls
 from interactions_client.errors import from_rpc_error
@@ -21,6 +22,7 @@ from interactions_client.rpc_protos import (
 )
 from interactions_client.streamer import RejectionCallback
 from interactions_client.sync_streamer import SyncEventStreamer
+from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
 from interactions_client.v1.event_pb2 import Event
 from interactions_client.v1.interaction_service_pb2 import LogEventRequest
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
@@ -35,11 +37,11 @@ from interactions_client.v1.user_state_service_pb2 import (
 from interactions_client.v1.user_state_service_pb2_grpc import UserStateServiceStub
 
 
-class SyncInteractionsClient(EventMethods[LogResult]):
+class SyncInteractionsClient(EventMethods[LogResult], SyncAnalyticsMethods):
     """InteractionsClient's methods, blocking; `with SyncInteractionsClient() as client:`.
 
     Same parameters, results and exceptions as InteractionsClient;
-    list_purchases returns an iterator. `stream()` runs the bulk streamer in a
+    list_purchases, list_sessions, list_user_events and the exports return iterators. `stream()` runs the bulk streamer in a
     background thread with its own event loop (see sync_streamer.py).
     """
 
@@ -60,6 +62,7 @@ class SyncInteractionsClient(EventMethods[LogResult]):
         self._channel = create_sync_channel(self.target, self._tls, options)
         self._interactions = InteractionServiceStub(self._channel)
         self._state = UserStateServiceStub(self._channel)
+        self._analytics = AnalyticsServiceStub(self._channel)
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
             request_serializer=serialize_health_check_request,
