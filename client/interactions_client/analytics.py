@@ -184,9 +184,15 @@ def resumable(error: grpc.RpcError) -> bool:
 
 
 class _Export(Generic[Row]):
-    """The bookkeeping of one export, shared by the async and sync iterators."""
+    """The bookkeeping of one export, shared by the async and sync iterators.
 
-    def __init__(self, request: Any, rows_field: str, policy: ResumePolicy) -> None:
+    The stream is read only when the consumer asks for more, so when it breaks
+    every row received so far has been handed out, and the export reopens with
+    the token of the last response received.
+    """
+
+    def __init__(self, open_stream: Callable[[Any], Any], request: Any, rows_field: str, policy: ResumePolicy) -> None:
+        self._open = open_stream
         self._request = request
         self._rows_field = rows_field
         self._policy = policy
@@ -194,18 +200,17 @@ class _Export(Generic[Row]):
         self.resumes = 0
         """How many times the stream broke and was reopened."""
         self.rows = 0
-        """Rows handed out so far."""
+        """Rows received so far."""
         self.as_of: datetime | None = None
         """ExportTrainingData: the time decay is measured from (set by the first response)."""
 
     @property
     def resume_token(self) -> str:
-        """Continues after the last row handed out (empty before the first response).
-        Pass it to a new export to continue in another process."""
+        """Continues after the last response whose rows have all been handed out
+        (empty before the first); pass it to a new export to go on elsewhere. A
+        consumer of rows that stops in the middle of a response's rows gets that
+        response's first rows again: checkpoint after `batches()` instead."""
         return cast(str, self._request.resume_token)
-
-    def _next_request(self) -> Any:
-        return self._request
 
     def _received(self, response: Any) -> Sequence[Row]:
         self._failures = 0
@@ -230,26 +235,14 @@ class _Export(Generic[Row]):
 
 
 class AsyncExport(_Export[Row]):
-    """`async for row in export`, or `async for rows in export.batches()` (one list per response)."""
+    """`async for row in export`, or `async for rows in export.batches()` (one sequence per response)."""
 
-    def __init__(
-        self, open_stream: Callable[[Any], Any], request: Message, rows_field: str, policy: ResumePolicy
-    ) -> None:
-        super().__init__(request, rows_field, policy)
-        self._open = open_stream
-
-    async def __aiter__(self) -> AsyncIterator[Row]:
-        async for rows in self.batches():
-            for row in rows:
-                yield row
-
-    async def batches(self) -> AsyncIterator[Sequence[Row]]:
+    async def _responses(self) -> AsyncIterator[Any]:
         while True:
-            call = self._open(self._next_request())
+            call = self._open(self._request)
             try:
                 async for response in call:
-                    yield self._received(response)
-                    self._delivered(response)
+                    yield response
                 return
             except grpc.RpcError as error:
                 delay = self._failed(error)
@@ -257,33 +250,53 @@ class AsyncExport(_Export[Row]):
                 call.cancel()  # no-op when finished; stops the server's cursor when the consumer quits early
             await asyncio.sleep(delay)
 
+    async def __aiter__(self) -> AsyncIterator[Row]:
+        async for response in self._responses():
+            rows = self._received(response)
+            if not rows:
+                self._delivered(response)
+            for index, row in enumerate(rows, 1):
+                if index == len(rows):
+                    self._delivered(response)
+                yield row
+
+    async def batches(self) -> AsyncIterator[Sequence[Row]]:
+        async for response in self._responses():
+            rows = self._received(response)
+            self._delivered(response)
+            yield rows
+
 
 class SyncExport(_Export[Row]):
-    """`for row in export`, or `for rows in export.batches()` (one list per response)."""
+    """`for row in export`, or `for rows in export.batches()` (one sequence per response)."""
 
-    def __init__(
-        self, open_stream: Callable[[Any], Any], request: Message, rows_field: str, policy: ResumePolicy
-    ) -> None:
-        super().__init__(request, rows_field, policy)
-        self._open = open_stream
-
-    def __iter__(self) -> Iterator[Row]:
-        for rows in self.batches():
-            yield from rows
-
-    def batches(self) -> Iterator[Sequence[Row]]:
+    def _responses(self) -> Iterator[Any]:
         while True:
-            call = self._open(self._next_request())
+            call = self._open(self._request)
             try:
-                for response in call:
-                    yield self._received(response)
-                    self._delivered(response)
+                yield from call
                 return
             except grpc.RpcError as error:
                 delay = self._failed(error)
             finally:
                 call.cancel()
             time.sleep(delay)
+
+    def __iter__(self) -> Iterator[Row]:
+        for response in self._responses():
+            rows = self._received(response)
+            if not rows:
+                self._delivered(response)
+            for index, row in enumerate(rows, 1):
+                if index == len(rows):
+                    self._delivered(response)
+                yield row
+
+    def batches(self) -> Iterator[Sequence[Row]]:
+        for response in self._responses():
+            rows = self._received(response)
+            self._delivered(response)
+            yield rows
 
 
 # --- the client methods --------------------------------------------------------
