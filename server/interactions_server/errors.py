@@ -8,6 +8,7 @@ Servicer methods are decorated with `rpc_errors` (unary responses) or
 - a request that did not parse (`MalformedRequest`, see `lenient_parser`) →
   INVALID_ARGUMENT, where gRPC itself would answer UNKNOWN;
 - `Unavailable(message)` → UNAVAILABLE (e.g. the server is shutting down);
+- `NotFound(message)` → NOT_FOUND;
 - a database-unreachable error (see `is_database_unavailable`) → UNAVAILABLE;
 - a transaction conflict (deadlock, serialization failure) → ABORTED;
 - anything else → INTERNAL with a generic message; the traceback is logged
@@ -95,6 +96,10 @@ class Unavailable(Exception):
     """The service cannot handle the call now; the caller should retry (elsewhere)."""
 
 
+class NotFound(Exception):
+    """What the request names does not exist; reported as NOT_FOUND."""
+
+
 def summarize(message: str, violations: Iterable[FieldViolation]) -> str:
     """A one-line human-readable status message, e.g. "invalid event: user_id is required"."""
     text = "; ".join(f"{v.field} {v.description}".lstrip() for v in violations)
@@ -147,6 +152,8 @@ async def abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: s
         await context.abort_with_status(bad_request_status(exc.violations, exc.message))
     if isinstance(exc, Unavailable):
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    if isinstance(exc, NotFound):
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
     if is_database_unavailable(exc):
         _log.warning("%s: database unavailable: %s", method, _short(exc))
         await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_UNAVAILABLE_MESSAGE)

@@ -20,8 +20,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from interactions_client.v1 import interaction_service_pb2, user_state_service_pb2
-from interactions_server import migrate, service, user_state
+from interactions_client.v1 import analytics_service_pb2, interaction_service_pb2, user_state_service_pb2
+from interactions_server import analytics, migrate, service, user_state
 from interactions_server.embedded_db import EmbeddedPostgres
 from interactions_server.errors import is_database_unavailable, lenient_parser
 from interactions_server.group_commit import GroupCommitter
@@ -51,7 +51,7 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
 )
 
-SERVICE_NAMES: tuple[str, ...] = (service.SERVICE_NAME, user_state.SERVICE_NAME)
+SERVICE_NAMES: tuple[str, ...] = (service.SERVICE_NAME, user_state.SERVICE_NAME, analytics.SERVICE_NAME)
 
 
 class StartupError(Exception):
@@ -69,6 +69,7 @@ class ServerConfig:
     health_timeout: float = 1.0
     pool_min_size: int = 2
     pool_max_size: int = 10
+    analytics_pool_max_size: int = 3  # exports and window queries: never the connections ingest needs
     batches_in_flight: int = service.DEFAULT_BATCHES_IN_FLIGHT  # per stream
 
 
@@ -111,6 +112,7 @@ class App:
         self.port = 0
         self.database_url = config.database_url
         self._pool: asyncpg.Pool | None = None
+        self._analytics_pool: asyncpg.Pool | None = None
         self._embedded: EmbeddedPostgres | None = None
         self._health: DatabaseHealth | None = None
         self._committer: GroupCommitter | None = None
@@ -153,6 +155,9 @@ class App:
         self._pool = await asyncpg.create_pool(
             dsn, min_size=config.pool_min_size, max_size=config.pool_max_size, reset=_end_transaction
         )
+        self._analytics_pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=config.analytics_pool_max_size, reset=_end_transaction
+        )
         self._health = DatabaseHealth(
             dsn, SERVICE_NAMES, interval=config.health_interval, timeout=config.health_timeout
         )
@@ -171,6 +176,11 @@ class App:
             server,
             user_state.UserStateService(self._pool),
             user_state_service_pb2.DESCRIPTOR.services_by_name["UserStateService"],
+        )
+        add_servicer(
+            server,
+            analytics.AnalyticsService(self._pool, self._analytics_pool),
+            analytics_service_pb2.DESCRIPTOR.services_by_name["AnalyticsService"],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health.servicer, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -219,12 +229,13 @@ class App:
             await self._committer.close()
         if self._partitions is not None:
             await self._partitions.stop()
-        if self._pool is not None:
-            try:
-                await asyncio.wait_for(self._pool.close(), timeout=5.0)
-            except TimeoutError:
-                _log.warning("database connections did not close in time; terminating them")
-                self._pool.terminate()
+        for pool in (self._pool, self._analytics_pool):
+            if pool is not None:
+                try:
+                    await asyncio.wait_for(pool.close(), timeout=5.0)
+                except TimeoutError:
+                    _log.warning("database connections did not close in time; terminating them")
+                    pool.terminate()
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
         _log.info("stopped")

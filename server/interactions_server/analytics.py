@@ -1,0 +1,274 @@
+"""interactions.v1.AnalyticsService: what the logged events are for.
+
+Per-user reads run on the server's main pool (they are short index range
+scans, like the UserStateService). Exports and window aggregates run on a
+separate small pool, so that long exports never hold the connections ingest
+needs. Exports stream from a server-side cursor inside a READ ONLY
+REPEATABLE READ transaction: one snapshot for the whole call, a bounded
+number of rows in memory, and each response awaited by gRPC's flow control
+(a slow reader slows the cursor down instead of filling the server's memory).
+Definitions: docs/analytics.md and the comments of analytics_service.proto.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+import asyncpg
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from interactions_client import limits
+from interactions_client.rules import CUSTOM, RULES, STANDARD
+from interactions_client.v1 import analytics_service_pb2 as pb
+from interactions_client.v1 import analytics_service_pb2_grpc
+from interactions_client.v1.event_pb2 import FieldViolation
+from interactions_server import analytics_protos as protos
+from interactions_server import analytics_storage as storage
+from interactions_server import analytics_tokens as tokens
+from interactions_server.errors import InvalidArgument, NotFound, rpc_errors, stream_rpc_errors
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["AnalyticsService"].full_name
+
+DEFAULT_PAGE_SIZE = 100
+DEFAULT_SEARCH_LIMIT = 20
+MAX_PAGE_SIZE = 1_000
+MAX_SESSION_EVENTS = 1_000  # a GetSession timeline
+ROWS_PER_RESPONSE = 1_000  # of an export
+BYTES_PER_RESPONSE = 1 << 20  # about: an export response is sent before it grows past this
+
+# Timestamp's valid range (0001-01-01 to 9999-12-31), in seconds.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+_STANDARD_NAMES = sorted(STANDARD)
+
+
+class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
+    def __init__(self, pool: asyncpg.Pool, analytics_pool: asyncpg.Pool) -> None:
+        self._pool = pool  # per-user index lookups
+        self._analytics_pool = analytics_pool  # exports and window aggregates
+
+    # --- exports -------------------------------------------------------------
+
+    @stream_rpc_errors
+    async def ExportTrainingData(
+        self, request: pb.ExportTrainingDataRequest, context: Any
+    ) -> AsyncGenerator[pb.ExportTrainingDataResponse, None]:
+        window = _window(request)
+        half_life = _half_life(request.half_life) if request.HasField("half_life") else None
+        after: tuple[str, str] | None = None
+        if request.resume_token:
+            as_of_us, after = tokens.decode_training(request.resume_token)
+        else:
+            as_of_us = window.end_us if window.end_us is not None else int(time.time() * 1_000_000)
+        as_of = protos.timestamp(as_of_us)
+        first = True
+        async with self._analytics_pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            chunks = storage.training_rows(
+                conn, window, protos.ML_WEIGHTS, as_of_us, half_life, after, ROWS_PER_RESPONSE
+            )
+            async for chunk in chunks:
+                last = chunk[-1]
+                response = pb.ExportTrainingDataResponse(
+                    rows=[
+                        pb.TrainingRow(
+                            user_id=r.user_id,
+                            product_id=r.product_id,
+                            weight=r.weight,
+                            event_count=r.event_count,
+                            last_occurred_at=protos.timestamp(r.last_occurred_us),
+                            counts=dict(zip(r.types, r.type_counts, strict=True)),
+                        )
+                        for r in chunk
+                    ],
+                    resume_token=tokens.encode(tokens.TRAINING, as_of_us, last.user_id, last.product_id),
+                )
+                if first:
+                    response.as_of.CopyFrom(as_of)
+                    first = False
+                yield response
+        if first:  # nothing (more) to export: the caller still learns as_of
+            yield pb.ExportTrainingDataResponse(
+                as_of=as_of, resume_token=tokens.encode(tokens.TRAINING, as_of_us, *(after or (None, None)))
+            )
+
+    @stream_rpc_errors
+    async def ExportEvents(
+        self, request: pb.ExportEventsRequest, context: Any
+    ) -> AsyncGenerator[pb.ExportEventsResponse, None]:
+        window = _window(request)
+        types = _type_filter(request.event_types)
+        after = (
+            tokens.decode_position(request.resume_token, "resume_token", tokens.EVENTS)
+            if request.resume_token
+            else None
+        )
+        async with self._analytics_pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            async for chunk in storage.export_events(conn, window, types, after, ROWS_PER_RESPONSE):
+                start, size = 0, 0
+                for i, row in enumerate(chunk):
+                    size += protos.size_estimate(row)
+                    if size >= BYTES_PER_RESPONSE or i == len(chunk) - 1:
+                        yield _events_response(chunk[start : i + 1])
+                        start, size = i + 1, 0
+
+    # --- window aggregates -------------------------------------------------------
+
+    @rpc_errors
+    async def TopSearchQueries(self, request: pb.TopSearchQueriesRequest, context: Any) -> pb.TopSearchQueriesResponse:
+        window = _window(request)
+        limit = _bounded(request.limit, "limit", DEFAULT_SEARCH_LIMIT)
+        outcomes = await storage.search_outcomes(
+            self._analytics_pool, window, protos.CLICK_TYPES, protos.CART_TYPES, protos.PURCHASE_TYPES
+        )
+        return pb.TopSearchQueriesResponse(queries=protos.top_queries(outcomes, limit))
+
+    @rpc_errors
+    async def CountActiveUsers(self, request: pb.CountActiveUsersRequest, context: Any) -> pb.CountActiveUsersResponse:
+        window = _window(request)
+        rows = await storage.active_users(self._analytics_pool, window)
+        response = pb.CountActiveUsersResponse()
+        for row in rows:
+            if row.day is None:
+                response.active_users, response.logged_in_users = row.active_users, row.logged_in_users
+            else:
+                response.daily.add(date=row.day, active_users=row.active_users, logged_in_users=row.logged_in_users)
+        return response
+
+    # --- per user ----------------------------------------------------------------------
+
+    @rpc_errors
+    async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.GetSessionResponse:
+        user_id = _id(request.user_id, "user_id")
+        session_id = _id(request.session_id, "session_id")
+        summary = protos.sessions(user_id, await storage.session_events(self._pool, user_id, [session_id]))
+        session = summary.get(session_id)
+        if session is None:
+            raise NotFound(f"user {user_id!r} has no event in session {session_id!r}")
+        timeline = await storage.session_timeline(self._pool, user_id, session_id, MAX_SESSION_EVENTS)
+        session.events.extend(protos.event(row) for row in timeline)
+        session.truncated = session.event_count > len(timeline)
+        return pb.GetSessionResponse(session=session)
+
+    @rpc_errors
+    async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
+        user_id = _id(request.user_id, "user_id")
+        page_size = _bounded(request.page_size, "page_size", DEFAULT_PAGE_SIZE)
+        before = tokens.decode_sessions(request.page_token) if request.page_token else None
+        # One row more than the page tells whether there is a next page.
+        starts = await storage.sessions_page(self._pool, user_id, before, page_size + 1)
+        page = starts[:page_size]
+        summaries = protos.sessions(
+            user_id, await storage.session_events(self._pool, user_id, [s.session_id for s in page])
+        )
+        response = pb.ListSessionsResponse(sessions=[summaries[s.session_id] for s in page])
+        if len(starts) > page_size:
+            response.next_page_token = tokens.encode(tokens.SESSIONS, page[-1].started_us, page[-1].session_id)
+        return response
+
+    @rpc_errors
+    async def GetUserActivity(self, request: pb.GetUserActivityRequest, context: Any) -> pb.GetUserActivityResponse:
+        user_id = _id(request.user_id, "user_id")
+        per_type, session_count = await storage.user_activity(self._pool, user_id)
+        if not per_type:
+            raise NotFound(f"user {user_id!r} has no event")
+        response = pb.GetUserActivityResponse(
+            first_seen_at=protos.timestamp(min(t.first_us for t in per_type)),
+            last_seen_at=protos.timestamp(max(t.last_us for t in per_type)),
+            session_count=session_count,
+            event_counts={t.event_type: t.events for t in per_type},
+        )
+        for t in per_type:
+            if t.event_type == "login":
+                response.login_count = t.events
+                response.last_login_at.CopyFrom(protos.timestamp(t.last_us))
+            elif t.event_type == "logout":
+                response.logout_count = t.events
+                response.last_logout_at.CopyFrom(protos.timestamp(t.last_us))
+        return response
+
+    @rpc_errors
+    async def ListUserEvents(self, request: pb.ListUserEventsRequest, context: Any) -> pb.ListUserEventsResponse:
+        user_id = _id(request.user_id, "user_id")
+        window = _window(request)
+        types = _type_filter(request.event_types)
+        page_size = _bounded(request.page_size, "page_size", DEFAULT_PAGE_SIZE)
+        before = (
+            tokens.decode_position(request.page_token, "page_token", tokens.USER_EVENTS) if request.page_token else None
+        )
+        rows = await storage.user_events(self._pool, user_id, window, types, before, page_size + 1)
+        page = rows[:page_size]
+        response = pb.ListUserEventsResponse(events=[protos.event(r) for r in page])
+        if len(rows) > page_size:
+            response.next_page_token = tokens.encode(tokens.USER_EVENTS, page[-1].occurred_us, page[-1].event_id)
+        return response
+
+
+def _events_response(rows: Sequence[storage.EventRow]) -> pb.ExportEventsResponse:
+    last = rows[-1]
+    return pb.ExportEventsResponse(
+        events=[protos.exported_event(r) for r in rows],
+        resume_token=tokens.encode(tokens.EVENTS, last.occurred_us, last.event_id),
+    )
+
+
+# --- request checks: each bad field is INVALID_ARGUMENT naming it -------------------
+
+
+def _invalid(field: str, description: str) -> InvalidArgument:
+    return InvalidArgument([FieldViolation(field=field, description=description)])
+
+
+def _micros(value: Timestamp, field: str) -> int:
+    if not _MIN_SECONDS <= value.seconds <= _MAX_SECONDS or not 0 <= value.nanos < 1_000_000_000:
+        raise _invalid(field, "is not a valid timestamp")
+    return value.seconds * 1_000_000 + value.nanos // 1_000
+
+
+def _window(request: Any) -> storage.Window:
+    """The request's [start_time, end_time) in epoch microseconds; start after
+    end is invalid, start equal to end an empty window."""
+    start_us = _micros(request.start_time, "start_time") if request.HasField("start_time") else None
+    end_us = _micros(request.end_time, "end_time") if request.HasField("end_time") else None
+    if start_us is not None and end_us is not None and start_us > end_us:
+        raise _invalid("start_time", "must not be after end_time")
+    return storage.Window(start_us, end_us)
+
+
+def _half_life(value: Duration) -> float:
+    if value.seconds < 0 or value.nanos < 0 or (value.seconds == 0 and value.nanos == 0):
+        raise _invalid("half_life", "must be positive")
+    return value.seconds + value.nanos / 1e9
+
+
+def _bounded(value: int, field: str, default: int) -> int:
+    if not 0 <= value <= MAX_PAGE_SIZE:
+        raise _invalid(field, f"must be from 0 (the default, {default}) to {MAX_PAGE_SIZE:,}")
+    return value or default
+
+
+def _id(value: str, field: str) -> str:
+    """Checked like the write path checks ids; NOT_FOUND / empty answers are
+    for valid ids that match nothing."""
+    if not value or value.isspace():
+        raise _invalid(field, "is required")
+    if len(value) > limits.MAX_ID_LENGTH:
+        raise _invalid(field, f"is {len(value)} characters long; the limit is {limits.MAX_ID_LENGTH}")
+    if "\x00" in value:
+        raise _invalid(field, "must not contain NUL characters")
+    return value
+
+
+def _type_filter(event_types: Sequence[int]) -> storage.TypeFilter:
+    names: list[str] = []
+    custom = False
+    for number in event_types:
+        rule = RULES.get(number)
+        if rule is None:
+            raise _invalid("event_types", f"{number} is not a known event type")
+        if rule is CUSTOM:
+            custom = True
+        else:
+            names.append(rule.name)
+    return storage.TypeFilter(sorted(set(names)), custom, _STANDARD_NAMES)

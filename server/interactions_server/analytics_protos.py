@@ -1,0 +1,164 @@
+"""Stored rows back into the schema's messages, and the per-query and
+per-session folds the AnalyticsService computes in Python."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import message_factory
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from interactions_client.rules import STANDARD
+from interactions_client.v1 import analytics_service_pb2 as pb
+from interactions_client.v1.event_pb2 import Event, EventType
+from interactions_server.analytics_storage import EventRow, SearchOutcome, SessionEvent
+
+# From the schema: stored name -> EventType number, and the ML weights.
+TYPE_NUMBERS: dict[str, int] = {rule.name: rule.event_type for rule in STANDARD.values()}
+ML_WEIGHTS: dict[str, float] = {rule.name: rule.ml_weight for rule in STANDARD.values() if rule.ml_weight is not None}
+
+# The details member's message class, by member name.
+_DETAILS: dict[str, Any] = {
+    f.name: message_factory.GetMessageClass(f.message_type)  # type: ignore[arg-type]
+    for f in Event.DESCRIPTOR.oneofs_by_name["details"].fields
+}
+
+# What a search leads to (the issue's definitions), by stored name.
+CLICK_TYPES = ("click", "view", "product_view")
+CART_TYPES = ("add_to_cart", "cart_add")
+PURCHASE_TYPES = ("purchase",)
+# Whose product a session counts as viewed.
+VIEW_TYPES = frozenset({"view", "product_view", "click"})
+
+
+def timestamp(micros: int) -> Timestamp:
+    seconds, rest = divmod(micros, 1_000_000)
+    return Timestamp(seconds=seconds, nanos=rest * 1_000)
+
+
+def event(row: EventRow) -> Event:
+    """The event as logged, with the default event_value the log filled in."""
+    fields: dict[str, Any] = {
+        "event_id": row.event_id,
+        "user_id": row.user_id,
+        "event_value": row.event_value,
+        "occurred_at": timestamp(row.occurred_us),
+    }
+    number = TYPE_NUMBERS.get(row.event_type)
+    if number is None:
+        fields["event_type"] = EventType.EVENT_TYPE_CUSTOM
+        fields["custom_type"] = row.event_type
+    else:
+        fields["event_type"] = number
+    if row.session_id is not None:
+        fields["session_id"] = row.session_id
+    if row.product_id is not None:
+        fields["product_id"] = row.product_id
+    if row.details is not None:
+        ((member, payload),) = json.loads(row.details).items()
+        fields[member] = _DETAILS[member](**payload)
+    if row.attributes is not None:
+        fields["attributes"] = json.loads(row.attributes)
+    return Event(**fields)
+
+
+def exported_event(row: EventRow) -> pb.ExportedEvent:
+    return pb.ExportedEvent(
+        event=event(row), ml_weight=ML_WEIGHTS.get(row.event_type, 0.0), received_at=timestamp(row.received_us)
+    )
+
+
+def size_estimate(row: EventRow) -> int:
+    """Roughly the bytes of the row's message, to bound a response's size."""
+    return 160 + len(row.details or "") + len(row.attributes or "")
+
+
+# --- search analytics ------------------------------------------------------------
+
+
+def normalise_query(query: str) -> str:
+    """Unicode NFKC, lower case, trimmed, inner whitespace collapsed.
+
+    Done here rather than in SQL: PostgreSQL's lower() follows the database's
+    locale (under "C" it lowers ASCII only) and its normalize() needs a UTF8
+    database; Python's str methods are the same on every deployment."""
+    return " ".join(unicodedata.normalize("NFKC", query).lower().split())
+
+
+@dataclass(slots=True)
+class _QueryTotals:
+    searches: int = 0
+    users: set[str] = field(default_factory=set)
+    clicked: int = 0
+    added_to_cart: int = 0
+    purchased: int = 0
+    reported_count: int = 0
+    no_results: int = 0
+
+
+def top_queries(outcomes: Iterable[SearchOutcome], limit: int) -> list[pb.SearchQueryStats]:
+    """Merges the raw queries' outcomes by normalised query; the `limit` most
+    searched first (ties by query)."""
+    totals: dict[str, _QueryTotals] = {}
+    for o in outcomes:
+        key = normalise_query(o.query)
+        t = totals.get(key)
+        if t is None:
+            t = totals[key] = _QueryTotals()
+        t.searches += o.searches
+        t.users.add(o.user_id)
+        t.clicked += o.clicked
+        t.added_to_cart += o.added_to_cart
+        t.purchased += o.purchased
+        t.reported_count += o.reported_count
+        t.no_results += o.no_results
+    ranked = sorted(totals.items(), key=lambda item: (-item[1].searches, item[0]))[:limit]
+    stats = []
+    for query, t in ranked:
+        s = pb.SearchQueryStats(
+            query=query,
+            searches=t.searches,
+            users=len(t.users),
+            click_through_rate=t.clicked / t.searches,
+            add_to_cart_rate=t.added_to_cart / t.searches,
+            conversion_rate=t.purchased / t.searches,
+        )
+        if t.reported_count:
+            s.no_result_rate = t.no_results / t.reported_count
+        stats.append(s)
+    return stats
+
+
+# --- sessions ------------------------------------------------------------------------
+
+
+def sessions(user_id: str, events: Sequence[SessionEvent]) -> dict[str, pb.Session]:
+    """A summary per session (no timeline) of events in (session_id,
+    occurred_at, event_id) order."""
+    out: dict[str, pb.Session] = {}
+    seen: set[str] = set()
+    current: pb.Session | None = None
+    last_us = 0
+    for e in events:
+        if current is None or e.session_id != current.session_id:
+            if current is not None:
+                current.ended_at.CopyFrom(timestamp(last_us))
+            current = out[e.session_id] = pb.Session(
+                session_id=e.session_id, user_id=user_id, started_at=timestamp(e.occurred_us)
+            )
+            seen = set()
+        current.event_count += 1
+        current.counts[e.event_type] += 1
+        if e.event_type in VIEW_TYPES and e.product_id is not None and e.product_id not in seen:
+            seen.add(e.product_id)
+            current.products_viewed.append(e.product_id)
+        if e.event_type == "search" and e.query is not None:
+            current.search_queries.append(e.query)
+        last_us = e.occurred_us
+    if current is not None:
+        current.ended_at.CopyFrom(timestamp(last_us))
+    return out

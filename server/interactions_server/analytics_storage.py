@@ -1,0 +1,362 @@
+"""The SQL of the AnalyticsService (indexes in migrations/0002_analytics.sql).
+
+Reads only. Per-user reads are ranges of events_user_time; window reads
+prune partitions and BRIN ranges by occurred_at. Timestamps leave the
+database as epoch microseconds (no datetime objects per row on the hot
+paths) and weights, type names and type sets come in as arrays, so that the
+schema stays their only source. Text ordering of exports and pages is by code
+point (COLLATE "C"): independent of the database's locale, and the same
+order as Python's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import NamedTuple
+
+import asyncpg
+
+_US = "(extract(epoch FROM {}) * 1000000)::int8"
+_TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
+LEADS_TO_US = 30 * 60 * 1_000_000  # a search leads to what its user does within 30 minutes
+
+
+class Window(NamedTuple):
+    """[start, end) on occurred_at in epoch microseconds; None is unbounded."""
+
+    start_us: int | None
+    end_us: int | None
+
+
+class TypeFilter(NamedTuple):
+    """Stored type names to keep; `custom` also keeps every custom type
+    (a name not in `standard`). `names` empty and not `custom`: every type."""
+
+    names: list[str]
+    custom: bool
+    standard: list[str]
+
+    @property
+    def everything(self) -> bool:
+        return not self.names and not self.custom
+
+
+class EventRow(NamedTuple):
+    """One logged event, as stored."""
+
+    user_id: str
+    event_id: str
+    event_type: str
+    session_id: str | None
+    product_id: str | None
+    event_value: int
+    occurred_us: int
+    details: str | None  # JSON text: {"<details member>": {...}}
+    attributes: str | None  # JSON text
+    received_us: int
+
+
+_EVENT_COLUMNS = (
+    "user_id, event_id::text, event_type, session_id, product_id, event_value, "
+    f"{_US.format('occurred_at')}, details::text, attributes::text, {_US.format('received_at')}"
+)
+
+
+def _window_sql(first_param: int, column: str = "occurred_at") -> str:
+    """Conditions for a Window passed as two bigint parameters (NULL: unbounded)."""
+    start, end = f"${first_param}::int8", f"${first_param + 1}::int8"
+    return f"({start} IS NULL OR {column} >= {_TS.format(start)}) AND ({end} IS NULL OR {column} < {_TS.format(end)})"
+
+
+def _types_sql(first_param: int) -> str:
+    """Conditions for a TypeFilter passed as (names text[], custom bool, standard text[])."""
+    names, custom, standard = (f"${first_param + i}" for i in range(3))
+    return (
+        f"(cardinality({names}::text[]) = 0 AND NOT {custom}::bool "
+        f"OR event_type = ANY({names}::text[]) OR ({custom}::bool AND event_type <> ALL({standard}::text[])))"
+    )
+
+
+# --- exports ---------------------------------------------------------------------
+
+
+class TrainingRow(NamedTuple):
+    user_id: str
+    product_id: str
+    weight: float
+    event_count: int
+    last_occurred_us: int
+    types: list[str]  # with `type_counts`: the pair's counted events per type
+    type_counts: list[int]
+
+
+# Per (user, product, type) first, so that the per-type counts come out as
+# two parallel arrays; the decay factor is 1 when no half-life is given.
+_TRAINING = f"""
+SELECT user_id, product_id, sum(weight), sum(n)::int8, max(last_us), array_agg(event_type), array_agg(n)
+FROM (
+    SELECT e.user_id, e.product_id, e.event_type, count(*) AS n, {_US.format("max(e.occurred_at)")} AS last_us,
+           sum(w.weight * CASE WHEN $6::float8 IS NULL THEN 1.0::float8 ELSE power(0.5::float8,
+               (extract(epoch FROM {_TS.format("$5::int8")} - e.occurred_at))::float8 / $6::float8) END) AS weight
+    FROM events AS e JOIN unnest($3::text[], $4::float8[]) AS w(event_type, weight) ON e.event_type = w.event_type
+    WHERE e.product_id IS NOT NULL AND {_window_sql(1, "e.occurred_at")}
+      AND ($7::text IS NULL OR (e.user_id COLLATE "C", e.product_id COLLATE "C") > ($7::text, $8::text))
+    GROUP BY e.user_id, e.product_id, e.event_type
+) AS per_type
+GROUP BY user_id, product_id
+ORDER BY user_id COLLATE "C", product_id COLLATE "C"
+"""
+
+
+async def training_rows(
+    conn: asyncpg.Connection,
+    window: Window,
+    weights: dict[str, float],
+    as_of_us: int,
+    half_life_seconds: float | None,
+    after: tuple[str, str] | None,
+    chunk: int,
+) -> AsyncIterator[list[TrainingRow]]:
+    """The training matrix in (user_id, product_id) order, `chunk` rows at a
+    time, from a server-side cursor (`conn` must be in a transaction)."""
+    names = sorted(weights)
+    cursor = await conn.cursor(
+        _TRAINING,
+        window.start_us,
+        window.end_us,
+        names,
+        [weights[n] for n in names],
+        as_of_us,
+        half_life_seconds,
+        after[0] if after else None,
+        after[1] if after else None,
+    )
+    while records := await cursor.fetch(chunk):
+        yield [TrainingRow(*r) for r in records]
+
+
+_EXPORT_EVENTS = f"""
+SELECT {_EVENT_COLUMNS} FROM events
+WHERE {_window_sql(1)} AND {_types_sql(3)}
+  AND ($6::int8 IS NULL OR (occurred_at, event_id) > ({_TS.format("$6::int8")}, $7::uuid))
+ORDER BY occurred_at, event_id
+"""
+
+
+async def export_events(
+    conn: asyncpg.Connection, window: Window, types: TypeFilter, after: tuple[int, str] | None, chunk: int
+) -> AsyncIterator[list[EventRow]]:
+    """The log in (occurred_at, event_id) order, `chunk` rows at a time, from
+    a server-side cursor (`conn` must be in a transaction)."""
+    cursor = await conn.cursor(
+        _EXPORT_EVENTS,
+        window.start_us,
+        window.end_us,
+        *types,
+        after[0] if after else None,
+        after[1] if after else None,
+    )
+    while records := await cursor.fetch(chunk):
+        yield [EventRow(*r) for r in records]
+
+
+# --- window aggregates --------------------------------------------------------------
+
+
+class SearchOutcome(NamedTuple):
+    """The searches of one user with one raw query text in the window, and
+    how many of them led to each kind of event."""
+
+    query: str
+    user_id: str
+    searches: int
+    clicked: int
+    added_to_cart: int
+    purchased: int
+    reported_count: int  # searches that reported a result_count
+    no_results: int  # of those, the ones where it was 0
+
+
+# Every event of a relevant type in [start, end + 30 min), per user in
+# (occurred_at, event_id) order. A running count of searches numbers each
+# search's group: the search and what follows it up to the user's next search.
+# The running max of search times is the group's search time. Groups of
+# searches outside [start, end) are dropped; searches after the window are
+# read only to end the groups of the window's last searches.
+_SEARCH_OUTCOMES = f"""
+WITH relevant AS (
+    SELECT user_id, occurred_at, event_type, details,
+           count(*) FILTER (WHERE event_type = 'search') OVER w AS search_no,
+           max(occurred_at) FILTER (WHERE event_type = 'search') OVER w AS search_at
+    FROM events
+    WHERE event_type = ANY($3::text[])
+      AND ($1::int8 IS NULL OR occurred_at >= {_TS.format("$1::int8")})
+      AND ($2::int8 IS NULL OR occurred_at < {_TS.format("$2::int8")} + interval '30 minutes')
+    WINDOW w AS (PARTITION BY user_id ORDER BY occurred_at, event_id ROWS UNBOUNDED PRECEDING)
+), outcomes AS (
+    SELECT user_id, search_at,
+           max(details #>> '{{search,query}}') FILTER (WHERE event_type = 'search') AS query,
+           max((details #>> '{{search,result_count}}')::int4) FILTER (WHERE event_type = 'search') AS result_count,
+           bool_or(event_type = ANY($4::text[]) AND occurred_at <= search_at + interval '30 minutes') AS clicked,
+           bool_or(event_type = ANY($5::text[]) AND occurred_at <= search_at + interval '30 minutes') AS carted,
+           bool_or(event_type = ANY($6::text[]) AND occurred_at <= search_at + interval '30 minutes') AS bought
+    FROM relevant
+    WHERE search_no > 0 AND ($2::int8 IS NULL OR search_at < {_TS.format("$2::int8")})
+    GROUP BY user_id, search_no, search_at
+)
+SELECT query, user_id, count(*), count(*) FILTER (WHERE clicked), count(*) FILTER (WHERE carted),
+       count(*) FILTER (WHERE bought), count(result_count), count(*) FILTER (WHERE result_count = 0)
+FROM outcomes
+GROUP BY query, user_id
+"""
+
+
+async def search_outcomes(
+    pool: asyncpg.Pool,
+    window: Window,
+    click_types: Sequence[str],
+    cart_types: Sequence[str],
+    purchase_types: Sequence[str],
+) -> list[SearchOutcome]:
+    relevant = ["search", *click_types, *cart_types, *purchase_types]
+    records = await pool.fetch(
+        _SEARCH_OUTCOMES,
+        window.start_us,
+        window.end_us,
+        relevant,
+        list(click_types),
+        list(cart_types),
+        list(purchase_types),
+    )
+    return [SearchOutcome(*r) for r in records]
+
+
+class ActiveUsers(NamedTuple):
+    day: str | None  # YYYY-MM-DD (UTC); None for the whole window
+    active_users: int
+    logged_in_users: int
+
+
+_ACTIVE_USERS = f"""
+SELECT to_char((occurred_at AT TIME ZONE 'UTC')::date, 'YYYY-MM-DD') AS day,
+       count(DISTINCT user_id), count(DISTINCT user_id) FILTER (WHERE event_type = 'login')
+FROM events WHERE {_window_sql(1)}
+GROUP BY GROUPING SETS ((day), ())
+ORDER BY day NULLS FIRST
+"""
+
+
+async def active_users(pool: asyncpg.Pool, window: Window) -> list[ActiveUsers]:
+    """The whole window's counts first (day None), then each day with events."""
+    return [ActiveUsers(*r) for r in await pool.fetch(_ACTIVE_USERS, window.start_us, window.end_us)]
+
+
+# --- per user ----------------------------------------------------------------------
+
+
+_USER_EVENTS = f"""
+SELECT {_EVENT_COLUMNS} FROM events
+WHERE user_id = $1 AND {_window_sql(2)} AND {_types_sql(4)}
+  AND ($7::int8 IS NULL OR (occurred_at, event_id) < ({_TS.format("$7::int8")}, $8::uuid))
+ORDER BY occurred_at DESC, event_id DESC
+LIMIT $9
+"""
+
+
+async def user_events(
+    pool: asyncpg.Pool, user_id: str, window: Window, types: TypeFilter, before: tuple[int, str] | None, limit: int
+) -> list[EventRow]:
+    """A user's events newest first, after the page that ended at `before`."""
+    records = await pool.fetch(
+        _USER_EVENTS,
+        user_id,
+        window.start_us,
+        window.end_us,
+        *types,
+        before[0] if before else None,
+        before[1] if before else None,
+        limit,
+    )
+    return [EventRow(*r) for r in records]
+
+
+class TypeActivity(NamedTuple):
+    event_type: str
+    events: int
+    first_us: int
+    last_us: int
+
+
+async def user_activity(pool: asyncpg.Pool, user_id: str) -> tuple[list[TypeActivity], int]:
+    """A user's events per type (count, first and last occurred_at) and how
+    many distinct sessions they carry."""
+    async with pool.acquire() as conn:
+        records = await conn.fetch(
+            f"""
+            SELECT event_type, count(*), {_US.format("min(occurred_at)")}, {_US.format("max(occurred_at)")}
+            FROM events WHERE user_id = $1 GROUP BY event_type
+            """,
+            user_id,
+        )
+        sessions: int = await conn.fetchval("SELECT count(DISTINCT session_id) FROM events WHERE user_id = $1", user_id)
+    return [TypeActivity(*r) for r in records], sessions
+
+
+class SessionEvent(NamedTuple):
+    """What a session summary needs of each of its events."""
+
+    session_id: str
+    event_type: str
+    product_id: str | None
+    query: str | None  # a search's query
+    occurred_us: int
+
+
+_SESSION_EVENTS = f"""
+SELECT session_id, event_type, product_id, details #>> '{{search,query}}', {_US.format("occurred_at")}
+FROM events WHERE user_id = $1 AND session_id = ANY($2::text[])
+ORDER BY session_id, occurred_at, event_id
+"""
+
+
+async def session_events(pool: asyncpg.Pool, user_id: str, session_ids: Sequence[str]) -> list[SessionEvent]:
+    """The events of some sessions of a user, per session in (occurred_at, event_id) order."""
+    return [SessionEvent(*r) for r in await pool.fetch(_SESSION_EVENTS, user_id, list(session_ids))]
+
+
+_SESSION_TIMELINE = f"""
+SELECT {_EVENT_COLUMNS} FROM events
+WHERE user_id = $1 AND session_id = $2
+ORDER BY occurred_at, event_id
+LIMIT $3
+"""
+
+
+async def session_timeline(pool: asyncpg.Pool, user_id: str, session_id: str, limit: int) -> list[EventRow]:
+    return [EventRow(*r) for r in await pool.fetch(_SESSION_TIMELINE, user_id, session_id, limit)]
+
+
+class SessionStart(NamedTuple):
+    session_id: str
+    started_us: int
+
+
+_SESSIONS_PAGE = f"""
+SELECT session_id, {_US.format("min(occurred_at)")} AS started_us
+FROM events WHERE user_id = $1 AND session_id IS NOT NULL
+GROUP BY session_id
+HAVING $2::int8 IS NULL
+    OR (min(occurred_at), session_id COLLATE "C") < ({_TS.format("$2::int8")}, $3::text)
+ORDER BY min(occurred_at) DESC, session_id COLLATE "C" DESC
+LIMIT $4
+"""
+
+
+async def sessions_page(
+    pool: asyncpg.Pool, user_id: str, before: tuple[int, str] | None, limit: int
+) -> list[SessionStart]:
+    """A user's sessions, newest start first, after the page that ended at `before`."""
+    records = await pool.fetch(
+        _SESSIONS_PAGE, user_id, before[0] if before else None, before[1] if before else None, limit
+    )
+    return [SessionStart(*r) for r in records]
