@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from bench import measures
+from bench import analytics, measures
 from bench.config import MEASURES, BenchConfig
 from bench.database import EmbeddedDatabase
 from bench.report import Results, render, to_json
@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"rows in the log for (f) (default {defaults.preload:,}; full run 10000000; 0 skips)",
     )
     parser.add_argument(
+        "--analytics-events",
+        type=_positive,
+        help=f"rows in the log for (h), (i), (j) (default {defaults.analytics_events:,}; full run 10000000)",
+    )
+    parser.add_argument(
         "--client-processes",
         type=_not_negative,
         help="client processes for the fan-out (default: one per core, at most one per stream)",
@@ -125,6 +130,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         "callers": args.callers,
         "memory_events": args.memory_events,
         "preload": args.preload,
+        "analytics_events": args.analytics_events,
         "client_processes": args.client_processes,
         "unary_processes": args.unary_processes,
         "batch_size": args.batch_size,
@@ -205,6 +211,11 @@ async def _measure(bench: measures.Bench, results: Results) -> None:
         results.memory = await measures.memory(bench)
     if "g" in only:
         results.fanout = await measures.fanout(bench)
+    if only & {"h", "i", "j"}:  # on a log of their own, emptied first
+        server = bench.server
+        results.analytics = await analytics.run(
+            bench.url, server.target, server.pid, config.analytics_events, only, bench.progress
+        )
     if "f" in only:
         if config.preload > 0:
             results.growth, results.preload_seconds = await measures.growth(bench)

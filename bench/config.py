@@ -13,6 +13,9 @@ MEASURES: dict[str, str] = {
     "e": "server memory during a long stream",
     "f": "bulk ingest with rows already in the log",
     "g": "fan-out: 1, 4 and 16 concurrent streams",
+    "h": "ExportEvents through the shipped client vs COPY TO STDOUT of the same rows",
+    "i": "ExportTrainingData over the analytics log: seconds and server RSS",
+    "j": "TopSearchQueries and CountActiveUsers over 7 days of the analytics log: latency",
 }
 
 
@@ -26,6 +29,7 @@ class BenchConfig:
     memory_events: int = 300_000  # (e); 2,000,000 for the full run
     preload: int = 1_000_000  # (f); 0 skips it; 10,000,000 for the full run
     fanout: tuple[int, ...] = (1, 4, 16)
+    analytics_events: int = 1_000_000  # rows in the log for (h), (i), (j); 10,000,000 for the full run
     client_processes: int = 0  # client processes for the fan-out; 0: one per core, at most one per stream
     unary_processes: int = 1  # client processes sharing the unary callers
     batch_size: int | None = None  # the streamer's batch_size; None: its default
@@ -43,6 +47,7 @@ class BenchConfig:
             latency_calls=500,
             memory_events=10_000,
             preload=20_000,
+            analytics_events=20_000,
             repeat=1,
             quick=True,
         )

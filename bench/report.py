@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bench.analytics import AnalyticsResults, QueryLatency
 from bench.measures import Latency, Memory, Profile, Throughput
 
 MB = 1024.0  # kB per MB
@@ -30,6 +31,7 @@ class Results:
     preload_rows: int = 0
     preload_seconds: float = 0.0
     fanout: dict[int, Throughput] = field(default_factory=dict)  # (g)
+    analytics: AnalyticsResults | None = None  # (h), (i), (j)
     profiles: dict[str, Profile] = field(default_factory=dict)
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -216,8 +218,67 @@ def rows(results: Results) -> list[Row]:
         text, _ = _ratio(g.rate, a, "(a)")
         label = f"(g) fan-out {streams} stream{'s' if streams > 1 else ''}, {g.processes} client proc."
         out.append(Row("g", label, f"{g.rate:,.0f} events/s", text, void=_void(g), noise=_noise(a, g)))
+    if results.analytics is not None:
+        out.extend(analytics_rows(results.analytics))
     for key, why in results.skipped.items():
         out.append(Row(key, f"({key}) skipped", why))
+    return out
+
+
+def analytics_rows(results: AnalyticsResults) -> list[Row]:
+    out: list[Row] = []
+    size = _size(results.events)
+    copy, export = results.export_ceiling, results.export
+    if copy is not None:
+        out.append(Row("h", f"(h) COPY (export query) TO STDOUT, {size} rows", f"{copy.rate:,.0f} rows/s", "1.00"))
+    if export is not None:
+        ratio = export.rate / copy.rate if copy is not None and copy.rate else None
+        out.append(
+            Row(
+                "h",
+                f"(h) ExportEvents through the client, {size} rows",
+                f"{export.rate:,.0f} rows/s",
+                "" if ratio is None else f"{ratio:.2f} of COPY",
+                ">= 0.5 of COPY",
+                _met(ratio, 0.5) if ratio is not None else None,
+            )
+        )
+    if (training := results.training) is not None:
+        out.append(
+            Row(
+                "i",
+                f"(i) ExportTrainingData, {size} events",
+                f"{training.seconds:.1f} s ({training.rows:,} pairs, {training.rows / training.seconds:,.0f}/s)",
+            )
+        )
+        rss = training.rss
+        q2, q4 = rss.quarter_mean_kb(2), rss.quarter_mean_kb(4)
+        growth = (q4 - q2) / q2 if q2 else 0.0
+        out.append(
+            Row(
+                "i",
+                "(i) server RSS during the export",
+                f"peak {rss.peak_kb / MB:.0f} MB (start {rss.start_kb / MB:.0f}; last vs second quarter {growth:+.1%})",
+                target=f"flat (<= +{FLAT_GROWTH:.0%})",
+                met=growth <= FLAT_GROWTH,
+            )
+        )
+    note = "" if results.events >= 1_000_000 else " (at 1M)"
+    latencies: list[tuple[str, QueryLatency | None]] = [
+        ("TopSearchQueries", results.top_searches),
+        ("CountActiveUsers", results.active_users),
+    ]
+    for name, latency in latencies:
+        if latency is not None:
+            out.append(
+                Row(
+                    "j",
+                    f"(j) {name}, 7 days of a {size}-event log",
+                    f"p50 {_ms(latency.p50)}, max {_ms(latency.max)}",
+                    target=f"< 1 s{note}",
+                    met=latency.max < 1.0,
+                )
+            )
     return out
 
 
@@ -318,6 +379,7 @@ def to_json(results: Results) -> dict[str, Any]:
             "run": throughput(results.growth),
         },
         "g_fanout": {str(s): throughput(g) for s, g in results.fanout.items()},
+        "hij_analytics": None if results.analytics is None else asdict(results.analytics),
         "profiles": {name: asdict(p) for name, p in results.profiles.items()},
         "skipped": results.skipped,
     }

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The start of the table row of every measure, (a) to (g).
+# The start of the table row of every measure, (a) to (j).
 MEASURE_ROWS = (
     "(a) DB ceiling",
     "(b) bulk StreamEvents",
@@ -29,6 +29,12 @@ MEASURE_ROWS = (
     "(g) fan-out 1 stream",
     "(g) fan-out 4 streams",
     "(g) fan-out 16 streams",
+    "(h) COPY (export query) TO STDOUT",
+    "(h) ExportEvents through the client",
+    "(i) ExportTrainingData",
+    "(i) server RSS during the export",
+    "(j) TopSearchQueries",
+    "(j) CountActiveUsers",
 )
 
 

@@ -135,7 +135,8 @@ async def training_rows(
         yield [TrainingRow(*r) for r in records]
 
 
-_EXPORT_EVENTS = f"""
+# The bench COPYs this same statement for the ceiling of (h).
+EXPORT_EVENTS = f"""
 SELECT {_EVENT_COLUMNS} FROM events
 WHERE {_window_sql(1)} AND {_types_sql(3)}
   AND ($6::int8 IS NULL OR (occurred_at, event_id) > ({_TS.format("$6::int8")}, $7::uuid))
@@ -149,7 +150,7 @@ async def export_events(
     """The log in (occurred_at, event_id) order, `chunk` rows at a time, from
     a server-side cursor (`conn` must be in a transaction)."""
     cursor = await conn.cursor(
-        _EXPORT_EVENTS,
+        EXPORT_EVENTS,
         window.start_us,
         window.end_us,
         *types,
