@@ -21,6 +21,7 @@ from interactions_client.analytics import ResumePolicy, event_type_number
 from interactions_client.analytics_cli import parse_duration, parse_moment
 from interactions_client.cli import main
 from interactions_client.events import new_event, timestamp
+from interactions_client.rules import RULES
 from interactions_client.v1.analytics_service_pb2 import ExportedEvent, TrainingRow
 from interactions_client.v1.event_pb2 import EventType
 
@@ -172,3 +173,17 @@ def test_resume_backoff_grows_to_its_ceiling() -> None:
     policy = ResumePolicy(initial_backoff=0.2, max_backoff=1.0, multiplier=2.0)
     delays = [policy.backoff(n) for n in range(1, 6)]
     assert 0.1 <= delays[0] <= 0.2 and 0.2 <= delays[1] <= 0.4 and all(0.5 <= d <= 1.0 for d in delays[3:])
+
+
+def test_docs_weights_table_is_the_schemas() -> None:
+    """docs/analytics.md copies the ML weights; the schema owns them."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "analytics.md").read_text()
+    table = docs.split("<!-- ml-weights")[1].split("<!-- /ml-weights -->")[0]
+    documented = {
+        cells[0]: float(cells[1])
+        for line in table.splitlines()[3:]
+        if (cells := [c.strip() for c in line.strip("|").split("|")]) and len(cells) == 2
+    }
+    schema = {r.name: r.ml_weight for r in RULES.values() if r.ml_weight is not None}
+    assert documented == schema
+    assert list(documented) == sorted(schema, key=lambda name: -schema[name])  # heaviest first, as the table

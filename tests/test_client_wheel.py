@@ -69,3 +69,8 @@ def install_and_check(tmp_path: Path, target: str) -> None:
         [interactions, "health", "--target", "127.0.0.1:1", "--deadline", "1"], capture_output=True, text=True
     )
     assert probe.returncode == 1 and "UNAVAILABLE" in probe.stderr
+    # Parquet is an optional extra: without pyarrow, the command says how to get it (a usage error).
+    parquet = subprocess.run(
+        [interactions, "export", "training", "--out", tmp_path / "t.parquet"], capture_output=True, text=True
+    )
+    assert parquet.returncode == 2 and "interactions-client[parquet]" in parquet.stderr
