@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from datetime import UTC, datetime, timedelta
@@ -16,7 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from interactions_client import export_files
+from interactions_client import analytics_cli, export_files
 from interactions_client.analytics import ResumePolicy, event_type_number
 from interactions_client.analytics_cli import parse_duration, parse_moment
 from interactions_client.cli import main
@@ -187,3 +188,25 @@ def test_docs_weights_table_is_the_schemas() -> None:
     schema = {r.name: r.ml_weight for r in RULES.values() if r.ml_weight is not None}
     assert documented == schema
     assert list(documented) == sorted(schema, key=lambda name: -schema[name])  # heaviest first, as the table
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_only_on_a_terminal() -> None:
+    clock = iter([0.0, 1.0, 1.05, 2.0, 3.0])
+    terminal = Terminal()
+    progress = analytics_cli.ExportProgress(terminal, clock=lambda: next(clock))
+    progress.update(1000)  # t=1.0: drawn
+    progress.update(1500)  # t=1.05: too soon to redraw
+    progress.update(4000)  # t=2.0
+    assert progress.finish() == 3.0
+    assert terminal.getvalue() == "\r1,000 rows  1,000 rows/s\x1b[K\r4,000 rows  2,000 rows/s\x1b[K\r\x1b[K"
+
+    piped = io.StringIO()
+    quiet = analytics_cli.ExportProgress(piped)
+    quiet.update(1000)
+    quiet.finish()
+    assert piped.getvalue() == ""

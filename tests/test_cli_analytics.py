@@ -113,6 +113,14 @@ async def test_export_events_layouts(server: App, shop: list[Event], tmp_path: P
     run = await cli("export", "events", "--out", str(out), "--type", "nonsense", *target)
     assert run.status == 2 and "unknown event type" in run.stderr
 
+    # A refused export leaves no file behind, not even the partial one.
+    failed = tmp_path / "failed.parquet"
+    run = await cli(
+        "export", "training", "--out", str(failed), "--since", "2026-10-02", "--until", "2026-10-01", *target
+    )
+    assert run.status == 1 and "start_time" in run.stderr, run
+    assert not failed.exists() and not (tmp_path / "failed.parquet.partial").exists()
+
 
 async def test_read_commands(server: App, shop: list[Event]) -> None:
     target = ("--target", server.address)

@@ -194,14 +194,15 @@ _RATES = ("click_through_rate", "add_to_cart_rate", "conversion_rate", "no_resul
 class ExportProgress:
     """Rows so far and rows/s, redrawn on stderr when it is a terminal; silent otherwise."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
         self._out = out
         self._tty = out.isatty()
-        self.started = time.monotonic()
+        self._clock = clock
+        self.started = clock()
         self._last = self.started
 
     def update(self, rows: int) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if self._tty and now - self._last >= 0.1:
             self._last = now
             self._out.write(f"\r{rows:,} rows  {rows / max(now - self.started, 1e-9):,.0f} rows/s\x1b[K")
@@ -211,7 +212,7 @@ class ExportProgress:
         if self._tty:
             self._out.write("\r\x1b[K")
             self._out.flush()
-        return time.monotonic() - self.started
+        return self._clock() - self.started
 
 
 async def _export(client: InteractionsClient, args: argparse.Namespace) -> int:
