@@ -51,6 +51,13 @@ def parse_duration(text: str) -> timedelta:
     return sum((timedelta(**{_UNITS[unit]: float(number)}) for number, unit in parts), timedelta())
 
 
+def parse_limit(text: str) -> int:
+    """A count of rows: 0 (everything) or more."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
+    return int(text)
+
+
 def parse_event_type(text: str) -> str:
     try:
         event_type_number(text)
@@ -95,7 +102,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     session.add_argument("session")
     sessions = commands.add_parser("sessions", parents=[common], help="a user's sessions, newest first")
     sessions.add_argument("user")
-    sessions.add_argument("--limit", type=int, default=100, help="at most this many (default 100; 0: all)")
+    sessions.add_argument("--limit", type=parse_limit, default=100, help="at most this many (default 100; 0: all)")
     activity = commands.add_parser("activity", parents=[common], help="a user's activity and event counts")
     activity.add_argument("user")
     active = commands.add_parser("active-users", parents=[common], help="distinct active and logged-in users")
@@ -104,7 +111,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     user_events.add_argument("user")
     window(user_events)
     types(user_events)
-    user_events.add_argument("--limit", type=int, default=100, help="at most this many (default 100; 0: all)")
+    user_events.add_argument("--limit", type=parse_limit, default=100, help="at most this many (default 100; 0: all)")
 
 
 def check_usage(args: argparse.Namespace) -> None:
