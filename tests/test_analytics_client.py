@@ -411,3 +411,17 @@ async def test_an_export_gives_up_after_its_attempts(server: App, bulk: list[Eve
             async for _ in export:
                 pass
     assert export.resumes == 2 and export.rows == 0
+
+
+async def test_abandoned_exports_free_their_server_connections(
+    real_client: InteractionsClient, bulk: list[Event]
+) -> None:
+    """A consumer that stops early cancels the call, so the server's cursor (and
+    its connection of the small analytics pool) is released."""
+    for _ in range(6):  # twice the analytics pool's connections
+        async for _ in real_client.export_events():
+            break
+        async for _ in real_client.export_training_data().batches():
+            break
+    async with asyncio.timeout(15):
+        assert len([e async for e in real_client.export_events()]) == len(bulk)
