@@ -41,8 +41,9 @@ class SyncInteractionsClient(EventMethods[LogResult], SyncAnalyticsMethods):
     """InteractionsClient's methods, blocking; `with SyncInteractionsClient() as client:`.
 
     Same parameters, results and exceptions as InteractionsClient;
-    list_purchases, list_sessions, list_user_events and the exports return iterators. `stream()` runs the bulk streamer in a
-    background thread with its own event loop (see sync_streamer.py).
+    list_purchases, list_sessions, list_user_events and the exports return
+    iterators. `stream()` runs the bulk streamer in a background thread with
+    its own event loop (see sync_streamer.py).
     """
 
     def __init__(
