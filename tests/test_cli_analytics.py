@@ -16,11 +16,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from interactions_client import InteractionsClient
+from interactions_client.events import new_event
 from interactions_client.export_files import EVENTS, TRAINING
 from interactions_client.rules import stored_name
 from interactions_client.v1.event_pb2 import Event
 from interactions_server.server import App
-from tests.test_analytics_client import BASE, Pair, assert_same_training, at, reference_training, shop_events
+from tests.test_analytics_client import (
+    BASE,
+    CuttingProxy,
+    Pair,
+    assert_same_training,
+    at,
+    reference_training,
+    shop_events,
+)
 from tests.test_cli import cli
 
 
@@ -170,3 +179,18 @@ async def test_read_commands(server: App, shop: list[Event]) -> None:
 
     run = await cli("searches", "--since", "last tuesday", *target)
     assert run.status == 2 and "not a date" in run.stderr
+
+
+async def test_export_resumes_across_a_broken_connection(server: App, tmp_path: Path) -> None:
+    events = [
+        new_event("view", f"user-{i % 50:02d}", product_id=f"p{i:05d}", occurred_at=at(i / 100)) for i in range(5000)
+    ]
+    async with InteractionsClient(server.address) as client:
+        assert (await client.log_many(events)).accepted == len(events)
+    out = tmp_path / "events.jsonl"
+    async with CuttingProxy(server.port, after=150_000, cuts=1) as proxy:
+        run = await cli("export", "events", "--out", str(out), "--json", "--target", proxy.address)
+    assert run.status == 0, run
+    assert proxy.cut == 1 and json.loads(run.stdout)["resumes"] >= 1
+    ordered = sorted(events, key=lambda e: (e.occurred_at.ToNanoseconds(), e.event_id))
+    assert [json.loads(line)["event_id"] for line in out.read_text().splitlines()] == [e.event_id for e in ordered]
