@@ -147,7 +147,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         if session is None:
             raise NotFound(f"user {user_id!r} has no event in session {session_id!r}")
         timeline = await storage.session_timeline(self._pool, user_id, session_id, MAX_SESSION_EVENTS)
-        session.events.extend(protos.event(row) for row in timeline)
+        protos.add_events(session.events, timeline)
         session.truncated = session.event_count > len(timeline)
         return pb.GetSessionResponse(session=session)
 
@@ -199,7 +199,8 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         )
         rows = await storage.user_events(self._pool, user_id, window, types, before, page_size + 1)
         page = rows[:page_size]
-        response = pb.ListUserEventsResponse(events=[protos.event(r) for r in page])
+        response = pb.ListUserEventsResponse()
+        protos.add_events(response.events, page)
         if len(rows) > page_size:
             response.next_page_token = tokens.encode(tokens.USER_EVENTS, page[-1].occurred_us, page[-1].event_id)
         return response
@@ -207,10 +208,9 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
 
 def _events_response(rows: Sequence[storage.EventRow]) -> pb.ExportEventsResponse:
     last = rows[-1]
-    return pb.ExportEventsResponse(
-        events=[protos.exported_event(r) for r in rows],
-        resume_token=tokens.encode(tokens.EVENTS, last.occurred_us, last.event_id),
-    )
+    response = pb.ExportEventsResponse(resume_token=tokens.encode(tokens.EVENTS, last.occurred_us, last.event_id))
+    protos.add_exported_events(response.events, rows)
+    return response
 
 
 # --- request checks: each bad field is INVALID_ARGUMENT naming it -------------------

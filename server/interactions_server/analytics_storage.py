@@ -11,8 +11,10 @@ order as Python's.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -80,6 +82,23 @@ def _types_sql(first_param: int) -> str:
 # --- exports ---------------------------------------------------------------------
 
 
+async def _prefetched(cursor: Any, chunk: int) -> AsyncIterator[list[asyncpg.Record]]:
+    """The cursor's rows, `chunk` at a time, with the next chunk fetched while
+    the caller works on (and sends) this one: the database and the server's
+    Python overlap instead of taking turns. At most two chunks in memory."""
+    pending = asyncio.ensure_future(cursor.fetch(chunk))
+    try:
+        while records := await pending:
+            pending = asyncio.ensure_future(cursor.fetch(chunk))
+            yield records
+    finally:
+        if not pending.done():
+            # The connection runs one statement at a time: let the fetch end
+            # (at most `chunk` rows) before the transaction is rolled back.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)
+
+
 class TrainingRow(NamedTuple):
     user_id: str
     product_id: str
@@ -131,7 +150,7 @@ async def training_rows(
         after[0] if after else None,
         after[1] if after else None,
     )
-    while records := await cursor.fetch(chunk):
+    async for records in _prefetched(cursor, chunk):
         yield [TrainingRow(*r) for r in records]
 
 
@@ -139,6 +158,7 @@ async def training_rows(
 EXPORT_EVENTS = f"""
 SELECT {_EVENT_COLUMNS} FROM events
 WHERE {_window_sql(1)} AND {_types_sql(3)}
+  AND ($6::int8 IS NULL OR occurred_at >= {_TS.format("$6::int8")})  -- prunes partitions and BRIN ranges
   AND ($6::int8 IS NULL OR (occurred_at, event_id) > ({_TS.format("$6::int8")}, $7::uuid))
 ORDER BY occurred_at, event_id
 """
@@ -157,7 +177,7 @@ async def export_events(
         after[0] if after else None,
         after[1] if after else None,
     )
-    while records := await cursor.fetch(chunk):
+    async for records in _prefetched(cursor, chunk):
         yield [EventRow(*r) for r in records]
 
 
@@ -258,6 +278,7 @@ async def active_users(pool: asyncpg.Pool, window: Window) -> list[ActiveUsers]:
 _USER_EVENTS = f"""
 SELECT {_EVENT_COLUMNS} FROM events
 WHERE user_id = $1 AND {_window_sql(2)} AND {_types_sql(4)}
+  AND ($7::int8 IS NULL OR occurred_at <= {_TS.format("$7::int8")})  -- bounds the index range
   AND ($7::int8 IS NULL OR (occurred_at, event_id) < ({_TS.format("$7::int8")}, $8::uuid))
 ORDER BY occurred_at DESC, event_id DESC
 LIMIT $9
