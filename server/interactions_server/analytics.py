@@ -39,6 +39,11 @@ MAX_SESSION_EVENTS = 1_000  # a GetSession timeline
 ROWS_PER_RESPONSE = 1_000  # of an export
 BYTES_PER_RESPONSE = 1 << 20  # about: an export response is sent before it grows past this
 
+# The analytics pool's sessions: window queries sort and hash a window's
+# events; 64 MB each (at most analytics_pool_max_size of them) keeps a 7-day
+# window of a 1M-event log in memory instead of spilling to disk.
+POOL_SETTINGS = {"work_mem": "64MB"}
+
 # Timestamp's valid range (0001-01-01 to 9999-12-31), in seconds.
 _MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
 _STANDARD_NAMES = sorted(STANDARD)

@@ -156,7 +156,11 @@ class App:
             dsn, min_size=config.pool_min_size, max_size=config.pool_max_size, reset=_end_transaction
         )
         self._analytics_pool = await asyncpg.create_pool(
-            dsn, min_size=1, max_size=config.analytics_pool_max_size, reset=_end_transaction
+            dsn,
+            min_size=1,
+            max_size=config.analytics_pool_max_size,
+            reset=_end_transaction,
+            server_settings=analytics.POOL_SETTINGS,
         )
         self._health = DatabaseHealth(
             dsn, SERVICE_NAMES, interval=config.health_interval, timeout=config.health_timeout
