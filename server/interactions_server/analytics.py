@@ -76,19 +76,9 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             async for chunk in chunks:
                 last = chunk[-1]
                 response = pb.ExportTrainingDataResponse(
-                    rows=[
-                        pb.TrainingRow(
-                            user_id=r.user_id,
-                            product_id=r.product_id,
-                            weight=r.weight,
-                            event_count=r.event_count,
-                            last_occurred_at=protos.timestamp(r.last_occurred_us),
-                            counts=dict(zip(r.types, r.type_counts, strict=True)),
-                        )
-                        for r in chunk
-                    ],
-                    resume_token=tokens.encode(tokens.TRAINING, as_of_us, last.user_id, last.product_id),
+                    resume_token=tokens.encode(tokens.TRAINING, as_of_us, last.user_id, last.product_id)
                 )
+                protos.add_training_rows(response.rows, chunk)
                 if first:
                     response.as_of.CopyFrom(as_of)
                     first = False

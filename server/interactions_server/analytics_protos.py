@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from interactions_client.rules import STANDARD
 from interactions_client.v1 import analytics_service_pb2 as pb
 from interactions_client.v1.event_pb2 import Event, EventType
-from interactions_server.analytics_storage import EventRow, SearchOutcome, SessionEvent
+from interactions_server.analytics_storage import EventRow, SearchOutcome, SessionEvent, TrainingRow
 
 # From the schema: stored name -> EventType number, and the ML weights.
 TYPE_NUMBERS: dict[str, int] = {rule.name: rule.event_type for rule in STANDARD.values()}
@@ -79,6 +79,20 @@ def add_exported_events(exported: Any, rows: Iterable[EventRow]) -> None:
         seconds, micros = divmod(row.received_us, 1_000_000)
         item.received_at.seconds = seconds
         item.received_at.nanos = micros * 1_000
+
+
+def add_training_rows(rows: Any, chunk: Iterable[TrainingRow]) -> None:
+    """Appends the pairs to a repeated TrainingRow field (set in place, like fill_event)."""
+    for r in chunk:
+        row = rows.add()
+        row.user_id = r.user_id
+        row.product_id = r.product_id
+        row.weight = r.weight
+        row.event_count = r.event_count
+        seconds, micros = divmod(r.last_occurred_us, 1_000_000)
+        row.last_occurred_at.seconds = seconds
+        row.last_occurred_at.nanos = micros * 1_000
+        row.counts.update(zip(r.types, r.type_counts, strict=True))
 
 
 def size_estimate(row: EventRow) -> int:

@@ -110,11 +110,13 @@ class TrainingRow(NamedTuple):
 
 
 # Per (user, product, type) first, so that the per-type counts come out as
-# two parallel arrays; the decay factor is 1 when no half-life is given.
+# two parallel arrays; the decay factor is 1 when no half-life is given. The
+# keys are "C" from the start, so that one sort serves both the grouping and
+# the order.
 _TRAINING = f"""
 SELECT user_id, product_id, sum(weight), sum(n)::int8, max(last_us), array_agg(event_type), array_agg(n)
 FROM (
-    SELECT e.user_id, e.product_id, e.event_type, count(*) AS n, {_US.format("max(e.occurred_at)")} AS last_us,
+    SELECT e.user_id COLLATE "C" AS user_id, e.product_id COLLATE "C" AS product_id, e.event_type, count(*) AS n, {_US.format("max(e.occurred_at)")} AS last_us,
            sum(w.weight * CASE WHEN $6::float8 IS NULL THEN 1.0::float8 ELSE power(0.5::float8,
                (extract(epoch FROM {_TS.format("$5::int8")} - e.occurred_at))::float8 / $6::float8) END) AS weight
     FROM events AS e JOIN unnest($3::text[], $4::float8[]) AS w(event_type, weight) ON e.event_type = w.event_type
@@ -123,7 +125,7 @@ FROM (
     GROUP BY e.user_id, e.product_id, e.event_type
 ) AS per_type
 GROUP BY user_id, product_id
-ORDER BY user_id COLLATE "C", product_id COLLATE "C"
+ORDER BY user_id, product_id
 """
 
 
