@@ -25,7 +25,7 @@ from typing import Any
 import asyncpg
 
 from bench.database import reset_log
-from bench.proc_stats import RssSampler, RssSamples
+from bench.proc_stats import CpuMeter, CpuShares, RssSampler, RssSamples
 from bench.workload import MIX, PRODUCTS, SYNCING_TYPES, USERS
 from interactions_client.client import InteractionsClient
 from interactions_server import analytics_storage
@@ -114,6 +114,7 @@ async def preload(url: str, rows: int, progress: Progress) -> float:
 class ExportRate:
     rows: int
     seconds: float
+    cpu: CpuShares  # cores used by the server, PostgreSQL and this process (the client) meanwhile
 
     @property
     def rate(self) -> float:
@@ -126,6 +127,7 @@ class TrainingExport:
     rows: int  # (user, product) pairs exported
     seconds: float
     rss: RssSamples
+    cpu: CpuShares
 
 
 @dataclass(slots=True)
@@ -146,21 +148,23 @@ class AnalyticsResults:
     active_users: QueryLatency | None = None  # (j)
 
 
-async def export_events(target: str, expected: int, progress: Progress) -> ExportRate:
+async def export_events(target: str, meter: CpuMeter, expected: int, progress: Progress) -> ExportRate:
     """(h): every row of the log through InteractionsClient.export_events."""
     rows = 0
     async with InteractionsClient(target) as client:
+        meter.start()
         started = time.monotonic()
         async for batch in client.export_events().batches():
             rows += len(batch)
         seconds = time.monotonic() - started
+        cpu = meter.stop(0.0)
     if rows != expected:
         raise RuntimeError(f"(h) exported {rows:,} events of {expected:,}")
     progress(f"(h) ExportEvents through the client: {rows / seconds:,.0f} rows/s ({seconds:.1f} s)")
-    return ExportRate(rows, seconds)
+    return ExportRate(rows, seconds, cpu)
 
 
-async def export_ceiling(url: str, expected: int, progress: Progress) -> ExportRate:
+async def export_ceiling(url: str, meter: CpuMeter, expected: int, progress: Progress) -> ExportRate:
     """(h)'s ceiling: the server's own export query, COPY'd as text to this process."""
     total = 0
 
@@ -170,6 +174,7 @@ async def export_ceiling(url: str, expected: int, progress: Progress) -> ExportR
 
     connection = await asyncpg.connect(url)
     try:
+        meter.start()
         started = time.monotonic()
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             await connection.copy_from_query(
@@ -184,28 +189,33 @@ async def export_ceiling(url: str, expected: int, progress: Progress) -> ExportR
                 output=sink,
             )
         seconds = time.monotonic() - started
+        cpu = meter.stop(0.0)
     finally:
         await connection.close()
     if total != expected:
         raise RuntimeError(f"(h) COPY wrote {total:,} rows of {expected:,}")
     progress(f"(h) COPY (export query) TO STDOUT: {total / seconds:,.0f} rows/s ({seconds:.1f} s)")
-    return ExportRate(total, seconds)
+    return ExportRate(total, seconds, cpu)
 
 
-async def export_training(target: str, server_pid: int, events: int, progress: Progress) -> TrainingExport:
+async def export_training(
+    target: str, meter: CpuMeter, server_pid: int, events: int, progress: Progress
+) -> TrainingExport:
     """(i): the whole training matrix, with a 14-day half-life."""
     rows = 0
     async with InteractionsClient(target) as client, RssSampler(server_pid) as sampler:
+        meter.start()
         started = time.monotonic()
         async for batch in client.export_training_data(half_life=timedelta(days=14)).batches():
             rows += len(batch)
         seconds = time.monotonic() - started
+        cpu = meter.stop(0.0)
     rss = sampler.result()
     progress(
         f"(i) ExportTrainingData: {rows:,} rows from {events:,} events in {seconds:.1f} s, "
         f"server RSS peak {rss.peak_kb / 1024:.0f} MB"
     )
-    return TrainingExport(events, rows, seconds, rss)
+    return TrainingExport(events, rows, seconds, rss, cpu)
 
 
 async def _latency(label: str, call: Callable[[], Awaitable[Any]], progress: Progress) -> QueryLatency:
@@ -235,17 +245,18 @@ async def window_queries(target: str, progress: Progress) -> tuple[QueryLatency,
 
 
 async def run(
-    url: str, target: str, server_pid: int, events: int, only: frozenset[str], progress: Progress
+    url: str, target: str, server_pid: int, postgres_pid: int, events: int, only: frozenset[str], progress: Progress
 ) -> AnalyticsResults:
     """The chosen measures of (h)-(j) on a freshly preloaded log."""
+    meter = CpuMeter(server_pid, postgres_pid)
     await reset_log(url)
     progress(f"(h-j) preloading {events:,} rows over {DAYS} days")
     results = AnalyticsResults(events, await preload(url, events, progress))
     if "h" in only:
-        results.export_ceiling = await export_ceiling(url, events, progress)
-        results.export = await export_events(target, events, progress)
+        results.export_ceiling = await export_ceiling(url, meter, events, progress)
+        results.export = await export_events(target, meter, events, progress)
     if "i" in only:
-        results.training = await export_training(target, server_pid, events, progress)
+        results.training = await export_training(target, meter, server_pid, events, progress)
     if "j" in only:
         results.top_searches, results.active_users = await window_queries(target, progress)
     return results

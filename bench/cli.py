@@ -214,7 +214,7 @@ async def _measure(bench: measures.Bench, results: Results) -> None:
     if only & {"h", "i", "j"}:  # on a log of their own, emptied first
         server = bench.server
         results.analytics = await analytics.run(
-            bench.url, server.target, server.pid, config.analytics_events, only, bench.progress
+            bench.url, server.target, server.pid, bench.db.postmaster_pid, config.analytics_events, only, bench.progress
         )
     if "f" in only:
         if config.preload > 0:

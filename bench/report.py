@@ -230,7 +230,10 @@ def analytics_rows(results: AnalyticsResults) -> list[Row]:
     size = _size(results.events)
     copy, export = results.export_ceiling, results.export
     if copy is not None:
-        out.append(Row("h", f"(h) COPY (export query) TO STDOUT, {size} rows", f"{copy.rate:,.0f} rows/s", "1.00"))
+        noise = copy.cpu.other + copy.cpu.steal
+        out.append(
+            Row("h", f"(h) COPY (export query) TO STDOUT, {size} rows", f"{copy.rate:,.0f} rows/s", "1.00", noise=noise)
+        )
     if export is not None:
         ratio = export.rate / copy.rate if copy is not None and copy.rate else None
         out.append(
@@ -241,6 +244,7 @@ def analytics_rows(results: AnalyticsResults) -> list[Row]:
                 "" if ratio is None else f"{ratio:.2f} of COPY",
                 ">= 0.5 of COPY",
                 _met(ratio, 0.5) if ratio is not None else None,
+                noise=max(r.cpu.other + r.cpu.steal for r in (copy, export) if r is not None),
             )
         )
     if (training := results.training) is not None:
@@ -249,6 +253,7 @@ def analytics_rows(results: AnalyticsResults) -> list[Row]:
                 "i",
                 f"(i) ExportTrainingData, {size} events",
                 f"{training.seconds:.1f} s ({training.rows:,} pairs, {training.rows / training.seconds:,.0f}/s)",
+                noise=training.cpu.other + training.cpu.steal,
             )
         )
         rss = training.rss
@@ -292,8 +297,21 @@ def cpu_rows(results: Results) -> list[tuple[str, Throughput]]:
         ("(e) memory stream", results.memory.throughput if results.memory else None),
         ("(f) bulk, preloaded", results.growth),
         *((f"(g) {s} stream(s)", g) for s, g in results.fanout.items()),
+        *_analytics_cpu(results.analytics),
     ]
     return [(name, r) for name, r in named if r is not None]
+
+
+def _analytics_cpu(results: AnalyticsResults | None) -> list[tuple[str, Throughput]]:
+    """(h) and (i) in the CPU table (the client is this process)."""
+    if results is None:
+        return []
+    named = [
+        ("(h) COPY TO STDOUT", results.export_ceiling),
+        ("(h) ExportEvents", results.export),
+        ("(i) ExportTrainingData", results.training),
+    ]
+    return [(name, Throughput(r.rows, r.seconds, r.cpu)) for name, r in named if r is not None]
 
 
 def _table(header: list[str], body: list[list[str]], right: set[int]) -> str:
