@@ -9,6 +9,7 @@ whose events sit exactly on the windows' edges.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import unicodedata
@@ -597,3 +598,22 @@ async def test_user_events_match_reference(stub: Any, log: Log, types: list[int]
     default = await stub.ListUserEvents(pb.ListUserEventsRequest(user_id="alice"))
     assert len(default.events) == min(100, sum(e.user_id == "alice" for e in log.events))
     assert (await stub.ListUserEvents(pb.ListUserEventsRequest(user_id="nobody"))).events == []
+
+
+async def test_cancelled_exports_release_their_connections_cleanly(
+    stub: Any, log: Log, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """More cancelled exports than the analytics pool has connections: each
+    ends its cursor and transaction, nothing is logged as an error, and a
+    whole export still runs afterwards."""
+    monkeypatch.setattr(analytics, "ROWS_PER_RESPONSE", 3)
+    for _ in range(8):
+        for call in (
+            stub.ExportEvents(pb.ExportEventsRequest()),
+            stub.ExportTrainingData(pb.ExportTrainingDataRequest()),
+        ):
+            await call.read()
+            call.cancel()
+    whole = exported(await collect(stub.ExportEvents(pb.ExportEventsRequest())))
+    assert len(whole) == len(log.events)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -12,6 +12,7 @@ Definitions: docs/analytics.md and the comments of analytics_service.proto.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
@@ -69,10 +70,15 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             as_of_us = window.end_us if window.end_us is not None else int(time.time() * 1_000_000)
         as_of = protos.timestamp(as_of_us)
         first = True
-        async with self._analytics_pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-            chunks = storage.training_rows(
-                conn, window, protos.ML_WEIGHTS, as_of_us, half_life, after, ROWS_PER_RESPONSE
-            )
+        # aclosing: a call cancelled mid-export ends the cursor's prefetch
+        # before the transaction rolls back on the same connection.
+        async with (
+            self._analytics_pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+            contextlib.aclosing(
+                storage.training_rows(conn, window, protos.ML_WEIGHTS, as_of_us, half_life, after, ROWS_PER_RESPONSE)
+            ) as chunks,
+        ):
             async for chunk in chunks:
                 last = chunk[-1]
                 response = pb.ExportTrainingDataResponse(
@@ -99,8 +105,12 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             if request.resume_token
             else None
         )
-        async with self._analytics_pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-            async for chunk in storage.export_events(conn, window, types, after, ROWS_PER_RESPONSE):
+        async with (
+            self._analytics_pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+            contextlib.aclosing(storage.export_events(conn, window, types, after, ROWS_PER_RESPONSE)) as chunks,
+        ):
+            async for chunk in chunks:
                 start, size = 0, 0
                 for i, row in enumerate(chunk):
                     size += protos.size_estimate(row)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -82,7 +82,7 @@ def _types_sql(first_param: int) -> str:
 # --- exports ---------------------------------------------------------------------
 
 
-async def _prefetched(cursor: Any, chunk: int) -> AsyncIterator[list[asyncpg.Record]]:
+async def _prefetched(cursor: Any, chunk: int) -> AsyncGenerator[list[asyncpg.Record], None]:
     """The cursor's rows, `chunk` at a time, with the next chunk fetched while
     the caller works on (and sends) this one: the database and the server's
     Python overlap instead of taking turns. At most two chunks in memory."""
@@ -137,7 +137,7 @@ async def training_rows(
     half_life_seconds: float | None,
     after: tuple[str, str] | None,
     chunk: int,
-) -> AsyncIterator[list[TrainingRow]]:
+) -> AsyncGenerator[list[TrainingRow], None]:
     """The training matrix in (user_id, product_id) order, `chunk` rows at a
     time, from a server-side cursor (`conn` must be in a transaction)."""
     names = sorted(weights)
@@ -152,8 +152,9 @@ async def training_rows(
         after[0] if after else None,
         after[1] if after else None,
     )
-    async for records in _prefetched(cursor, chunk):
-        yield [TrainingRow(*r) for r in records]
+    async with contextlib.aclosing(_prefetched(cursor, chunk)) as chunks:
+        async for records in chunks:
+            yield [TrainingRow(*r) for r in records]
 
 
 # The bench COPYs this same statement for the ceiling of (h).
@@ -168,7 +169,7 @@ ORDER BY occurred_at, event_id
 
 async def export_events(
     conn: asyncpg.Connection, window: Window, types: TypeFilter, after: tuple[int, str] | None, chunk: int
-) -> AsyncIterator[list[EventRow]]:
+) -> AsyncGenerator[list[EventRow], None]:
     """The log in (occurred_at, event_id) order, `chunk` rows at a time, from
     a server-side cursor (`conn` must be in a transaction)."""
     cursor = await conn.cursor(
@@ -179,8 +180,9 @@ async def export_events(
         after[0] if after else None,
         after[1] if after else None,
     )
-    async for records in _prefetched(cursor, chunk):
-        yield [EventRow(*r) for r in records]
+    async with contextlib.aclosing(_prefetched(cursor, chunk)) as chunks:
+        async for records in chunks:
+            yield [EventRow(*r) for r in records]
 
 
 # --- window aggregates --------------------------------------------------------------
