@@ -64,10 +64,17 @@ _EVENT_COLUMNS = (
 )
 
 
+def _bound(param: str, infinity: str) -> str:
+    """A bigint parameter as a timestamptz, NULL as +-infinity: a plain range
+    condition that prunes partitions and uses the BRIN index in generic plans
+    too, where `$n IS NULL OR ...` would scan everything."""
+    return f"coalesce({_TS.format(param)}, '{infinity}'::timestamptz)"
+
+
 def _window_sql(first_param: int, column: str = "occurred_at") -> str:
     """Conditions for a Window passed as two bigint parameters (NULL: unbounded)."""
     start, end = f"${first_param}::int8", f"${first_param + 1}::int8"
-    return f"({start} IS NULL OR {column} >= {_TS.format(start)}) AND ({end} IS NULL OR {column} < {_TS.format(end)})"
+    return f"{column} >= {_bound(start, '-infinity')} AND {column} < {_bound(end, 'infinity')}"
 
 
 def _types_sql(first_param: int) -> str:
@@ -161,7 +168,7 @@ async def training_rows(
 EXPORT_EVENTS = f"""
 SELECT {_EVENT_COLUMNS} FROM events
 WHERE {_window_sql(1)} AND {_types_sql(3)}
-  AND ($6::int8 IS NULL OR occurred_at >= {_TS.format("$6::int8")})  -- prunes partitions and BRIN ranges
+  AND occurred_at >= {_bound("$6::int8", "-infinity")}  -- prunes partitions and BRIN ranges
   AND ($6::int8 IS NULL OR (occurred_at, event_id) > ({_TS.format("$6::int8")}, $7::uuid))
 ORDER BY occurred_at, event_id
 """
@@ -215,8 +222,8 @@ WITH relevant AS (
            max(occurred_at) FILTER (WHERE event_type = 'search') OVER w AS search_at
     FROM events
     WHERE event_type = ANY($3::text[])
-      AND ($1::int8 IS NULL OR occurred_at >= {_TS.format("$1::int8")})
-      AND ($2::int8 IS NULL OR occurred_at < {_TS.format("$2::int8")} + interval '30 minutes')
+      AND occurred_at >= {_bound("$1::int8", "-infinity")}
+      AND occurred_at < {_bound("$2::int8", "infinity")} + interval '30 minutes'
     -- "C": partitions need equality only, and byte order sorts fastest
     WINDOW w AS (PARTITION BY user_id COLLATE "C" ORDER BY occurred_at, event_id ROWS UNBOUNDED PRECEDING)
 ), outcomes AS (
@@ -227,7 +234,7 @@ WITH relevant AS (
            bool_or(event_type = ANY($5::text[]) AND occurred_at <= search_at + interval '30 minutes') AS carted,
            bool_or(event_type = ANY($6::text[]) AND occurred_at <= search_at + interval '30 minutes') AS bought
     FROM relevant
-    WHERE search_no > 0 AND ($2::int8 IS NULL OR search_at < {_TS.format("$2::int8")})
+    WHERE search_no > 0 AND search_at < {_bound("$2::int8", "infinity")}
     GROUP BY user_id, search_no, search_at
 )
 SELECT query, user_id, count(*), count(*) FILTER (WHERE clicked), count(*) FILTER (WHERE carted),
@@ -289,7 +296,7 @@ async def active_users(pool: asyncpg.Pool, window: Window) -> list[ActiveUsers]:
 _USER_EVENTS = f"""
 SELECT {_EVENT_COLUMNS} FROM events
 WHERE user_id = $1 AND {_window_sql(2)} AND {_types_sql(4)}
-  AND ($7::int8 IS NULL OR occurred_at <= {_TS.format("$7::int8")})  -- bounds the index range
+  AND occurred_at <= {_bound("$7::int8", "infinity")}  -- bounds the index range
   AND ($7::int8 IS NULL OR (occurred_at, event_id) < ({_TS.format("$7::int8")}, $8::uuid))
 ORDER BY occurred_at DESC, event_id DESC
 LIMIT $9
