@@ -617,3 +617,14 @@ async def test_cancelled_exports_release_their_connections_cleanly(
     whole = exported(await collect(stub.ExportEvents(pb.ExportEventsRequest())))
     assert len(whole) == len(log.events)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_large_events_are_split_into_responses_of_about_a_mebibyte(stub: Any, channel: grpc.aio.Channel) -> None:
+    t0 = (int(time.time()) - 3600) * 1_000_000
+    attributes = {f"k{i:02}": "v" * 1_024 for i in range(50)}  # the limits: about 53 KB per event
+    events = [event_at(T.EVENT_TYPE_VIEW, when=t0 + i, user_id="big", attributes=attributes) for i in range(60)]
+    await send(channel, events, random.Random(3))
+    responses = await collect(stub.ExportEvents(pb.ExportEventsRequest()))
+    assert [e.event for e in exported(responses)] == [as_logged(e) for e in sorted(events, key=key)]
+    assert len(responses) >= 3
+    assert all(r.ByteSize() <= analytics.BYTES_PER_RESPONSE + 60_000 for r in responses)
