@@ -111,12 +111,13 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             contextlib.aclosing(storage.export_events(conn, window, types, after, ROWS_PER_RESPONSE)) as chunks,
         ):
             async for chunk in chunks:
-                start, size = 0, 0
-                for i, row in enumerate(chunk):
-                    size += protos.size_estimate(row)
-                    if size >= BYTES_PER_RESPONSE or i == len(chunk) - 1:
-                        yield _events_response(chunk[start : i + 1])
-                        start, size = i + 1, 0
+                start = 0
+                while start < len(chunk):  # a chunk of large events makes several responses
+                    response = pb.ExportEventsResponse()
+                    start = protos.add_exported_events(response.events, chunk, start, BYTES_PER_RESPONSE)
+                    last = chunk[start - 1]
+                    response.resume_token = tokens.encode(tokens.EVENTS, last.occurred_us, last.event_id)
+                    yield response
 
     # --- window aggregates -------------------------------------------------------
 
@@ -209,13 +210,6 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         if len(rows) > page_size:
             response.next_page_token = tokens.encode(tokens.USER_EVENTS, page[-1].occurred_us, page[-1].event_id)
         return response
-
-
-def _events_response(rows: Sequence[storage.EventRow]) -> pb.ExportEventsResponse:
-    last = rows[-1]
-    response = pb.ExportEventsResponse(resume_token=tokens.encode(tokens.EVENTS, last.occurred_us, last.event_id))
-    protos.add_exported_events(response.events, rows)
-    return response
 
 
 # --- request checks: each bad field is INVALID_ARGUMENT naming it -------------------

@@ -50,9 +50,9 @@ def fill_event(event: Event, row: EventRow) -> None:
     if row.product_id is not None:
         event.product_id = row.product_id
     event.event_value = row.event_value
-    seconds, micros = divmod(row.occurred_us, 1_000_000)
-    event.occurred_at.seconds = seconds
-    event.occurred_at.nanos = micros * 1_000
+    occurred = event.occurred_at
+    occurred.seconds, micros = divmod(row.occurred_us, 1_000_000)
+    occurred.nanos = micros * 1_000
     if row.details is not None:
         ((member, payload),) = json.loads(row.details).items()
         details = getattr(event, member)
@@ -68,17 +68,31 @@ def add_events(events: Any, rows: Iterable[EventRow]) -> None:
         fill_event(events.add(), row)
 
 
-def add_exported_events(exported: Any, rows: Iterable[EventRow]) -> None:
-    """Appends the rows to a repeated ExportedEvent field."""
-    for row in rows:
+def add_exported_events(exported: Any, rows: Sequence[EventRow], start: int, max_bytes: int) -> int:
+    """Appends rows[start:] to a repeated ExportedEvent field until about
+    `max_bytes` are in it (at least one row); returns the index after the
+    last row added."""
+    size = 0
+    end = len(rows)
+    for index in range(start, end):
+        row = rows[index]
         item = exported.add()
         fill_event(item.event, row)
         weight = ML_WEIGHTS.get(row.event_type)
         if weight is not None:
             item.ml_weight = weight
-        seconds, micros = divmod(row.received_us, 1_000_000)
-        item.received_at.seconds = seconds
-        item.received_at.nanos = micros * 1_000
+        received = item.received_at
+        received.seconds, micros = divmod(row.received_us, 1_000_000)
+        received.nanos = micros * 1_000
+        # Roughly the row's bytes: ids and times, plus its JSON payloads.
+        size += 160
+        if row.details is not None:
+            size += len(row.details)
+        if row.attributes is not None:
+            size += len(row.attributes)
+        if size >= max_bytes:
+            return index + 1
+    return end
 
 
 def add_training_rows(rows: Any, chunk: Iterable[TrainingRow]) -> None:
@@ -93,11 +107,6 @@ def add_training_rows(rows: Any, chunk: Iterable[TrainingRow]) -> None:
         row.last_occurred_at.seconds = seconds
         row.last_occurred_at.nanos = micros * 1_000
         row.counts.update(zip(r.types, r.type_counts, strict=True))
-
-
-def size_estimate(row: EventRow) -> int:
-    """Roughly the bytes of the row's message, to bound a response's size."""
-    return 160 + len(row.details or "") + len(row.attributes or "")
 
 
 # --- search analytics ------------------------------------------------------------
