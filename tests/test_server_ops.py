@@ -141,6 +141,7 @@ async def test_reflection_lists_and_describes_the_services(channel: grpc.aio.Cha
     assert {s.name for s in listed.list_services_response.service} == {
         "interactions.v1.InteractionService",
         "interactions.v1.UserStateService",
+        "interactions.v1.AdminService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     }

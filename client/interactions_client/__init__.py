@@ -10,6 +10,8 @@ from interactions_client.errors import (
     InteractionsError,
     InvalidArgumentError,
     InvalidEventError,
+    PermissionDeniedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from interactions_client.results import BatchResult, LogResult, Rejection
@@ -36,12 +38,14 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidEventError",
     "LogResult",
+    "PermissionDeniedError",
     "Rejection",
     "StreamTotals",
     "SyncEventStreamer",
     "SyncInteractionsClient",
     "TlsConfig",
     "TypeRule",
+    "UnauthenticatedError",
     "UnavailableError",
     "Undelivered",
     "Violation",

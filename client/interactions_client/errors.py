@@ -70,6 +70,14 @@ class DeadlineExceededError(InteractionsError):
     retryable = True
 
 
+class UnauthenticatedError(InteractionsError):
+    """The server wants a bearer token and got none, or one it does not know (or no longer knows)."""
+
+
+class PermissionDeniedError(InteractionsError):
+    """The token is valid but lacks the scope the RPC needs."""
+
+
 class DeliveryFailedError(InteractionsError):
     """The bulk streamer gave up: the events it reports as failed were not confirmed.
     They may have been committed; resending them is safe (event_id deduplicates)."""
@@ -83,6 +91,8 @@ class DeliveryFailedError(InteractionsError):
 _BY_CODE: dict[grpc.StatusCode, type[InteractionsError]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 
