@@ -144,6 +144,27 @@ async def test_every_served_rpc_checks_its_token_and_scope(secured: App, secured
                 assert code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED), what
 
 
+async def test_the_scopes_cover_every_service_the_server_answers(
+    secured: App, secured_channel: grpc.aio.Channel
+) -> None:
+    """Every service reflection lists, but health and reflection, has its scopes
+    checked (served_services), so none can be registered around the check."""
+    call = reflection_pb2_grpc.ServerReflectionStub(secured_channel).ServerReflectionInfo(metadata=bearer("nobody"))
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    listed = {s.name for s in (await call.read()).list_services_response.service}
+    await call.done_writing()
+    assert listed - {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} == {
+        s.full_name for s in secured.served_services
+    }
+    # A method no scope lists needs admin (fail closed), reflection any token.
+    interceptor = auth.TokenAuth(secured.config.auth_tokens)  # type: ignore[arg-type]
+    assert interceptor.check("/x.Unlisted/Call", bearer("writer")) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "token 'writer' lacks the scope 'admin' for /x.Unlisted/Call",
+    )
+    assert isinstance(interceptor.check("/x.Unlisted/Call", bearer("operator")), auth.Caller)
+
+
 async def test_a_refused_call_writes_and_deletes_nothing(
     secured: App, secured_channel: grpc.aio.Channel, database_url: str
 ) -> None:

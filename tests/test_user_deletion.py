@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -48,7 +49,7 @@ async def rows_by_table(pool: asyncpg.Pool, user_id: str) -> dict[str, int]:
 
 
 @pytest.fixture
-async def admin(server: App) -> InteractionsClient:
+async def admin(server: App) -> AsyncIterator[InteractionsClient]:
     async with InteractionsClient(server.address) as client:
         for user in ("u1", "u2"):
             result = await client.log_many(history(user))

@@ -39,6 +39,9 @@ AUTHORIZATION = "authorization"
 _BEARER = "bearer "
 # Probes carry no token: health stays open whatever the tokens file says.
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
+# Reflection needs any valid token. Any other method the scopes do not list
+# (a service registered without its scopes: a bug) needs `admin`: fail closed.
+ANY_TOKEN_SERVICES = frozenset({"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
 TYPE_NOT_ALLOWED = "not allowed for this client"
 _EVENT_TYPE_NAMES = frozenset(rule.name for rule in RULES.values())
 _TOKEN_KEYS = frozenset({"name", "sha256", "scopes", "event_types"})
@@ -172,8 +175,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has n
     """Checks every call's bearer token against the tokens file.
 
     `require()` gives each served method path the scope it needs (see
-    interactions_client.access.required_scopes); a path not in it (e.g.
-    reflection) needs any valid token, and OPEN_SERVICES none.
+    interactions_client.access.required_scopes); OPEN_SERVICES need no
+    token, ANY_TOKEN_SERVICES any valid one, and any other method `admin`.
     """
 
     def __init__(self, tokens_file: Path) -> None:
@@ -218,7 +221,9 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has n
         token = self.authenticate(metadata)
         if token is None:
             return grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token (authorization: Bearer <token>)"
-        scope = self._required.get(method, ANY_TOKEN)
+        scope = self._required.get(method)
+        if scope is None:
+            scope = _unlisted_scope(method)
         if not token.holds(scope):
             _log.info("refused %s to token %s: needs scope %s", method, token.name, scope)
             return grpc.StatusCode.PERMISSION_DENIED, f"token {token.name!r} lacks the scope {scope!r} for {method}"
@@ -231,9 +236,17 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has n
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or method.lstrip("/").split("/", 1)[0] in OPEN_SERVICES:
+        if handler is None or _service(method) in OPEN_SERVICES:
             return handler
         return _guarded(handler, self.check(method, handler_call_details.invocation_metadata))
+
+
+def _service(method: str) -> str:
+    return method.lstrip("/").split("/", 1)[0]
+
+
+def _unlisted_scope(method: str) -> str:
+    return ANY_TOKEN if _service(method) in ANY_TOKEN_SERVICES else ADMIN
 
 
 def _guarded(handler: grpc.RpcMethodHandler, outcome: Caller | Refusal) -> grpc.RpcMethodHandler:
