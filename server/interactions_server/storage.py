@@ -28,7 +28,7 @@ WITH batch AS (
 ), deleted AS MATERIALIZED (
     -- Users whose data was deleted (migrations/0003_user_deletion.sql, which
     -- explains the lock this takes): their events up to the watermark are refused.
-    SELECT user_id, deleted_through FROM lock_users_for_ingest(array(SELECT DISTINCT u FROM batch))
+    SELECT user_id, deleted_through FROM lock_users_for_ingest(array(SELECT u FROM batch))
 ), refused AS (
     SELECT b.u, b.e, d.deleted_through FROM batch AS b JOIN deleted AS d ON d.user_id = b.u
     WHERE b.o <= d.deleted_through
