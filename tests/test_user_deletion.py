@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -20,6 +21,7 @@ from interactions_client import InteractionsClient
 from interactions_client.v1 import interaction_service_pb2 as isv
 from interactions_client.v1.event_pb2 import Event, EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
+from interactions_server import storage
 from interactions_server.server import App
 from tests.events import valid_event
 from tests.support import eventually, field_violations
@@ -184,24 +186,25 @@ async def test_an_ingest_waiting_on_a_deletion_sees_its_watermark(
 async def test_a_deletion_waits_for_an_ingest_of_the_user_in_flight(
     server: App, admin: InteractionsClient, database_url: str
 ) -> None:
-    """The other side: a batch that took the lock first commits, then the
-    deletion deletes what it wrote."""
+    """The other side: a batch that took the lock first (while the deletion
+    was already deleting the events it could see) commits, then the deletion
+    deletes what it wrote too."""
+    now_us = int(time.time() * 1_000_000)
+    row = ("u1", str(uuid.uuid4()), "view", None, "p1", 1, now_us, None, None, False)
     writer = await asyncpg.connect(database_url)
     try:
         async with writer.transaction():
-            # What storage.INSERT_EVENTS does for a batch with u1 in it.
-            await writer.fetch("SELECT * FROM lock_users_for_ingest(ARRAY['u1'])")
-            await writer.execute(
-                "INSERT INTO event_keys (user_id, event_id, occurred_at) VALUES ('u1', gen_random_uuid(), now())"
-            )
+            inserted = await storage.insert_events(writer, [row])  # the write path's statement, uncommitted
+            assert len(inserted.new_keys) == 1
             deletion = asyncio.create_task(admin.delete_user_data("u1"))
             await eventually(lambda: waiting_for_the_lock(writer))
             assert not deletion.done()
         done = await deletion
     finally:
         await writer.close()
-    assert await server.pool.fetchval("SELECT count(*) FROM event_keys WHERE user_id = 'u1'") == 0
-    assert done.events_deleted == 6
+    assert done.events_deleted == 7
+    assert await rows_by_table(server.pool, "u1") == dict.fromkeys(TABLES, 0)
+    assert done.deleted_through.ToDatetime(UTC) >= datetime.fromtimestamp(now_us / 1e6, UTC)
 
 
 async def waiting_for_the_lock(connection: asyncpg.Connection) -> bool:
