@@ -12,9 +12,10 @@ CREATE TABLE user_deletions (
 -- Called by every ingest statement with the users of its batch: takes the
 -- users' deletion locks in shared mode (ingests never wait for each other),
 -- then returns the watermarks of those users. A deletion takes the same lock
--- exclusively before deleting, and holds it until it commits, so:
---  * an ingest that holds the lock commits before the deletion starts to
---    delete, and the deletion sees (and deletes) what it wrote;
+-- exclusively, holds it until it commits, and records the watermark and
+-- deletes what it has not deleted yet only once it holds it, so:
+--  * an ingest that holds the lock commits before the deletion goes on, and
+--    the deletion sees (and deletes) what it wrote;
 --  * an ingest that comes later waits until the deletion commits, and then
 --    sees the new watermark. It does, although its own statement began
 --    before the deletion committed: a VOLATILE function takes a fresh
@@ -22,7 +23,8 @@ CREATE TABLE user_deletions (
 --    below runs only once the locks are held.
 -- Locks are per bucket of users (hashtext(user_id) modulo 64), so a batch
 -- takes at most 64 locks, whatever its size (the lock table is shared and
--- bounded); a deletion briefly holds up the batches with users in its bucket.
+-- bounded); a deletion briefly holds up the batches with users in its bucket
+-- (it scans the event log for the user's events before taking the lock).
 -- They are taken in key order, so no two callers can deadlock on them.
 CREATE FUNCTION lock_users_for_ingest(users text[])
 RETURNS TABLE (user_id text, deleted_through timestamptz)
