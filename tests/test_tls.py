@@ -4,6 +4,7 @@ and a rotated certificate is served without a restart."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -123,3 +124,24 @@ async def test_unreadable_tls_files_fail_start_up_with_one_line(tmp_path: Path, 
         await start_server(tls_cert=cert)
     with pytest.raises(StartupError, match="--tls-client-ca needs"):
         await start_server(tls_client_ca=cert)
+
+
+async def test_a_broken_rotation_keeps_the_current_certificate(
+    tmp_path: Path, ca: Authority, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    cert, key = ca.issue("localhost", server=True).write(tmp_path, "server")
+    server = await start_server(tls_cert=cert, tls_key=key)
+    write_bytes(cert, b"half-written")
+    with caplog.at_level(logging.ERROR, logger="interactions_server.tls"):
+        for _ in range(3):  # three handshakes, one error logged
+            assert await serving(server.address, grpc.ssl_channel_credentials(ca.pem))
+    assert [r.getMessage() for r in caplog.records if r.name == "interactions_server.tls"] == [
+        f"TLS files not reloaded, the current certificate stays in use: {cert} is not a PEM file"
+    ]
+    new_ca = Authority("next CA")
+    new_ca.issue("localhost", server=True).write(tmp_path, "server")
+    assert await serving(server.address, grpc.ssl_channel_credentials(new_ca.pem))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    path.write_bytes(data)

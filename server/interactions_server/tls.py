@@ -43,7 +43,8 @@ class _Fetcher:
 
     def __init__(self, files: TlsFiles) -> None:
         self._files = files
-        self._stamp: _Stamp = ()
+        self._stamp: _Stamp = ()  # of the files in use
+        self._failed: _Stamp = ()  # of files that did not load: logged once, not per handshake
 
     def _read_stamp(self) -> _Stamp:
         stats = [os.stat(path) for path in self._files.paths]
@@ -70,14 +71,23 @@ class _Fetcher:
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
         try:
-            if self._read_stamp() == self._stamp:
+            stamp = self._read_stamp()
+            if stamp in (self._stamp, self._failed):
                 return None
             config = self.load()
         except (OSError, TlsFilesError) as exc:  # mid-rotation: keep serving the current certificate
-            _log.error("TLS files not reloaded, the current certificate stays in use: %s", exc)
+            if self._failed != (failed := self._safe_stamp()):
+                self._failed = failed
+                _log.error("TLS files not reloaded, the current certificate stays in use: %s", exc)
             return None
         _log.info("TLS certificate reloaded from %s", self._files.cert)
         return config
+
+    def _safe_stamp(self) -> _Stamp:
+        try:
+            return self._read_stamp()
+        except OSError:
+            return ((-1, -1),)
 
 
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
