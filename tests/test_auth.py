@@ -280,6 +280,10 @@ async def test_the_client_sends_its_token_and_maps_refusals(secured: App) -> Non
             with writer.stream() as streamer:
                 streamer.send(valid_event(EventType.EVENT_TYPE_VIEW))
             assert streamer.totals.accepted == 1
+            with pytest.raises(PermissionDeniedError):
+                writer.delete_user_data("u1", dry_run=True)
+        with SyncInteractionsClient(secured.address, token=TOKENS["operator"][0]) as operator:
+            assert operator.delete_user_data("u1", dry_run=True).events_deleted == 5
 
     await asyncio.to_thread(sync_calls)
 
