@@ -514,3 +514,26 @@ async def test_the_server_command_reports_a_bad_tokens_file_in_one_line(database
     errors = [line for line in server.log if " ERROR " in line]
     assert len(errors) == 1 and "sha256" in errors[0]
     assert "Traceback" not in "".join(server.log)
+
+
+def test_the_security_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from interactions_server.cli import build_parser
+
+    defaults = build_parser().parse_args([])
+    assert (defaults.tls_cert, defaults.tls_key, defaults.tls_client_ca, defaults.auth_tokens) == (None,) * 4
+    assert defaults.reflection
+    for name, value in {
+        "TLS_CERT": "s.crt",
+        "TLS_KEY": "s.key",
+        "TLS_CLIENT_CA": "ca.crt",
+        "AUTH_TOKENS": "t.toml",
+        "NO_REFLECTION": "1",
+    }.items():
+        monkeypatch.setenv(f"INTERACTIONS_{name}", value)
+    args = build_parser().parse_args([])
+    assert (args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_tokens) == tuple(
+        map(Path, ("s.crt", "s.key", "ca.crt", "t.toml"))
+    )
+    assert not args.reflection
+    flags = build_parser().parse_args(["--tls-cert", "a", "--tls-key", "b", "--auth-tokens", "c", "--no-reflection"])
+    assert (flags.tls_cert, flags.auth_tokens, flags.reflection) == (Path("a"), Path("c"), False)
