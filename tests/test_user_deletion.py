@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import grpc
 import pytest
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from interactions_client import InteractionsClient
 from interactions_client.v1 import interaction_service_pb2 as isv
@@ -51,11 +50,18 @@ async def rows_by_table(pool: asyncpg.Pool, user_id: str) -> dict[str, int]:
 
 
 @pytest.fixture
-async def admin(server: App) -> AsyncIterator[InteractionsClient]:
+async def histories(server: App) -> dict[str, list[Event]]:
+    """u1 and u2 with a history() each, logged."""
+    events = {user: history(user) for user in ("u1", "u2")}
     async with InteractionsClient(server.address) as client:
-        for user in ("u1", "u2"):
-            result = await client.log_many(history(user))
-            assert result.accepted == 6
+        for logged in events.values():
+            assert (await client.log_many(logged)).accepted == 6
+    return events
+
+
+@pytest.fixture
+async def admin(server: App, histories: dict[str, list[Event]]) -> AsyncIterator[InteractionsClient]:
+    async with InteractionsClient(server.address) as client:
         yield client
 
 
@@ -99,13 +105,13 @@ async def test_counts_dry_run_deletion_and_idempotence(server: App, admin: Inter
 
 
 async def test_a_replay_is_refused_and_new_activity_accepted(
-    server: App, admin: InteractionsClient, channel: grpc.aio.Channel
+    server: App, admin: InteractionsClient, channel: grpc.aio.Channel, histories: dict[str, list[Event]]
 ) -> None:
     done = await admin.delete_user_data("u1")
     watermark = done.deleted_through.ToDatetime(UTC)
     stub = InteractionServiceStub(channel)
-    old = history("u1")  # new ids, old times: an import of old data
-    replay = [*(await replayed_events(server, "u2")), *old]  # u2's resend is a duplicate, nothing else
+    old = [*histories["u1"][:3], *history("u1")[3:]]  # a resend, and new ids with old times (an import)
+    replay = [*histories["u2"], *old]  # u2's resend is a duplicate, nothing else
 
     # Batch: every u1 event refused naming user_id; u2's are duplicates.
     response = await stub.LogEvents(isv.LogEventsRequest(events=replay))
@@ -134,23 +140,6 @@ async def test_a_replay_is_refused_and_new_activity_accepted(
     # New activity after the deletion is accepted and syncs state again.
     assert [(i.product_id, i.quantity) for i in await admin.get_cart("u1")] == [("p9", 1)]
     assert await rows_by_table(server.pool, "u1") == {t: n for t, n in zip(TABLES, (1, 1, 1, 0, 0), strict=True)}
-
-
-async def replayed_events(server: App, user_id: str) -> list[Event]:
-    """The user's logged events, as a resend would carry them (same ids and times)."""
-    rows = await server.pool.fetch("SELECT event_id::text, occurred_at FROM events WHERE user_id = $1", user_id)
-    events = []
-    for row in rows:
-        event = valid_event(EventType.EVENT_TYPE_VIEW, user_id=user_id, event_id=row["event_id"])
-        event.occurred_at.CopyFrom(timestamp(row["occurred_at"]))
-        events.append(event)
-    return events
-
-
-def timestamp(value: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
 
 
 async def test_the_watermark_covers_events_from_the_near_future(server: App, admin: InteractionsClient) -> None:
