@@ -20,7 +20,6 @@ from interactions_client import InteractionsClient
 from interactions_client.v1 import interaction_service_pb2 as isv
 from interactions_client.v1.event_pb2 import Event, EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
-from interactions_server import storage
 from interactions_server.server import App
 from tests.events import valid_event
 from tests.support import eventually, field_violations
@@ -178,13 +177,21 @@ async def test_a_deletion_waits_for_an_ingest_of_the_user_in_flight(
     """The other side: a batch that took the lock first (while the deletion
     was already deleting the events it could see) commits, then the deletion
     deletes what it wrote too."""
-    now_us = int(time.time() * 1_000_000)
-    row = ("u1", str(uuid.uuid4()), "view", None, "p1", 1, now_us, None, None, False)
+    now = datetime.now(UTC)
     writer = await asyncpg.connect(database_url)
     try:
         async with writer.transaction():
-            inserted = await storage.insert_events(writer, [row])  # the write path's statement, uncommitted
-            assert len(inserted.new_keys) == 1
+            # What storage.INSERT_EVENTS does for one event of u1, uncommitted.
+            await writer.fetch("SELECT * FROM lock_users_for_ingest(ARRAY['u1'])")
+            await writer.execute(
+                """
+                WITH k AS (INSERT INTO event_keys (user_id, event_id, occurred_at) VALUES ('u1', $1, $2))
+                INSERT INTO events (user_id, event_id, event_type, event_value, occurred_at, syncs_state)
+                VALUES ('u1', $1, 'view', 1, $2, false)
+                """,
+                uuid.uuid4(),
+                now,
+            )
             deletion = asyncio.create_task(admin.delete_user_data("u1"))
             await eventually(lambda: waiting_for_the_lock(writer))
             assert not deletion.done()
@@ -193,7 +200,7 @@ async def test_a_deletion_waits_for_an_ingest_of_the_user_in_flight(
         await writer.close()
     assert done.events_deleted == 7
     assert await rows_by_table(server.pool, "u1") == dict.fromkeys(TABLES, 0)
-    assert done.deleted_through.ToDatetime(UTC) >= datetime.fromtimestamp(now_us / 1e6, UTC)
+    assert done.deleted_through.ToDatetime(UTC) >= now
 
 
 async def waiting_for_the_lock(connection: asyncpg.Connection) -> bool:
