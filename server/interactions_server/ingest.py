@@ -25,9 +25,10 @@ from interactions_server import storage
 from interactions_server.auth import event_type_violation
 from interactions_server.sync import SyncEvent, SyncHandler, build_registry
 
-# Field names of each details payload, read once from the schema.
-_DETAIL_FIELDS: dict[str, tuple[str, ...]] = {
-    f.name: tuple(sub.name for sub in f.message_type.fields)  # type: ignore[union-attr]
+# Field names of each details payload, read once from the schema, with
+# whether the field tracks presence (an unset `optional` is not stored).
+_DETAIL_FIELDS: dict[str, tuple[tuple[str, bool], ...]] = {
+    f.name: tuple((sub.name, sub.has_presence) for sub in f.message_type.fields)  # type: ignore[union-attr]
     for f in Event.DESCRIPTOR.oneofs_by_name["details"].fields
 }
 
@@ -59,7 +60,8 @@ def _row(event: Event, event_id: str, received_us: int) -> storage.EventRow:
     details = None
     if member is not None:
         payload = getattr(event, member)
-        details = json.dumps({member: {name: getattr(payload, name) for name in _DETAIL_FIELDS[member]}})
+        fields = _DETAIL_FIELDS[member]
+        details = json.dumps({member: {n: getattr(payload, n) for n, opt in fields if not opt or payload.HasField(n)}})
     return (
         event.user_id,
         event_id,
