@@ -11,6 +11,8 @@ from interactions_client.errors import (
     InvalidArgumentError,
     InvalidEventError,
     NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from interactions_client.results import BatchResult, LogResult, Rejection
@@ -38,12 +40,14 @@ __all__ = [
     "InvalidEventError",
     "LogResult",
     "NotFoundError",
+    "PermissionDeniedError",
     "Rejection",
     "StreamTotals",
     "SyncEventStreamer",
     "SyncInteractionsClient",
     "TlsConfig",
     "TypeRule",
+    "UnauthenticatedError",
     "UnavailableError",
     "Undelivered",
     "Violation",

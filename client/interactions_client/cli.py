@@ -57,6 +57,11 @@ def _add_common_options(parser: argparse.ArgumentParser, *, defaults: bool) -> a
     add("--ca-cert", type=Path, default=default(None), help="PEM root certificates to trust (default: the system's)")
     add("--client-cert", type=Path, default=default(None), help="PEM client certificate chain, for mutual TLS")
     add("--client-key", type=Path, default=default(None), help="PEM private key of --client-cert")
+    add(
+        "--token",
+        default=default(os.environ.get("INTERACTIONS_TOKEN") or None),
+        help="bearer token for a server with --auth-tokens (default: $INTERACTIONS_TOKEN)",
+    )
     add("--deadline", type=float, default=default(DEFAULT_DEADLINE), help="seconds per call (default: 10)")
     add("--json", action="store_true", default=default(False), help="print JSON for scripts instead of tables")
     return parser
@@ -98,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("cart", "the user's cart"), ("wishlist", "the user's wishlist"), ("purchases", "purchases")):
         reader = commands.add_parser(name, parents=[common], help=f"print {what}")
         reader.add_argument("user")
+
+    delete = commands.add_parser(
+        "delete-user", parents=[common], help="delete everything stored about a user (needs the admin scope)"
+    )
+    delete.add_argument("user")
+    delete.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
 
     commands.add_parser("types", parents=[common], help="print the event type catalog")
     health = commands.add_parser("health", parents=[common], help="exit 0 only when the service is SERVING")
@@ -205,6 +216,24 @@ async def _health(client: InteractionsClient, args: argparse.Namespace) -> int:
     return EXIT_OK if serving else EXIT_FAILED
 
 
+async def _delete_user(client: InteractionsClient, args: argparse.Namespace) -> int:
+    response = await client.delete_user_data(args.user, dry_run=args.dry_run)
+    counts = {
+        "events": response.events_deleted,
+        "cart_lines": response.cart_lines_deleted,
+        "wishlist_lines": response.wishlist_lines_deleted,
+        "purchases": response.purchases_deleted,
+    }
+    if args.json:
+        _print_json({**counts, "deleted_through": _time(response.deleted_through), "dry_run": args.dry_run})
+    else:
+        verb = "would delete" if args.dry_run else "deleted"
+        _print_table((verb, "count"), [(name, f"{count:,}") for name, count in counts.items()])
+        if not args.dry_run:
+            sys.stdout.write(f"events of {args.user} up to {_time(response.deleted_through)} are refused from now on\n")
+    return EXIT_OK
+
+
 async def _import(client: InteractionsClient, args: argparse.Namespace) -> int:
     source: BinaryIO = args.source  # opened by main(), outside the event loop
     rejected = RejectedLines(args.rejected or rejected_path_for(args.file))
@@ -269,11 +298,12 @@ _CLIENT_COMMANDS = {
     "purchases": _purchases,
     "health": _health,
     **analytics_cli.COMMANDS,
+    "delete-user": _delete_user,
 }
 
 
 async def _run(args: argparse.Namespace) -> int:
-    async with InteractionsClient(args.target, tls=_tls(args), deadline=args.deadline) as client:
+    async with InteractionsClient(args.target, tls=_tls(args), deadline=args.deadline, token=args.token) as client:
         return await _CLIENT_COMMANDS[args.command](client, args)
 
 

@@ -12,7 +12,15 @@ import grpc.aio
 
 from interactions_client import batches
 from interactions_client.analytics import AnalyticsMethods
-from interactions_client.channel import DEFAULT_DEADLINE, ChannelOptions, TlsConfig, create_aio_channel, default_target
+from interactions_client.channel import (
+    DEFAULT_DEADLINE,
+    ChannelOptions,
+    TlsConfig,
+    bearer_metadata,
+    create_aio_channel,
+    default_target,
+    with_metadata,
+)
 from interactions_client.errors import InvalidEventError, from_rpc_error
 from interactions_client.events import EventMethods, with_event_id
 from interactions_client.results import BatchResult, LogResult
@@ -25,6 +33,8 @@ from interactions_client.rpc_protos import (
 )
 from interactions_client.streamer import EventStreamer, RejectionCallback
 from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
+from interactions_client.v1.admin_service_pb2 import DeleteUserDataRequest, DeleteUserDataResponse
+from interactions_client.v1.admin_service_pb2_grpc import AdminServiceStub
 from interactions_client.v1.event_pb2 import Event
 from interactions_client.v1.interaction_service_pb2 import LogEventRequest
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
@@ -69,6 +79,7 @@ class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], Analytics
     tls: a TlsConfig, True for TLS with the system's roots, False for plaintext.
     validate: check events locally first, so a bad one fails without a round trip.
     options: extra channel arguments (override the defaults of channel.py).
+    token: a bearer token, sent on every call and stream (servers started with --auth-tokens).
     """
 
     def __init__(
@@ -79,6 +90,7 @@ class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], Analytics
         deadline: float | None = DEFAULT_DEADLINE,
         validate: bool = True,
         options: ChannelOptions = (),
+        token: str | None = None,
     ) -> None:
         try:
             asyncio.get_running_loop()
@@ -93,9 +105,11 @@ class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], Analytics
         self.deadline = deadline
         self.validate = validate
         self._channel = create_aio_channel(self.target, resolve_tls(tls), options)
-        self._interactions = InteractionServiceStub(self._channel)
-        self._state = UserStateServiceStub(self._channel)
-        self._analytics = AnalyticsServiceStub(self._channel)
+        metadata = bearer_metadata(token)
+        self._interactions = with_metadata(InteractionServiceStub(self._channel), metadata)
+        self._state = with_metadata(UserStateServiceStub(self._channel), metadata)
+        self._admin = with_metadata(AdminServiceStub(self._channel), metadata)
+        self._analytics = with_metadata(AnalyticsServiceStub(self._channel), metadata)
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
             request_serializer=serialize_health_check_request,
@@ -203,6 +217,20 @@ class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], Analytics
             if not response.next_page_token:
                 return
             request.page_token = response.next_page_token
+
+    # Administration (a token with the `admin` scope).
+
+    async def delete_user_data(
+        self, user_id: str, *, dry_run: bool = False, deadline: float | None = None
+    ) -> DeleteUserDataResponse:
+        """Deletes everything stored about the user (dry_run: only counts it); see AdminService."""
+        try:
+            response: DeleteUserDataResponse = await self._admin.DeleteUserData(
+                DeleteUserDataRequest(user_id=user_id, dry_run=dry_run), timeout=self._deadline(deadline)
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        return response
 
     async def health(self, service: str = "", *, deadline: float | None = None) -> bool:
         """grpc.health.v1 Check: True when the service reports SERVING.

@@ -72,6 +72,12 @@ class DeadlineExceededError(InteractionsError):
 
 class NotFoundError(InteractionsError):
     """What was asked for does not exist (e.g. a session or a user without events)."""
+class UnauthenticatedError(InteractionsError):
+    """The server wants a bearer token and got none, or one it does not know (or no longer knows)."""
+
+
+class PermissionDeniedError(InteractionsError):
+    """The token is valid but lacks the scope the RPC needs."""
 
 
 class DeliveryFailedError(InteractionsError):
@@ -88,6 +94,8 @@ _BY_CODE: dict[grpc.StatusCode, type[InteractionsError]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 

@@ -9,7 +9,15 @@ import grpc
 
 from interactions_client import batches
 from interactions_client.analytics import SyncAnalyticsMethods
-from interactions_client.channel import DEFAULT_DEADLINE, ChannelOptions, TlsConfig, create_sync_channel, default_target
+from interactions_client.channel import (
+    DEFAULT_DEADLINE,
+    ChannelOptions,
+    TlsConfig,
+    bearer_metadata,
+    create_sync_channel,
+    default_target,
+    with_metadata,
+)
 from interactions_client.client import prevalidate, resolve_tls
 from interactions_client.errors import from_rpc_error
 from interactions_client.events import EventMethods, with_event_id
@@ -23,6 +31,8 @@ from interactions_client.rpc_protos import (
 from interactions_client.streamer import RejectionCallback
 from interactions_client.sync_streamer import SyncEventStreamer
 from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
+from interactions_client.v1.admin_service_pb2 import DeleteUserDataRequest, DeleteUserDataResponse
+from interactions_client.v1.admin_service_pb2_grpc import AdminServiceStub
 from interactions_client.v1.event_pb2 import Event
 from interactions_client.v1.interaction_service_pb2 import LogEventRequest
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
@@ -54,16 +64,19 @@ class SyncInteractionsClient(EventMethods[LogResult], SyncAnalyticsMethods):
         deadline: float | None = DEFAULT_DEADLINE,
         validate: bool = True,
         options: ChannelOptions = (),
+        token: str | None = None,
     ) -> None:
         self.target = target or default_target()
         self.deadline = deadline
         self.validate = validate
         self._tls = resolve_tls(tls)
         self._options = options
+        self._metadata = bearer_metadata(token)
         self._channel = create_sync_channel(self.target, self._tls, options)
-        self._interactions = InteractionServiceStub(self._channel)
-        self._state = UserStateServiceStub(self._channel)
-        self._analytics = AnalyticsServiceStub(self._channel)
+        self._interactions = with_metadata(InteractionServiceStub(self._channel), self._metadata)
+        self._state = with_metadata(UserStateServiceStub(self._channel), self._metadata)
+        self._admin = with_metadata(AdminServiceStub(self._channel), self._metadata)
+        self._analytics = with_metadata(AnalyticsServiceStub(self._channel), self._metadata)
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
             request_serializer=serialize_health_check_request,
@@ -126,6 +139,7 @@ class SyncInteractionsClient(EventMethods[LogResult], SyncAnalyticsMethods):
             self.target,
             tls=self._tls,
             options=self._options,
+            metadata=self._metadata,
             batch_size=batch_size,
             linger=linger,
             max_in_flight=max_in_flight,
@@ -165,6 +179,18 @@ class SyncInteractionsClient(EventMethods[LogResult], SyncAnalyticsMethods):
             if not response.next_page_token:
                 return
             request.page_token = response.next_page_token
+
+    def delete_user_data(
+        self, user_id: str, *, dry_run: bool = False, deadline: float | None = None
+    ) -> DeleteUserDataResponse:
+        """As InteractionsClient.delete_user_data."""
+        try:
+            response: DeleteUserDataResponse = self._admin.DeleteUserData(
+                DeleteUserDataRequest(user_id=user_id, dry_run=dry_run), timeout=self._deadline(deadline)
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        return response
 
     def health(self, service: str = "", *, deadline: float | None = None) -> bool:
         """As InteractionsClient.health."""

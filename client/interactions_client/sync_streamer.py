@@ -13,7 +13,7 @@ from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
-from interactions_client.channel import ChannelOptions, TlsConfig, create_aio_channel
+from interactions_client.channel import ChannelOptions, Metadata, TlsConfig, create_aio_channel, with_metadata
 from interactions_client.results import Rejection
 from interactions_client.streamer import EventStreamer, RejectionCallback, StreamTotals, Undelivered
 from interactions_client.v1.event_pb2 import Event
@@ -31,6 +31,7 @@ class SyncEventStreamer:
         *,
         tls: TlsConfig | None,
         options: ChannelOptions,
+        metadata: Metadata = (),
         batch_size: int,
         linger: float,
         max_in_flight: int,
@@ -42,6 +43,7 @@ class SyncEventStreamer:
         self._target = target
         self._tls = tls
         self._options = options
+        self._metadata = metadata
         self._streamer_options: dict[str, Any] = {
             "batch_size": batch_size,
             "linger": linger,
@@ -103,7 +105,7 @@ class SyncEventStreamer:
     async def _open(self) -> None:
         # The aio channel belongs to this loop, so it is made here, in the loop's thread.
         self._channel = create_aio_channel(self._target, self._tls, self._options)
-        stub = InteractionServiceStub(self._channel)
+        stub = with_metadata(InteractionServiceStub(self._channel), self._metadata)
         self._streamer = EventStreamer(stub.StreamEvents, **self._streamer_options)
         await self._streamer.__aenter__()
 

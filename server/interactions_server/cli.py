@@ -72,7 +72,45 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(env("INTERACTIONS_SHUTDOWN_GRACE", "10")),
         help="seconds in-flight calls get to finish on SIGTERM (env INTERACTIONS_SHUTDOWN_GRACE; default %(default)s)",
     )
+    _add_security_options(parser)
     return parser
+
+
+def _add_security_options(parser: argparse.ArgumentParser) -> None:
+    """TLS, tokens and reflection (README, "Deploying securely")."""
+    env = os.environ.get
+
+    def path(name: str) -> Path | None:
+        value = env(name)
+        return Path(value) if value else None
+
+    add = parser.add_argument
+    add(
+        "--tls-cert",
+        type=Path,
+        default=path("INTERACTIONS_TLS_CERT"),
+        help="PEM certificate chain; with --tls-key the server speaks TLS only (env INTERACTIONS_TLS_CERT)",
+    )
+    add("--tls-key", type=Path, default=path("INTERACTIONS_TLS_KEY"), help="PEM private key (env INTERACTIONS_TLS_KEY)")
+    add(
+        "--tls-client-ca",
+        type=Path,
+        default=path("INTERACTIONS_TLS_CLIENT_CA"),
+        help="PEM CA: clients must present a certificate it signed (mTLS) (env INTERACTIONS_TLS_CLIENT_CA)",
+    )
+    add(
+        "--auth-tokens",
+        type=Path,
+        default=path("INTERACTIONS_AUTH_TOKENS"),
+        help="TOML tokens file; calls need a bearer token of it; re-read on SIGHUP (env INTERACTIONS_AUTH_TOKENS)",
+    )
+    add(
+        "--no-reflection",
+        dest="reflection",
+        action="store_false",
+        default=env("INTERACTIONS_NO_REFLECTION", "").lower() not in ("1", "true", "yes"),
+        help="do not serve gRPC reflection (env INTERACTIONS_NO_REFLECTION=1)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,6 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         database_url=args.database_url,
         data_dir=args.data_dir,
         shutdown_grace=args.shutdown_grace,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_tokens=args.auth_tokens,
+        reflection=args.reflection,
     )
     command = _migrate if args.command == "migrate" else _serve
     try:
@@ -104,6 +147,7 @@ async def _serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, app.reload_tokens)  # revocation without a restart
     # A signal during start-up (e.g. while waiting for the database) stops it too.
     starting = asyncio.create_task(app.start())
     stopping = asyncio.create_task(stop_requested.wait())

@@ -14,6 +14,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import asyncpg
 
@@ -21,6 +22,7 @@ from interactions_client.rules import RULES, stored_name
 from interactions_client.v1.event_pb2 import Event, FieldViolation
 from interactions_client.validation import validate
 from interactions_server import storage
+from interactions_server.auth import event_type_violation
 from interactions_server.sync import SyncEvent, SyncHandler, build_registry
 
 # Field names of each details payload, read once from the schema, with
@@ -82,7 +84,9 @@ class Ingestor:
         self._pool = pool
         self._sync: dict[int, SyncHandler] = build_registry()
 
-    async def write(self, events: Sequence[Event]) -> BatchResult:
+    async def write(self, events: Sequence[Event], *, allowed_types: frozenset[str] | None = None) -> BatchResult:
+        """`allowed_types`: the type names the caller's token may log (None: any);
+        an event of another type is rejected like an invalid one."""
         now = time.time()
         received_us = int(now * 1_000_000)
         result = BatchResult(event_ids=[""] * len(events), duplicate=[False] * len(events))
@@ -93,6 +97,8 @@ class Ingestor:
             event_id = event.event_id.lower() or str(uuid.uuid4())
             result.event_ids[i] = event_id
             violations = validate(event, now=now)
+            if (not_allowed := event_type_violation(event, allowed_types)) is not None:
+                violations.append(not_allowed)
             if violations:
                 result.rejected.append(Rejection(i, event.event_id, violations))
                 continue
@@ -108,19 +114,36 @@ class Ingestor:
         syncing = self._sync_events(rows, events, row_index)
         if not syncing:
             # One statement is its own transaction: no BEGIN / COMMIT round trips.
-            new_keys = await storage.insert_events(self._pool, rows)
+            inserted = await storage.insert_events(self._pool, rows)
         else:
             async with self._pool.acquire() as conn, conn.transaction():
-                new_keys = await storage.insert_events(conn, rows)
-                await self._sync_new(conn, syncing, new_keys)
+                inserted = await storage.insert_events(conn, rows)
+                await self._sync_new(conn, syncing, inserted.new_keys)
+        new_keys = inserted.new_keys
 
         for key, i in row_index.items():
             result.duplicate[i] = key not in new_keys
         for i in repeats:
             result.duplicate[i] = True
+        if inserted.refused:  # events of deleted users, up to their deletion watermark
+            self._refuse(result, events, inserted.refused)
         result.duplicate_count = sum(result.duplicate)
         result.accepted_count = len(new_keys)
         return result
+
+    @staticmethod
+    def _refuse(result: BatchResult, events: Sequence[Event], refused: dict[tuple[str, str], datetime]) -> None:
+        """Turns the refused events (and their repeats in the batch) into rejections naming user_id."""
+        invalid = {r.index for r in result.rejected}
+        for i, event in enumerate(events):
+            deleted_through = refused.get((event.user_id, result.event_ids[i]))
+            if deleted_through is not None and i not in invalid:
+                result.duplicate[i] = False
+                description = f"data of this user deleted through {deleted_through.isoformat()}"
+                result.rejected.append(
+                    Rejection(i, event.event_id, [FieldViolation(field="user_id", description=description)])
+                )
+        result.rejected.sort(key=lambda r: r.index)
 
     def _sync_events(
         self, rows: Sequence[storage.EventRow], events: Sequence[Event], row_index: dict[tuple[str, str], int]

@@ -20,8 +20,10 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from interactions_client.v1 import analytics_service_pb2, interaction_service_pb2, user_state_service_pb2
-from interactions_server import analytics, migrate, service, user_state
+from interactions_client import access
+from interactions_client.v1 import admin_service_pb2, analytics_service_pb2, interaction_service_pb2, user_state_service_pb2
+from interactions_server import admin, analytics, migrate, service, tls, user_state
+from interactions_server.auth import TokenAuth, TokensFileError
 from interactions_server.embedded_db import EmbeddedPostgres
 from interactions_server.errors import is_database_unavailable, lenient_parser
 from interactions_server.group_commit import GroupCommitter
@@ -51,7 +53,12 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
 )
 
-SERVICE_NAMES: tuple[str, ...] = (service.SERVICE_NAME, user_state.SERVICE_NAME, analytics.SERVICE_NAME)
+SERVICE_NAMES: tuple[str, ...] = (
+    service.SERVICE_NAME,
+    user_state.SERVICE_NAME,
+    analytics.SERVICE_NAME,
+    admin.SERVICE_NAME,
+)
 
 
 class StartupError(Exception):
@@ -71,6 +78,11 @@ class ServerConfig:
     pool_max_size: int = 10
     analytics_pool_max_size: int = 3  # exports and window queries: never the connections ingest needs
     batches_in_flight: int = service.DEFAULT_BATCHES_IN_FLIGHT  # per stream
+    tls_cert: Path | None = None  # with tls_key: serve TLS only
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # require client certificates signed by this CA (mTLS)
+    auth_tokens: Path | None = None  # the tokens file; None: no authentication
+    reflection: bool = True
 
 
 async def _end_transaction(connection: asyncpg.Connection) -> None:
@@ -119,6 +131,8 @@ class App:
         self._partitions: PartitionKeeper | None = None
         self._interactions: service.InteractionService | None = None
         self._server: grpc.aio.Server | None = None
+        self._auth: TokenAuth | None = None
+        self.served_services: list[ServiceDescriptor] = []  # those whose RPCs the server answers
         self._stopped = False
 
     @property
@@ -172,24 +186,30 @@ class App:
             ingestor, self._committer, batches_in_flight=config.batches_in_flight
         )
 
-        server = grpc.aio.server(options=SERVER_OPTIONS)
-        add_servicer(
+        self._auth = self._token_auth()
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[self._auth] if self._auth else None)
+        self._serve(
             server, self._interactions, interaction_service_pb2.DESCRIPTOR.services_by_name["InteractionService"]
         )
-        add_servicer(
+        self._serve(
             server,
             user_state.UserStateService(self._pool),
             user_state_service_pb2.DESCRIPTOR.services_by_name["UserStateService"],
         )
-        add_servicer(
+        self._serve(
             server,
             analytics.AnalyticsService(self._pool, self._analytics_pool),
             analytics_service_pb2.DESCRIPTOR.services_by_name["AnalyticsService"],
         )
+        self._serve(
+            server, admin.AdminService(self._pool), admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"]
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health.servicer, server)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        if config.reflection:
+            reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self._require_scopes()
         try:
-            self.port = server.add_insecure_port(config.listen)
+            self.port = self._bind(server)
         except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
             raise StartupError(f"cannot listen on {config.listen}: address in use or invalid") from exc
         self._server = server
@@ -197,6 +217,52 @@ class App:
         await self._partitions.start()
         await self._health.start()
         await server.start()
+
+    def _serve(self, server: grpc.aio.Server, servicer: object, descriptor: ServiceDescriptor) -> None:
+        add_servicer(server, servicer, descriptor)
+        self.served_services.append(descriptor)
+
+    def _token_auth(self) -> TokenAuth | None:
+        if self.config.auth_tokens is None:
+            _log.warning("no --auth-tokens: the server is open, any caller may call every RPC")
+            return None
+        try:
+            auth = TokenAuth(self.config.auth_tokens)
+        except TokensFileError as exc:
+            raise StartupError(str(exc)) from None
+        _log.info("bearer tokens required; %d token(s): %s", len(auth.token_names), ", ".join(auth.token_names))
+        return auth
+
+    def _require_scopes(self) -> None:
+        """The scope of every served RPC, from the schema; an RPC without one stops start-up."""
+        try:
+            required = access.required_scopes(self.served_services)
+        except access.MissingScopeError as exc:
+            raise StartupError(str(exc)) from None
+        if self._auth is not None:
+            self._auth.require(required)
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        config = self.config
+        if config.tls_cert is None and config.tls_key is None:
+            if config.tls_client_ca is not None:
+                raise StartupError("--tls-client-ca needs --tls-cert and --tls-key")
+            return int(server.add_insecure_port(config.listen))
+        if config.tls_cert is None or config.tls_key is None:
+            raise StartupError("--tls-cert and --tls-key go together")
+        try:
+            credentials = tls.server_credentials(tls.TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca))
+        except tls.TlsFilesError as exc:
+            raise StartupError(f"TLS: {exc}") from None
+        _log.info("TLS%s", " with client certificates (mTLS)" if config.tls_client_ca else "")
+        return int(server.add_secure_port(config.listen, credentials))
+
+    def reload_tokens(self) -> bool:
+        """Re-reads the tokens file (the SIGHUP handler); False when it kept the old tokens."""
+        if self._auth is None:
+            _log.warning("no tokens file to reload (the server runs without --auth-tokens)")
+            return False
+        return self._auth.reload()
 
     async def _migrate(self, dsn: str) -> None:
         """Applies migrations, waiting up to startup_timeout for the database

@@ -11,6 +11,7 @@ from interactions_client.rules import RULES
 from interactions_client.v1 import interaction_service_pb2 as pb
 from interactions_client.v1 import interaction_service_pb2_grpc
 from interactions_client.v1.event_pb2 import Event, EventType, FieldViolation
+from interactions_server.auth import allowed_event_types, event_type_violation
 from interactions_server.errors import InvalidArgument, Unavailable, rpc_errors, stream_rpc_errors
 from interactions_server.group_commit import GroupCommitter
 from interactions_server.ingest import BatchResult, Ingestor, Rejection
@@ -54,6 +55,11 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
     async def LogEvent(self, request: pb.LogEventRequest, context: Any) -> pb.LogEventResponse:
         if not request.HasField("event"):
             raise InvalidArgument([FieldViolation(field="event", description="is required")], "invalid event")
+        # The committer batches the events of many callers: the caller's own
+        # type restriction (its token's event_types) is checked here.
+        if (not_allowed := event_type_violation(request.event, allowed_event_types())) is not None:
+            violation = FieldViolation(field=f"event.{not_allowed.field}", description=not_allowed.description)
+            raise InvalidArgument([violation], "invalid event")
         outcome = await self._committer.submit(request.event)
         if outcome.violations:
             # BadRequest paths are relative to the request: event.<field>.
@@ -133,7 +139,8 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
     async def _write(self, events: Sequence[Event]) -> BatchResult:
         if not events:
             return BatchResult()
-        return await self._ingestor.write(events)
+        # Stream batches run in tasks started by the call, which inherit its caller.
+        return await self._ingestor.write(events, allowed_types=allowed_event_types())
 
 
 def _check_batch_size(events: Sequence[Event], *, sequence: int | None = None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -25,9 +25,18 @@ WITH batch AS (
     SELECT u, e::uuid AS e, t, s, p, v, {_US_TO_TS.format("o")} AS o, d::jsonb AS d, a::jsonb AS a, y
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                 $6::int8[], $7::int8[], $8::text[], $9::text[], $10::bool[]) AS r(u, e, t, s, p, v, o, d, a, y)
+), deleted AS MATERIALIZED (
+    -- Users whose data was deleted (migrations/0003_user_deletion.sql, which
+    -- explains the lock this takes): their events up to the watermark are refused.
+    SELECT user_id, deleted_through FROM lock_users_for_ingest(array(SELECT u FROM batch))
+), refused AS (
+    SELECT b.u, b.e, d.deleted_through FROM batch AS b JOIN deleted AS d ON d.user_id = b.u
+    WHERE b.o <= d.deleted_through
 ), new AS (
     INSERT INTO event_keys (user_id, event_id, occurred_at)
-    SELECT u, e, o FROM batch ORDER BY u, e
+    SELECT u, e, o FROM batch AS b
+    WHERE NOT EXISTS (SELECT FROM refused AS r WHERE r.u = b.u AND r.e = b.e)
+    ORDER BY u, e
     ON CONFLICT DO NOTHING
     RETURNING user_id, event_id
 ), logged AS (
@@ -36,19 +45,33 @@ WITH batch AS (
     SELECT b.u, b.e, b.t, b.s, b.p, b.v, b.o, b.d, b.a, b.y
     FROM batch AS b JOIN new ON new.user_id = b.u AND new.event_id = b.e
 )
-SELECT user_id, event_id::text FROM new
+SELECT user_id, event_id::text, NULL::timestamptz FROM new
+UNION ALL
+SELECT u, e::text, deleted_through FROM refused
 """
+
+
+class Inserted(NamedTuple):
+    new_keys: set[tuple[str, str]]  # logged now; the other keys were known (duplicates) or refused
+    refused: dict[tuple[str, str], datetime]  # keys of deleted users' events: their deletion watermark
 
 
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
 
-async def insert_events(conn: asyncpg.Connection | asyncpg.Pool, rows: Sequence[EventRow]) -> set[tuple[str, str]]:
-    """Logs the rows whose (user_id, event_id) is new (in one statement);
-    returns those keys. The rows' keys must be unique within the batch."""
+async def insert_events(conn: asyncpg.Connection | asyncpg.Pool, rows: Sequence[EventRow]) -> Inserted:
+    """Logs the rows whose (user_id, event_id) is new, except those refused
+    by a deletion watermark (in one statement). The rows' keys must be unique
+    within the batch."""
     records = await conn.fetch(INSERT_EVENTS, *_columns(rows, 10))
-    return {(r[0], r[1]) for r in records}
+    inserted = Inserted(set(), {})
+    for user_id, event_id, deleted_through in records:
+        if deleted_through is None:
+            inserted.new_keys.add((user_id, event_id))
+        else:
+            inserted.refused[(user_id, event_id)] = deleted_through
+    return inserted
 
 
 async def lock_keys(conn: asyncpg.Connection, keys: Collection[tuple[str, str]]) -> None:

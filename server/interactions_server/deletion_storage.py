@@ -1,0 +1,103 @@
+"""The SQL of deleting a user's data (AdminService.DeleteUserData).
+
+The matching check on the write path (an event of a deleted user at or before
+the watermark is refused) is part of storage.INSERT_EVENTS, through the
+lock_users_for_ingest function of migrations/0003_user_deletion.sql, which
+also explains the lock both sides take.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import NamedTuple
+
+import asyncpg
+
+
+class DeletionCounts(NamedTuple):
+    events: int
+    cart_lines: int  # every line of the user's cart, emptied ones included
+    wishlist_lines: int
+    purchases: int
+    deleted_through: datetime  # the watermark (on a dry run: what it would be)
+
+
+# Step 1, before the lock: the user's events. The log has no index by user
+# alone, so this scans it; doing it before taking the lock keeps batches of
+# the users in the lock's bucket from waiting for the scan. It cannot
+# deadlock with them: the write path never waits for a row of `events` (it
+# only inserts there, and no unique index can make it wait).
+_DELETE_EVENTS = """
+WITH logged AS (DELETE FROM events WHERE user_id = $1 RETURNING event_id, occurred_at)
+SELECT count(*), max(occurred_at), coalesce(array_agg(event_id), '{}') FROM logged
+"""
+
+# Step 2: the same bucket key as lock_users_for_ingest, taken exclusively. A
+# statement of its own: step 3 must take its snapshot once the lock is held,
+# to see the batches that committed while it waited.
+_LOCK = "SELECT pg_advisory_xact_lock(7303, hashtext($1) & 63)"
+
+# Step 3, under the lock: everything else, and the watermark: the latest of
+# the previous one, now and the user's latest event (occurred_at may be up to
+# 5 minutes in the future), so that no event deleted now can come back.
+# Every logged event has its key in event_keys, so the keys of events step 1
+# did not see ("late": committed since) say which events are left to delete.
+_DELETE_REST = """
+WITH keys AS (DELETE FROM event_keys WHERE user_id = $1 RETURNING event_id, occurred_at),
+     late AS (
+        SELECT k.event_id, k.occurred_at FROM keys AS k
+        WHERE NOT EXISTS (SELECT FROM unnest($2::uuid[]) AS gone(event_id) WHERE gone.event_id = k.event_id)
+     ),
+     cart AS (DELETE FROM cart_lines WHERE user_id = $1 RETURNING 1),
+     wishlist AS (DELETE FROM wishlist_lines WHERE user_id = $1 RETURNING 1),
+     purchases AS (DELETE FROM purchase_history WHERE user_id = $1 RETURNING 1),
+     mark AS (
+        INSERT INTO user_deletions AS d (user_id, deleted_through)
+        SELECT $1, greatest(clock_timestamp(), $3::timestamptz, (SELECT max(occurred_at) FROM keys))
+        ON CONFLICT (user_id) DO UPDATE
+        SET deleted_through = greatest(d.deleted_through, excluded.deleted_through), deleted_at = now()
+        RETURNING deleted_through
+     )
+SELECT (SELECT count(*) FROM cart), (SELECT count(*) FROM wishlist), (SELECT count(*) FROM purchases),
+       (SELECT deleted_through FROM mark),
+       (SELECT coalesce(array_agg(event_id), '{}') FROM late), (SELECT coalesce(array_agg(occurred_at), '{}') FROM late)
+"""
+
+# Step 4, only when batches of the user committed between steps 1 and 2.
+_DELETE_LATE_EVENTS = """
+WITH logged AS (
+    DELETE FROM events AS e USING unnest($2::uuid[], $3::timestamptz[]) AS late(event_id, occurred_at)
+    WHERE e.user_id = $1 AND e.event_id = late.event_id AND e.occurred_at = late.occurred_at
+    RETURNING 1
+)
+SELECT count(*) FROM logged
+"""
+
+_COUNT = """
+SELECT (SELECT count(*) FROM events WHERE user_id = $1),
+       (SELECT count(*) FROM cart_lines WHERE user_id = $1),
+       (SELECT count(*) FROM wishlist_lines WHERE user_id = $1),
+       (SELECT count(*) FROM purchase_history WHERE user_id = $1),
+       greatest(clock_timestamp(),
+                (SELECT max(occurred_at) FROM event_keys WHERE user_id = $1),
+                (SELECT max(occurred_at) FROM events WHERE user_id = $1),
+                (SELECT deleted_through FROM user_deletions WHERE user_id = $1))
+"""
+
+
+async def delete_user_data(pool: asyncpg.Pool, user_id: str) -> DeletionCounts:
+    """Deletes every row of the user and records the watermark, in one transaction."""
+    async with pool.acquire() as conn, conn.transaction():
+        events, latest, deleted_ids = await conn.fetchrow(_DELETE_EVENTS, user_id)
+        await conn.execute(_LOCK, user_id)
+        cart, wishlist, purchases, deleted_through, late_ids, late_times = await conn.fetchrow(
+            _DELETE_REST, user_id, deleted_ids, latest
+        )
+        if late_ids:
+            events += await conn.fetchval(_DELETE_LATE_EVENTS, user_id, late_ids, late_times)
+        return DeletionCounts(events, cart, wishlist, purchases, deleted_through)
+
+
+async def count_user_data(pool: asyncpg.Pool, user_id: str) -> DeletionCounts:
+    """What delete_user_data would delete now (a dry run)."""
+    return DeletionCounts(*await pool.fetchrow(_COUNT, user_id))
