@@ -32,9 +32,9 @@ from interactions_client.rpc_protos import (
     serialize_health_check_request,
 )
 from interactions_client.streamer import EventStreamer, RejectionCallback
-from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
 from interactions_client.v1.admin_service_pb2 import DeleteUserDataRequest, DeleteUserDataResponse
 from interactions_client.v1.admin_service_pb2_grpc import AdminServiceStub
+from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
 from interactions_client.v1.event_pb2 import Event
 from interactions_client.v1.interaction_service_pb2 import LogEventRequest
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub

@@ -72,6 +72,8 @@ class DeadlineExceededError(InteractionsError):
 
 class NotFoundError(InteractionsError):
     """What was asked for does not exist (e.g. a session or a user without events)."""
+
+
 class UnauthenticatedError(InteractionsError):
     """The server wants a bearer token and got none, or one it does not know (or no longer knows)."""
 

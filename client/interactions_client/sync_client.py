@@ -30,9 +30,9 @@ from interactions_client.rpc_protos import (
 )
 from interactions_client.streamer import RejectionCallback
 from interactions_client.sync_streamer import SyncEventStreamer
-from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
 from interactions_client.v1.admin_service_pb2 import DeleteUserDataRequest, DeleteUserDataResponse
 from interactions_client.v1.admin_service_pb2_grpc import AdminServiceStub
+from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
 from interactions_client.v1.event_pb2 import Event
 from interactions_client.v1.interaction_service_pb2 import LogEventRequest
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub

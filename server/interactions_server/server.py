@@ -21,7 +21,12 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from interactions_client import access
-from interactions_client.v1 import admin_service_pb2, analytics_service_pb2, interaction_service_pb2, user_state_service_pb2
+from interactions_client.v1 import (
+    admin_service_pb2,
+    analytics_service_pb2,
+    interaction_service_pb2,
+    user_state_service_pb2,
+)
 from interactions_server import admin, analytics, migrate, service, tls, user_state
 from interactions_server.auth import TokenAuth, TokensFileError
 from interactions_server.embedded_db import EmbeddedPostgres
