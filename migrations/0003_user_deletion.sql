@@ -24,7 +24,7 @@ CREATE TABLE user_deletions (
 -- Locks are per bucket of users (hashtext(user_id) modulo 64), so a batch
 -- takes at most 64 locks, whatever its size (the lock table is shared and
 -- bounded); a deletion briefly holds up the batches with users in its bucket
--- (it scans the event log for the user's events before taking the lock).
+-- (it deletes the user's events before taking the lock).
 -- They are taken in key order, so no two callers can deadlock on them.
 CREATE FUNCTION lock_users_for_ingest(users text[])
 RETURNS TABLE (user_id text, deleted_through timestamptz)

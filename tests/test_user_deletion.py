@@ -16,7 +16,7 @@ import asyncpg
 import grpc
 import pytest
 
-from interactions_client import InteractionsClient
+from interactions_client import InteractionsClient, NotFoundError
 from interactions_client.v1 import interaction_service_pb2 as isv
 from interactions_client.v1.event_pb2 import Event, EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
@@ -222,3 +222,40 @@ async def test_the_delete_user_command(server: App, admin: InteractionsClient) -
     assert (await rows_by_table(server.pool, "u1"))["events"] == 0
     bad = await cli("delete-user", " ", *target)
     assert bad.status == 1 and "user_id" in bad.stderr
+
+
+async def test_analytics_are_blind_to_a_deleted_user(server: App, admin: InteractionsClient) -> None:
+    # Searches and a session for both users, so that every analytics read has something of u1 to show.
+    extra = {
+        user: [
+            valid_event(EventType.EVENT_TYPE_SEARCH, user_id=user, session_id="s1"),
+            valid_event(EventType.EVENT_TYPE_LOGIN, user_id=user, session_id="s1"),
+        ]
+        for user in ("u1", "u2")
+    }
+    for events in extra.values():
+        assert (await admin.log_many(events)).accepted == 2
+
+    async def exported() -> tuple[set[str], set[str]]:
+        events = {e.event.user_id async for e in admin.export_events()}
+        training = {r.user_id async for r in admin.export_training_data()}
+        return events, training
+
+    assert await exported() == ({"u1", "u2"}, {"u1", "u2"})
+    assert (await admin.count_active_users()).active_users == 2
+    searches_before = sum(q.searches for q in await admin.top_search_queries())
+    assert searches_before == 2
+
+    await admin.delete_user_data("u1")
+
+    assert await exported() == ({"u2"}, {"u2"})
+    active = await admin.count_active_users()
+    assert (active.active_users, active.logged_in_users) == (1, 1)
+    assert sum(q.searches for q in await admin.top_search_queries()) == 1
+    assert [e async for e in admin.list_user_events("u1")] == []
+    assert [s async for s in admin.list_sessions("u1")] == []
+    with pytest.raises(NotFoundError):
+        await admin.get_user_activity("u1")
+    with pytest.raises(NotFoundError):
+        await admin.get_session("u1", "s1")
+    assert (await admin.get_user_activity("u2")).login_count == 1  # the other user is untouched

@@ -22,9 +22,9 @@ class DeletionCounts(NamedTuple):
     deleted_through: datetime  # the watermark (on a dry run: what it would be)
 
 
-# Step 1, before the lock: the user's events. The log has no index by user
-# alone, so this scans it; doing it before taking the lock keeps batches of
-# the users in the lock's bucket from waiting for the scan. It cannot
+# Step 1, before the lock: the user's events (found through the per-user
+# index events_user_time of 0002); doing it before taking the lock keeps
+# batches of the users in the lock's bucket from waiting for it. It cannot
 # deadlock with them: the write path never waits for a row of `events` (it
 # only inserts there, and no unique index can make it wait).
 _DELETE_EVENTS = """
