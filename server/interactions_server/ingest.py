@@ -58,13 +58,13 @@ def _row(event: Event, event_id: str, received_us: int) -> storage.EventRow:
     if member is not None:
         payload = getattr(event, member)
         details = json.dumps({member: {name: getattr(payload, name) for name in _DETAIL_FIELDS[member]}})
-    return (
+    return storage.EventRow(
         event.user_id,
         event_id,
         stored_name(event),
         event.session_id or None,
         event.product_id or None,
-        value,  # type: ignore[return-value]  # validation guarantees a value or a default
+        value,  # type: ignore[arg-type]  # validation guarantees a value or a default
         occurred_us,
         details,
         json.dumps(dict(event.attributes)) if event.attributes else None,
@@ -126,11 +126,19 @@ class Ingestor:
         """The batch's events that sync state, by target. Built before the
         transaction opens, so that it stays short."""
         by_target: dict[int, list[SyncEvent]] = defaultdict(list)
-        for user_id, event_id, _, session_id, product_id, value, occurred_us, _, _, syncs in rows:
-            if syncs:
-                rule = RULES[events[row_index[(user_id, event_id)]].event_type]
+        for row in rows:
+            if row.syncs_state:
+                rule = RULES[events[row_index[(row.user_id, row.event_id)]].event_type]
                 by_target[rule.sync].append(
-                    SyncEvent(user_id, product_id or "", event_id, occurred_us, value, session_id, rule)
+                    SyncEvent(
+                        row.user_id,
+                        row.product_id or "",
+                        row.event_id,
+                        row.occurred_us,
+                        row.event_value,
+                        row.session_id,
+                        rule,
+                    )
                 )
         return by_target
 

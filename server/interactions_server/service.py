@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, cast
 
+import grpc
+
 from interactions_client import limits
 from interactions_client.rules import RULES
 from interactions_client.v1 import interaction_service_pb2 as pb
@@ -51,7 +53,7 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
             reader.cancel()
 
     @rpc_errors
-    async def LogEvent(self, request: pb.LogEventRequest, context: Any) -> pb.LogEventResponse:
+    async def LogEvent(self, request: pb.LogEventRequest, context: grpc.aio.ServicerContext) -> pb.LogEventResponse:
         if not request.HasField("event"):
             raise InvalidArgument([FieldViolation(field="event", description="is required")], "invalid event")
         outcome = await self._committer.submit(request.event)
@@ -64,7 +66,7 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
         return pb.LogEventResponse(event_id=outcome.event_id, duplicate=outcome.duplicate)
 
     @rpc_errors
-    async def LogEvents(self, request: pb.LogEventsRequest, context: Any) -> pb.LogEventsResponse:
+    async def LogEvents(self, request: pb.LogEventsRequest, context: grpc.aio.ServicerContext) -> pb.LogEventsResponse:
         _check_batch_size(request.events)
         result = await self._write(request.events)
         return pb.LogEventsResponse(
@@ -75,7 +77,7 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
 
     @stream_rpc_errors
     async def StreamEvents(
-        self, request_iterator: AsyncIterator[pb.StreamEventsRequest], context: Any
+        self, request_iterator: AsyncIterator[pb.StreamEventsRequest], context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[pb.StreamEventsResponse, None]:
         # One task reads requests and starts their writes; this generator
         # answers them in request order as they commit. The semaphore bounds
@@ -107,7 +109,9 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
                     _discard(pending)
 
     @rpc_errors
-    async def ListEventTypes(self, request: pb.ListEventTypesRequest, context: Any) -> pb.ListEventTypesResponse:
+    async def ListEventTypes(
+        self, request: pb.ListEventTypesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListEventTypesResponse:
         return self._event_types
 
     async def _read_stream(
