@@ -110,9 +110,11 @@ async def apply(connection: asyncpg.Connection, directory: Path | None = None) -
             await connection.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
 
 
-async def migrate(dsn: str, directory: Path | None = None, *, connect_timeout: float = 10.0) -> list[Migration]:
+async def migrate(
+    dsn: str, directory: Path | None = None, *, connect_timeout: float = 10.0, statement_cache_size: int = 100
+) -> list[Migration]:
     """Connects to `dsn`, applies the pending migrations and disconnects."""
-    connection = await asyncpg.connect(dsn, timeout=connect_timeout)
+    connection = await asyncpg.connect(dsn, timeout=connect_timeout, statement_cache_size=statement_cache_size)
     try:
         applied = await apply(connection, directory)
     finally:
