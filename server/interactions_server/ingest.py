@@ -20,7 +20,7 @@ import asyncpg
 from interactions_client.rules import RULES, stored_name
 from interactions_client.v1.event_pb2 import Event, FieldViolation
 from interactions_client.validation import validate
-from interactions_server import storage
+from interactions_server import metrics, storage
 from interactions_server.sync import SyncEvent, SyncHandler, build_registry
 
 # Field names of each details payload, read once from the schema.
@@ -104,6 +104,7 @@ class Ingestor:
             return result
 
         syncing = self._sync_events(rows, events, row_index)
+        started = time.perf_counter()
         if not syncing:
             # One statement is its own transaction: no BEGIN / COMMIT round trips.
             new_keys = await storage.insert_events(self._pool, rows)
@@ -111,6 +112,7 @@ class Ingestor:
             async with self._pool.acquire() as conn, conn.transaction():
                 new_keys = await storage.insert_events(conn, rows)
                 await self._sync_new(conn, syncing, new_keys)
+        metrics.observe_commit(len(rows), time.perf_counter() - started)
 
         for key, i in row_index.items():
             result.duplicate[i] = key not in new_keys

@@ -13,6 +13,7 @@ from interactions_client.rules import RULES
 from interactions_client.v1 import interaction_service_pb2 as pb
 from interactions_client.v1 import interaction_service_pb2_grpc
 from interactions_client.v1.event_pb2 import Event, EventType, FieldViolation
+from interactions_server import metrics
 from interactions_server.errors import InvalidArgument, Unavailable, rpc_errors, stream_rpc_errors
 from interactions_server.group_commit import GroupCommitter
 from interactions_server.ingest import BatchResult, Ingestor, Rejection
@@ -57,6 +58,7 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
         if not request.HasField("event"):
             raise InvalidArgument([FieldViolation(field="event", description="is required")], "invalid event")
         outcome = await self._committer.submit(request.event)
+        metrics.count_events("LogEvent", [request.event], [outcome.duplicate], [0] if outcome.violations else [])
         if outcome.violations:
             # BadRequest paths are relative to the request: event.<field>.
             violations = [
@@ -69,6 +71,7 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
     async def LogEvents(self, request: pb.LogEventsRequest, context: grpc.aio.ServicerContext) -> pb.LogEventsResponse:
         _check_batch_size(request.events)
         result = await self._write(request.events)
+        metrics.count_events("LogEvents", request.events, result.duplicate, (r.index for r in result.rejected))
         return pb.LogEventsResponse(
             accepted_count=result.accepted_count,
             duplicate_count=result.duplicate_count,
@@ -92,6 +95,7 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
         # when the reader is cancelled before it ever started.
         reader.add_done_callback(lambda _: writes.put_nowait(None))
         self._readers.add(reader)
+        metrics.stream_opened()
         try:
             while (write := await writes.get()) is not None:
                 yield await write
@@ -102,6 +106,7 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
             if (error := reader.exception()) is not None:
                 raise error
         finally:
+            metrics.stream_closed()
             self._readers.discard(reader)
             _discard(reader)
             while not writes.empty():
@@ -127,6 +132,7 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
 
     async def _write_stream_batch(self, request: pb.StreamEventsRequest) -> pb.StreamEventsResponse:
         result = await self._write(request.events)
+        metrics.count_events("StreamEvents", request.events, result.duplicate, (r.index for r in result.rejected))
         return pb.StreamEventsResponse(
             sequence=request.sequence,
             accepted_count=result.accepted_count,
