@@ -25,6 +25,23 @@ _log = logging.getLogger(__name__)
 EMBEDDED_WATCH_INTERVAL = 1.0  # seconds between checks that the embedded PostgreSQL is alive
 
 
+class _NoTracebackWhenUnavailable(logging.Filter):
+    """asyncpg's pool logs a traceback each time it fails to reconnect while
+    the database is down ("Failed to restore the pool connection floor");
+    the reason fits on the line, and health already logs "database down"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and is_database_unavailable(record.exc_info[1]):
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("asyncpg.pool").addFilter(_NoTracebackWhenUnavailable())
+
+
 class Database:
     """start() returns the URL to connect to; stop() undoes it."""
 
