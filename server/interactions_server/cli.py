@@ -30,7 +30,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from interactions_server import migrate, supervisor
+from interactions_server import logs, metrics, migrate, supervisor
 from interactions_server.database import migrate_when_reachable
 from interactions_server.embedded_db import EmbeddedPostgres
 from interactions_server.errors import is_database_unavailable
@@ -39,15 +39,10 @@ from interactions_server.startup import EXIT_DATABASE_DIED, EXIT_OPERATOR_ERROR
 
 _log = logging.getLogger("interactions_server")
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-WORKER_LOG_FORMAT = "%(asctime)s %(levelname)s [worker {worker}] %(name)s: %(message)s"
 
-
-def configure_logging(level: str, fmt: str = "text", worker: int | None = None) -> None:
+def configure_logging(level: str, fmt: str | None = None, worker: int | None = None) -> None:
     """Logging of every process (the supervisor's and each worker's) to stderr."""
-    # OBSERVABILITY: logs.configure(fmt, level, worker) replaces this when it exists.
-    text = LOG_FORMAT if worker is None else WORKER_LOG_FORMAT.format(worker=worker)
-    logging.basicConfig(level=level, format=text, stream=sys.stderr)
+    logs.configure(fmt, level, worker)
 
 
 def _workers(text: str) -> int:
@@ -105,6 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="(env INTERACTIONS_LOG_LEVEL; default %(default)s)",
     )
     parser.add_argument(
+        "--log-format",
+        default=env("INTERACTIONS_LOG_FORMAT") or None,
+        choices=logs.FORMATS,
+        help="text, or json: one JSON object per line (env INTERACTIONS_LOG_FORMAT; "
+        "default text when stderr is a terminal, json otherwise)",
+    )
+    parser.add_argument(
+        "--log-summary-interval",
+        type=float,
+        default=float(env("INTERACTIONS_LOG_SUMMARY_INTERVAL", str(logs.DEFAULT_SUMMARY_INTERVAL))),
+        help="seconds between summaries of the events handled, in the log; 0 for none "
+        "(env INTERACTIONS_LOG_SUMMARY_INTERVAL; default %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        default=env("INTERACTIONS_METRICS_LISTEN") or None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, summed over the workers "
+        "(env INTERACTIONS_METRICS_LISTEN; default: no metrics endpoint)",
+    )
+    parser.add_argument(
         "--workers",
         type=_workers,
         default=env("INTERACTIONS_WORKERS", "1"),
@@ -135,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    log_format = args.log_format or logs.default_format()
+    configure_logging(args.log_level, log_format)
     config = ServerConfig(
         listen=args.listen,
         database_url=args.database_url,
@@ -144,13 +160,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         startup_timeout=args.startup_timeout,
         statement_cache_size=args.statement_cache_size,
         workers=args.workers,
+        metrics_listen=args.metrics_listen,
+        log_summary_interval=args.log_summary_interval,
     )
     try:
         if args.command == "migrate":
             return asyncio.run(_migrate(config))
         if config.workers > 1:
-            return supervisor.run(config, log_level=args.log_level, log_format="text")
-        return asyncio.run(_serve(config))
+            return supervisor.run(config, log_level=args.log_level, log_format=log_format)
+        with contextlib.closing(metrics.serve_metrics(config.metrics_listen)):
+            return asyncio.run(_serve(config))
     except (StartupError, migrate.MigrationError) as exc:
         _log.error("%s", exc)
         return EXIT_OPERATOR_ERROR

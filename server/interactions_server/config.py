@@ -30,3 +30,5 @@ class ServerConfig:
     # server on a busy port fails instead of sharing it.
     reuse_port: bool = False
     workers: int = 1
+    metrics_listen: str | None = None  # HOST:PORT of /metrics; None: no metrics endpoint
+    log_summary_interval: float = 60.0  # seconds between event summaries in the log; 0: none

@@ -45,6 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mult
 
 from interactions_client.rules import RULES
 from interactions_client.v1.event_pb2 import Event, EventType
+from interactions_server.startup import StartupError, split_listen
 
 _log = logging.getLogger(__name__)
 
@@ -193,9 +194,9 @@ def setup_multiprocess(directory: Path | None) -> None:
     _current, _registry = None, None
 
 
-def mark_worker_dead(pid: int) -> None:
+def mark_worker_dead(pid: int | None) -> None:
     """Drops the live gauges of a worker that exited (its counters stay summed)."""
-    if (path := _multiprocess_dir()) is not None:
+    if pid is not None and (path := _multiprocess_dir()) is not None:
         multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
 
 
@@ -203,6 +204,31 @@ class Exporter(Protocol):
     port: int
 
     def close(self) -> None: ...
+
+
+class _NoExporter:
+    port = 0
+
+    def close(self) -> None:
+        pass
+
+
+def serve_metrics(listen: str | None, *, workers: bool = False) -> Exporter:
+    """--metrics-listen: serves /metrics on `listen`, or nothing when None.
+    workers=True (a supervisor, before its first worker starts): sets up
+    multiprocess mode in a temporary directory and sums over the workers.
+    Raises StartupError when the address cannot be bound."""
+    if listen is None:
+        return _NoExporter()
+    if workers:
+        setup_multiprocess(None)
+    try:
+        return start_exporter(listen)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot serve metrics on {listen}: {exc.strerror or exc}; "
+            "stop the program using it or choose another --metrics-listen"
+        ) from exc
 
 
 class _HttpExporter:
@@ -221,10 +247,7 @@ def start_exporter(listen: str) -> Exporter:
     """Serves /metrics on `listen` (HOST:PORT, port 0 picks one) from a thread:
     the sum over all workers in multiprocess mode, this process's registry
     otherwise. Raises OSError when the address cannot be bound."""
-    host, _, port = listen.rpartition(":")
-    if not port.isdigit():
-        raise ValueError(f"--metrics-listen {listen!r}: expected HOST:PORT")
-    host = host.strip("[]") or "0.0.0.0"
+    host, port = split_listen(listen)
     if _multiprocess_dir() is None:
         instruments()
         registry = _registry
@@ -232,7 +255,7 @@ def start_exporter(listen: str) -> Exporter:
     else:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    server, thread = prometheus_client.start_http_server(int(port), addr=host, registry=registry)
+    server, thread = prometheus_client.start_http_server(port, addr=host, registry=registry)
     exporter = _HttpExporter(server, thread)
     _log.info("serving metrics on http://%s:%d/metrics", listen.rpartition(":")[0], exporter.port)
     return exporter

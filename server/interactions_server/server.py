@@ -31,13 +31,14 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from interactions_client.v1 import interaction_service_pb2, user_state_service_pb2
-from interactions_server import service, user_state
+from interactions_server import logs, metrics, service, user_state
 from interactions_server.config import ServerConfig
 from interactions_server.database import Database
 from interactions_server.errors import lenient_parser
 from interactions_server.group_commit import GroupCommitter
 from interactions_server.health import DatabaseHealth
 from interactions_server.ingest import Ingestor
+from interactions_server.metrics_interceptor import MetricsInterceptor
 from interactions_server.startup import StartupError, check_port_free
 
 __all__ = ["SERVICES", "SERVICE_NAMES", "App", "Server", "ServerConfig", "StartupError"]
@@ -104,7 +105,7 @@ SERVICE_NAMES: tuple[str, ...] = tuple(s.descriptor.full_name for s in SERVICES)
 
 def build_interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
     """The server's interceptors, outermost first."""
-    return []
+    return [MetricsInterceptor()]
 
 
 @runtime_checkable
@@ -158,6 +159,7 @@ class Server:
         self._committer: GroupCommitter | None = None
         self._servicers: list[object] = []
         self._server: grpc.aio.Server | None = None
+        self._summary = logs.SummaryTask(config.log_summary_interval)
         self._stopped = False
 
     @property
@@ -191,6 +193,7 @@ class Server:
             reset=_end_transaction,
             statement_cache_size=config.statement_cache_size,
         )
+        metrics.watch_pool(self._pool)
         self._health = DatabaseHealth(
             self.dsn,
             SERVICE_NAMES,
@@ -220,6 +223,7 @@ class Server:
         self._server = server
         await self._health.start()
         await server.start()
+        self._summary.start()
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: health goes NOT_SERVING (open Watches end), no
@@ -246,6 +250,7 @@ class Server:
             except TimeoutError:
                 _log.warning("database connections did not close in time; terminating them")
                 self._pool.terminate()
+        await self._summary.stop()
 
 
 class App:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
-from interactions_server import worker
+from interactions_server import metrics, worker
 from interactions_server.config import ServerConfig
 from interactions_server.database import Database
 from interactions_server.startup import EXIT_DATABASE_DIED, StartupError, check_port_free, reserve_port
@@ -77,6 +77,7 @@ class Supervisor:
         check_port_free(self.config.listen)  # before the embedded database starts
         listen = reserve_port(self.config.listen)
         _log.info("starting with %d workers", self.config.workers)
+        exporter = metrics.serve_metrics(self.config.metrics_listen, workers=True)  # before any worker
         database = Database(self.config)
         try:
             starting = asyncio.create_task(database.start())
@@ -90,12 +91,11 @@ class Supervisor:
             stopping.cancel()
             dsn = starting.result()
             self._worker_config = replace(self.config, listen=listen, database_url=dsn, reuse_port=True)
-            # OBSERVABILITY: metrics.setup_multiprocess(...) and start_exporter(--metrics-listen) go here,
-            # before the first worker is spawned (it reads PROMETHEUS_MULTIPROC_DIR at import).
             return await self._supervise(database, listen)
         finally:
             await self._stop_workers()
             await database.stop()
+            exporter.close()
             _log.info("stopped")
 
     async def _supervise(self, database: Database, listen: str) -> int:
@@ -174,7 +174,7 @@ class Supervisor:
                 slot.quick_failures = 0 if ran >= HEALTHY_AFTER else slot.quick_failures + 1
                 delay = 0.0 if slot.quick_failures == 0 else min(MAX_BACKOFF, 0.5 * 2**slot.quick_failures)
                 slot.restart_at = now + delay
-                # OBSERVABILITY: metrics.mark_worker_dead(pid) goes here.
+                metrics.mark_worker_dead(pid)
                 _log.warning(
                     "worker %d (pid %s) exited with status %s%s; restarting it%s",
                     slot.index,
