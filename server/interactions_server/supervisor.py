@@ -132,7 +132,7 @@ class Supervisor:
         send.close()  # the worker holds the sending end now
         slot.process, slot.report, slot.ready, slot.error = process, receive, False, None
         slot.started_at = time.monotonic()
-        _log.info("worker %d started (pid %s)", slot.index, process.pid)
+        _log.info("worker %d started (pid %s)", slot.index, process.pid, extra={"worker": slot.index})
 
     def _read_report(self, slot: _Slot) -> None:
         if slot.report is None:
@@ -182,6 +182,7 @@ class Supervisor:
                     status,
                     f" ({slot.error})" if slot.error else "",
                     f" in {delay:.1f} s" if delay else "",
+                    extra={"worker": slot.index, "exit_status": status},
                 )
             if slot.process is None and now >= slot.restart_at:
                 self._start(slot)
