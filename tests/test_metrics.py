@@ -14,6 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from interactions_client.v1 import interaction_service_pb2 as pb
 from interactions_client.v1.event_pb2 import EventType
@@ -122,14 +124,36 @@ async def _moved(url: str, before: Samples, name: str, **labels: str) -> bool:
     return delta(await scrape(url), before, name, **labels) > 0
 
 
-async def test_health_pool_and_database_gauges(server: App, channel: grpc.aio.Channel, metrics_url: str) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+async def test_health_reflection_pool_and_database_gauges(
+    server: App, channel: grpc.aio.Channel, metrics_url: str
+) -> None:
     before = await scrape(metrics_url)
-    await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    health = health_pb2_grpc.HealthStub(channel)
+    await health.Check(health_pb2.HealthCheckRequest())
+    watch = health.Watch(health_pb2.HealthCheckRequest())
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()  # the server's Watch is waiting for a change: its handler is cancelled
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+    await reflection.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    assert SERVICE in {s.name for s in (await reflection.read()).list_services_response.service}
+    await reflection.done_writing()
+    assert await reflection.code() == grpc.StatusCode.OK
+    await eventually(lambda: _moved(metrics_url, before, "grpc_server_handled_total", grpc_method="Watch"))
+    await eventually(
+        lambda: _moved(metrics_url, before, "grpc_server_handled_total", grpc_method="ServerReflectionInfo")
+    )
     after = await scrape(metrics_url)
-    labels = {"grpc_type": "unary", "grpc_service": "grpc.health.v1.Health", "grpc_method": "Check"}
-    assert delta(after, before, "grpc_server_handled_total", **labels, grpc_code="OK") == 1
+
+    def service_handled(grpc_type: str, service: str, method: str, code: str) -> float:
+        labels = {"grpc_type": grpc_type, "grpc_service": service, "grpc_method": method, "grpc_code": code}
+        return delta(after, before, "grpc_server_handled_total", **labels)
+
+    assert service_handled("unary", "grpc.health.v1.Health", "Check", "OK") == 1
+    assert service_handled("server_stream", "grpc.health.v1.Health", "Watch", "Canceled") == 1
+    watch_labels = {"grpc_type": "server_stream", "grpc_method": "Watch"}
+    assert delta(after, before, "grpc_server_msg_sent_total", **watch_labels) == 1  # written with context.write()
+    reflection_service = "grpc.reflection.v1alpha.ServerReflection"
+    assert service_handled("bidi_stream", reflection_service, "ServerReflectionInfo", "OK") == 1
     assert value(after, "interactions_database_up") == 1
     # The pool is sampled every second: it holds at least its min_size connections.
     await eventually(
