@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,6 +164,19 @@ async def test_health_reflection_pool_and_database_gauges(
 
 async def _at_least(url: str, name: str, minimum: float, **labels: str) -> bool:
     return total(await scrape(url), name, **labels) >= minimum
+
+
+async def test_a_busy_metrics_port_is_an_operator_error(database_url: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = ("--listen", "127.0.0.1:0", "--database-url", database_url, "--metrics-listen", f"127.0.0.1:{port}")
+        async with cli(*args) as server:
+            assert await server.finish() == 2
+    errors = [line for line in server.log if "ERROR" in line]
+    assert len(errors) == 1 and f"cannot serve metrics on 127.0.0.1:{port}" in errors[0], server.log
+    assert "Traceback" not in "".join(server.log)
 
 
 # --- two workers --------------------------------------------------------------

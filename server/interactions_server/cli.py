@@ -68,6 +68,26 @@ def _not_negative(text: str) -> int:
     return value
 
 
+def _log_format(text: str) -> str | None:
+    """--log-format: text or json; "auto" (or empty) lets logs.configure choose."""
+    value = text.strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in logs.FORMATS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(logs.FORMATS)}, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(
@@ -101,20 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-format",
-        default=env("INTERACTIONS_LOG_FORMAT") or None,
-        choices=logs.FORMATS,
+        type=_log_format,
+        metavar="{text,json}",
+        default=env("INTERACTIONS_LOG_FORMAT", "auto"),
         help="text, or json: one JSON object per line (env INTERACTIONS_LOG_FORMAT; "
         "default text when stderr is a terminal, json otherwise)",
     )
     parser.add_argument(
         "--log-summary-interval",
-        type=float,
-        default=float(env("INTERACTIONS_LOG_SUMMARY_INTERVAL", str(logs.DEFAULT_SUMMARY_INTERVAL))),
+        type=_seconds,
+        metavar="SECONDS",
+        default=env("INTERACTIONS_LOG_SUMMARY_INTERVAL", f"{logs.DEFAULT_SUMMARY_INTERVAL:g}"),
         help="seconds between summaries of the events handled, in the log; 0 for none "
         "(env INTERACTIONS_LOG_SUMMARY_INTERVAL; default %(default)s)",
     )
     parser.add_argument(
         "--metrics-listen",
+        metavar="HOST:PORT",
         default=env("INTERACTIONS_METRICS_LISTEN") or None,
         help="serve Prometheus metrics at http://HOST:PORT/metrics, summed over the workers "
         "(env INTERACTIONS_METRICS_LISTEN; default: no metrics endpoint)",
