@@ -218,3 +218,17 @@ async def test_a_second_server_on_the_same_data_directory_is_refused() -> None:
                 assert await serving(channel)  # the first one is untouched
             first.process.send_signal(signal.SIGTERM)
             assert await first.finish() == 0
+
+
+async def test_a_second_server_on_the_port_of_a_running_one_is_refused(database_url: str) -> None:
+    """SO_REUSEPORT is among the workers of one supervisor only: another
+    server's workers must not join them."""
+    async with cli("--workers", "2", "--listen", "127.0.0.1:0", "--database-url", database_url) as first:
+        address = (await first.wait_for_line(LISTENING))[1]
+        for workers in ("2", "1"):
+            async with cli("--workers", workers, "--listen", address, "--database-url", database_url) as second:
+                code = await second.finish()
+            assert code == 2, "".join(second.log)
+            assert any(f"cannot listen on {address}: address already in use" in line for line in second.log)
+        first.process.send_signal(signal.SIGTERM)
+        assert await first.finish() == 0

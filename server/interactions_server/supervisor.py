@@ -102,6 +102,8 @@ class Supervisor:
         for slot in self._slots:
             self._start(slot)
         await self._wait_ready()
+        if self._stop.is_set():  # a signal while the workers were starting
+            return 0
         _log.info("listening on %s with %d workers", listen, len(self._slots))
         died = asyncio.create_task(database.wait_died())
         try:
