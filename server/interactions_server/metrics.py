@@ -13,7 +13,10 @@ is known, so a supervisor that imports this module but never records anything
 writes no values of its own (its zero gauges would distort `livemin`).
 
 The code that records calls the small functions below (count_events,
-observe_commit, ...), never prometheus-client directly.
+observe_commit, ...), never prometheus-client directly. An event is counted
+once its call has an outcome for it: a call that fails as a whole (a batch
+over the size limit, a request that does not parse, the database down)
+counts no events, only in grpc_server_handled_total with its code.
 
 Label cardinality stays bounded: `event_type` is the catalog name, and every
 custom type counts as "custom" (its custom_type is caller-chosen text); an
