@@ -11,7 +11,14 @@ import grpc
 import grpc.aio
 
 from interactions_client import batches
-from interactions_client.channel import DEFAULT_DEADLINE, ChannelOptions, TlsConfig, create_aio_channel, default_target
+from interactions_client.channel import (
+    DEFAULT_DEADLINE,
+    ChannelOptions,
+    TlsConfig,
+    create_aio_channel,
+    default_target,
+    wait_until_connected,
+)
 from interactions_client.errors import InvalidEventError, from_rpc_error
 from interactions_client.events import EventMethods, with_event_id
 from interactions_client.results import BatchResult, LogResult
@@ -97,6 +104,11 @@ class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]]):
             request_serializer=serialize_health_check_request,
             response_deserializer=parse_health_check_status,
         )
+
+    async def connect(self, *, deadline: float | None = None) -> None:
+        """Connects now instead of at the first call. Raises UnavailableError ("cannot connect to
+        TARGET") when the first attempt fails or none completes within `deadline` seconds (default: the client's)."""
+        await wait_until_connected(self._channel, self.target, self._deadline(deadline))
 
     async def __aenter__(self) -> InteractionsClient:
         return self
