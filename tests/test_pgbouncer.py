@@ -27,6 +27,7 @@ from interactions_client.v1 import user_state_service_pb2 as state_pb
 from interactions_client.v1.event_pb2 import EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
 from interactions_client.v1.user_state_service_pb2_grpc import UserStateServiceStub
+from interactions_server import migrate
 from interactions_server.server import App
 from tests.events import valid_event
 from tests.support import StartServer, postgres_directory
@@ -139,3 +140,14 @@ async def test_the_service_works_behind_pgbouncer_in_transaction_mode(
         app = await start_server(database_url=bouncer_url, statement_cache_size=0)
         await exercise(app)
         await app.stop()
+
+
+async def test_an_up_to_date_schema_is_checked_without_the_migration_lock(database_url: str) -> None:
+    """Behind pgbouncer in transaction mode a session lock can stay held on a
+    server connection; a start that has nothing to apply takes none."""
+    holder = await asyncpg.connect(database_url)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", migrate.LOCK_KEY)
+        assert await asyncio.wait_for(migrate.migrate(database_url), 5) == []  # did not wait for the lock
+    finally:
+        await holder.close()

@@ -232,3 +232,10 @@ async def test_a_second_server_on_the_port_of_a_running_one_is_refused(database_
             assert any(f"cannot listen on {address}: address already in use" in line for line in second.log)
         first.process.send_signal(signal.SIGTERM)
         assert await first.finish() == 0
+
+
+def test_workers_auto_is_one_per_core() -> None:
+    from interactions_server.cli import build_parser
+
+    assert build_parser().parse_args(["--workers", "auto"]).workers == (os.cpu_count() or 1)
+    assert build_parser().parse_args([]).workers == 1
