@@ -40,6 +40,7 @@ from interactions_server.health import DatabaseHealth
 from interactions_server.ingest import Ingestor
 from interactions_server.metrics_interceptor import MetricsInterceptor
 from interactions_server.startup import StartupError, check_port_free
+from interactions_server.status_interceptor import StatusInterceptor
 
 __all__ = ["SERVICES", "SERVICE_NAMES", "App", "Server", "ServerConfig", "StartupError"]
 
@@ -104,8 +105,9 @@ SERVICE_NAMES: tuple[str, ...] = tuple(s.descriptor.full_name for s in SERVICES)
 
 
 def build_interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
-    """The server's interceptors, outermost first."""
-    return [MetricsInterceptor()]
+    """The server's interceptors, outermost first: metrics see the status
+    that the status mapping gave an exception."""
+    return [MetricsInterceptor(), StatusInterceptor()]
 
 
 @runtime_checkable

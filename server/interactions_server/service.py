@@ -14,7 +14,7 @@ from interactions_client.v1 import interaction_service_pb2 as pb
 from interactions_client.v1 import interaction_service_pb2_grpc
 from interactions_client.v1.event_pb2 import Event, EventType, FieldViolation
 from interactions_server import metrics
-from interactions_server.errors import InvalidArgument, Unavailable, rpc_errors, stream_rpc_errors
+from interactions_server.errors import InvalidArgument, Unavailable
 from interactions_server.group_commit import GroupCommitter
 from interactions_server.ingest import BatchResult, Ingestor, Rejection
 
@@ -28,7 +28,9 @@ _WriteQueue = asyncio.Queue[asyncio.Task[pb.StreamEventsResponse] | None]
 
 class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer):
     """Validation and writing are the Ingestor's; this class maps requests to
-    batches, batches to responses, and bounds the work of each stream."""
+    batches, batches to responses, and bounds the work of each stream.
+    Methods raise (InvalidArgument, Unavailable, database errors); the
+    server's StatusInterceptor turns that into the status (errors.py)."""
 
     def __init__(
         self, ingestor: Ingestor, committer: GroupCommitter, *, batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT
@@ -53,7 +55,6 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
         for reader in self._readers:
             reader.cancel()
 
-    @rpc_errors
     async def LogEvent(self, request: pb.LogEventRequest, context: grpc.aio.ServicerContext) -> pb.LogEventResponse:
         if not request.HasField("event"):
             raise InvalidArgument([FieldViolation(field="event", description="is required")], "invalid event")
@@ -67,7 +68,6 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
             raise InvalidArgument(violations, "invalid event")
         return pb.LogEventResponse(event_id=outcome.event_id, duplicate=outcome.duplicate)
 
-    @rpc_errors
     async def LogEvents(self, request: pb.LogEventsRequest, context: grpc.aio.ServicerContext) -> pb.LogEventsResponse:
         _check_batch_size(request.events)
         result = await self._write(request.events)
@@ -78,7 +78,6 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
             rejected=_rejected(result.rejected),
         )
 
-    @stream_rpc_errors
     async def StreamEvents(
         self, request_iterator: AsyncIterator[pb.StreamEventsRequest], context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[pb.StreamEventsResponse, None]:
@@ -113,7 +112,6 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
                 if (pending := writes.get_nowait()) is not None:
                     _discard(pending)
 
-    @rpc_errors
     async def ListEventTypes(
         self, request: pb.ListEventTypesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListEventTypesResponse:

@@ -17,7 +17,7 @@ from interactions_client.v1 import user_state_service_pb2 as pb
 from interactions_client.v1 import user_state_service_pb2_grpc
 from interactions_client.v1.event_pb2 import FieldViolation
 from interactions_server import storage
-from interactions_server.errors import InvalidArgument, rpc_errors
+from interactions_server.errors import InvalidArgument
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["UserStateService"].full_name
 DEFAULT_PAGE_SIZE = 100
@@ -35,7 +35,6 @@ class UserStateService(user_state_service_pb2_grpc.UserStateServiceServicer):
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    @rpc_errors
     async def GetCart(self, request: pb.GetCartRequest, context: grpc.aio.ServicerContext) -> pb.GetCartResponse:
         rows = await storage.fetch_cart(self._pool, _user_id(request.user_id))
         return pb.GetCartResponse(
@@ -45,7 +44,6 @@ class UserStateService(user_state_service_pb2_grpc.UserStateServiceServicer):
             ]
         )
 
-    @rpc_errors
     async def GetWishlist(
         self, request: pb.GetWishlistRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetWishlistResponse:
@@ -54,7 +52,6 @@ class UserStateService(user_state_service_pb2_grpc.UserStateServiceServicer):
             items=[pb.WishlistItem(product_id=r.product_id, added_at=_timestamp(r.added_at)) for r in rows]
         )
 
-    @rpc_errors
     async def ListPurchases(
         self, request: pb.ListPurchasesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListPurchasesResponse:
