@@ -1,7 +1,8 @@
 """The one place exceptions become gRPC status codes.
 
-Servicer methods are decorated with `rpc_errors` (unary responses) or
-`stream_rpc_errors` (streamed responses) and simply raise:
+Servicer methods simply raise; the server's StatusInterceptor
+(status_interceptor.py) applies `abort_for` to every RPC (`rpc_errors` and
+`stream_rpc_errors` do the same for one decorated method):
 
 - `InvalidArgument(violations)` → INVALID_ARGUMENT with `google.rpc.BadRequest`
   field violations in the status details;
