@@ -24,8 +24,9 @@ from interactions_server import metrics, storage
 from interactions_server.sync import SyncEvent, SyncHandler, build_registry
 
 # Field names of each details payload, read once from the schema.
-_DETAIL_FIELDS: dict[str, tuple[str, ...]] = {
-    f.name: tuple(sub.name for sub in f.message_type.fields)  # type: ignore[union-attr]
+# (name, has presence): an `optional` field is stored only when it was set.
+_DETAIL_FIELDS: dict[str, tuple[tuple[str, bool], ...]] = {
+    f.name: tuple((sub.name, sub.has_presence) for sub in f.message_type.fields)  # type: ignore[union-attr]
     for f in Event.DESCRIPTOR.oneofs_by_name["details"].fields
 }
 
@@ -57,7 +58,15 @@ def _row(event: Event, event_id: str, received_us: int) -> storage.EventRow:
     details = None
     if member is not None:
         payload = getattr(event, member)
-        details = json.dumps({member: {name: getattr(payload, name) for name in _DETAIL_FIELDS[member]}})
+        details = json.dumps(
+            {
+                member: {
+                    name: getattr(payload, name)
+                    for name, optional in _DETAIL_FIELDS[member]
+                    if not optional or payload.HasField(name)
+                }
+            }
+        )
     return storage.EventRow(
         event.user_id,
         event_id,
