@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"runs of each throughput measure, the best kept (default {defaults.repeat}; --quick and --profile: 1)",
     )
     parser.add_argument("--seed", type=int, help=f"workload seed (default {defaults.seed})")
+    parser.add_argument("--workers", type=_positive, help=f"the server's --workers (default {defaults.workers})")
+    parser.add_argument(
+        "--connections",
+        type=_positive,
+        help="client connections per load process; above 1 each stream has its own and the unary callers "
+        f"are spread over them, so that --workers N gets work on every worker (default {defaults.connections})",
+    )
     parser.add_argument(
         "--profile",
         type=Path,
@@ -137,6 +144,8 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         "seed": args.seed,
         "repeat": args.repeat,
         "profile_dir": args.profile,
+        "workers": args.workers,
+        "connections": args.connections,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if config.profile_dir is not None and args.repeat is None:
@@ -167,6 +176,8 @@ async def run(config: BenchConfig) -> Results:
         profiled=config.profile_dir is not None,
         repeat=config.repeat,
         callers=config.callers,
+        workers=config.workers,
+        connections=config.connections,
     )
     log_dir = Path(tempfile.mkdtemp(prefix="interactions-bench-logs-"))
     db = EmbeddedDatabase()
@@ -174,7 +185,7 @@ async def run(config: BenchConfig) -> Results:
     try:
         _progress("starting the embedded PostgreSQL")
         await asyncio.to_thread(db.start)
-        server = ServiceProcess.interactions_server(db.url, log_dir)
+        server = ServiceProcess.interactions_server(db.url, log_dir, workers=config.workers)
         _progress(f"starting {' '.join(server.command)}")
         await server.start()
         bench = measures.Bench(config, db, server, log_dir, _progress)

@@ -33,6 +33,12 @@ class BenchConfig:
     client_processes: int = 0  # client processes for the fan-out; 0: one per core, at most one per stream
     unary_processes: int = 1  # client processes sharing the unary callers
     batch_size: int | None = None  # the streamer's batch_size; None: its default
+    workers: int = 1  # the server's --workers
+    # Client connections per load process. Connections, not calls, are what the
+    # kernel spreads over the workers of --workers N: with 1, every call of a
+    # load process reaches the same worker. Above 1, each stream also gets a
+    # connection of its own, and the unary callers are spread over them.
+    connections: int = 1
     seed: int = 5
     repeat: int = 2  # runs of each throughput measure; the fastest counts (noise only slows a run down)
     profile_dir: Path | None = None  # py-spy the server during (b) and (d) into this directory

@@ -27,6 +27,10 @@ from bench.workload import check_valid, stream_events
 from interactions_client import InteractionsClient, InteractionsError
 from interactions_client.v1.event_pb2 import Event
 
+# gRPC shares one connection between channels of a process that have the
+# same target and options (its global subchannel pool); this option opts out.
+OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+
 
 @dataclass(frozen=True, slots=True)
 class StreamJob:
@@ -41,6 +45,7 @@ class StreamJob:
     base_time: float
     lazy: bool = False  # make events while sending (long runs) instead of before the go
     batch_size: int | None = None  # None: the streamer's default
+    own_connections: bool = False  # a TCP connection per stream rather than one shared by the process
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,7 @@ class UnaryJob:
     callers: int
     base_time: float
     rate: float | None = None
+    connections: int = 1  # clients (each its own TCP connection when > 1) the callers are spread over
 
 
 Job = StreamJob | UnaryJob
@@ -161,7 +167,8 @@ async def _run_streams(
         return made
 
     workloads = [events_of(stream) for stream in job.streams]
-    clients = [InteractionsClient(job.target) for _ in job.streams]
+    options = OWN_CONNECTION if job.own_connections else ()
+    clients = [InteractionsClient(job.target, options=options) for _ in job.streams]
     try:
         for client in clients:  # connect before the clock starts
             await client.health()
@@ -204,17 +211,23 @@ async def _stream(
 async def _run_unary(job: UnaryJob, ready: Any, go: multiprocessing.synchronize.Event, wait_limit: float) -> LoadResult:
     events = list(stream_events(job.seed, job.worker, job.workers, job.total_calls, job.base_time))
     check_valid(events)
-    async with InteractionsClient(job.target) as client:
-        await client.health()  # connect before the clock starts
+    options = OWN_CONNECTION if job.connections > 1 else ()
+    clients = [InteractionsClient(job.target, options=options) for _ in range(job.connections)]
+    try:
+        for client in clients:
+            await client.health()  # connect before the clock starts
         started, cpu = await _wait_for_go(ready, go, wait_limit)
         result = LoadResult(started, 0.0, 0.0, events=len(events))
         async with asyncio.timeout(wait_limit):
             if job.rate is None:
-                await _closed_loop(client, iter(events), job.callers, result)
+                await _closed_loop(clients, iter(events), job.callers, result)
             else:
-                await _open_loop(client, events, job.rate, result)
+                await _open_loop(clients, events, job.rate, result)
         result.finished = time.monotonic()
         result.cpu_seconds = time.process_time() - cpu
+    finally:
+        for client in clients:
+            await client.close()
     return result
 
 
@@ -233,19 +246,21 @@ async def _log(client: InteractionsClient, event: Event, result: LoadResult) -> 
     return True
 
 
-async def _closed_loop(client: InteractionsClient, events: Iterator[Event], callers: int, result: LoadResult) -> None:
-    async def caller() -> None:
+async def _closed_loop(
+    clients: list[InteractionsClient], events: Iterator[Event], callers: int, result: LoadResult
+) -> None:
+    async def caller(client: InteractionsClient) -> None:
         for event in events:  # shared: each event is taken by one caller
             await _log(client, event, result)
 
-    await asyncio.gather(*(caller() for _ in range(callers)))
+    await asyncio.gather(*(caller(clients[i % len(clients)]) for i in range(callers)))
 
 
-async def _open_loop(client: InteractionsClient, events: list[Event], rate: float, result: LoadResult) -> None:
+async def _open_loop(clients: list[InteractionsClient], events: list[Event], rate: float, result: LoadResult) -> None:
     """Starts call i at start + i / rate, however long earlier calls take (so
     as many calls are in flight as the latency needs)."""
 
-    async def timed(event: Event, due: float) -> None:
+    async def timed(client: InteractionsClient, event: Event, due: float) -> None:
         sent = time.monotonic()
         if await _log(client, event, result):
             done = time.monotonic()
@@ -259,7 +274,7 @@ async def _open_loop(client: InteractionsClient, events: list[Event], rate: floa
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        calls.append(asyncio.create_task(timed(event, due)))
+        calls.append(asyncio.create_task(timed(clients[i % len(clients)], event, due)))
     await asyncio.gather(*calls)
 
 

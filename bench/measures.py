@@ -162,7 +162,17 @@ async def stream_run(
 ) -> tuple[Throughput, RssSamples | None]:
     base_time = time.time()
     jobs: list[StreamJob | UnaryJob] = [
-        StreamJob(bench.server.target, seed, group, streams, events, base_time, lazy, bench.config.batch_size)
+        StreamJob(
+            bench.server.target,
+            seed,
+            group,
+            streams,
+            events,
+            base_time,
+            lazy,
+            bench.config.batch_size,
+            own_connections=bench.config.connections > 1,
+        )
         for group in split(streams, processes)
     ]
     bench.progress(f"{label}: {events:,} events, {streams} stream(s) in {processes} client process(es)")
@@ -276,7 +286,15 @@ async def unary_run(
     base_time = time.time()
     jobs: list[StreamJob | UnaryJob] = [
         UnaryJob(
-            service.target, seed, i, processes, calls, callers[i], base_time, None if rate is None else rate / processes
+            service.target,
+            seed,
+            i,
+            processes,
+            calls,
+            callers[i],
+            base_time,
+            None if rate is None else rate / processes,
+            connections=config.connections,
         )
         for i in range(processes)
     ]

@@ -120,7 +120,7 @@ class CpuMeter:
     def start(self) -> None:
         self._wall = time.monotonic()
         self._own = time.process_time()
-        self._server = process_cpu_seconds(self.server_pid)
+        self._server = sum(tree_cpu_seconds(self.server_pid).values())  # with --workers: the workers too
         self._postgres = tree_cpu_seconds(self.postgres_pid)
         self._machine = MachineCpu.read()
 
@@ -128,7 +128,7 @@ class CpuMeter:
         """`client_cpu_seconds`: what the load processes report for the measure."""
         wall = max(time.monotonic() - self._wall, 1e-9)
         client = client_cpu_seconds + time.process_time() - self._own
-        server = process_cpu_seconds(self.server_pid) - self._server
+        server = sum(tree_cpu_seconds(self.server_pid).values()) - self._server
         now = tree_cpu_seconds(self.postgres_pid)
         postgres = sum(seconds - self._postgres.get(pid, 0.0) for pid, seconds in now.items())
         # A backend that exited during the measure is in the root's reaped time.

@@ -40,6 +40,8 @@ class Results:
     profiled: bool = False  # py-spy and pg_stat_activity sampling ran during (b) and (d)
     repeat: int = 1  # runs of each throughput measure, the best kept
     callers: int = 64  # concurrent unary callers
+    workers: int = 1  # the server's --workers
+    connections: int = 1  # client connections per load process
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,7 +350,8 @@ def render(results: Results) -> str:
     voids = [f"VOID {r.measure}: {r.void}" for r in rows(results) if r.void]
     profiled = "PROFILED run: py-spy and pg_stat_activity sampling slowed (b) and (d).\n" if results.profiled else ""
     machine = (
-        f"{profiled}code: {results.code}; throughputs: best of {results.repeat} run(s); "
+        f"{profiled}code: {results.code}; server --workers {results.workers}, {results.connections} client "
+        f"connection(s) per load process; throughputs: best of {results.repeat} run(s); "
         f"machine: {os.cpu_count()} cores; load average {results.load_before[0]:.2f} before, "
         f"{results.load_after[0]:.2f} after. CPU in cores (CPU s / wall s): irq = interrupt and softirq time (loopback "
         "networking), other = processes outside the benchmark, steal = taken by the hypervisor for other machines; "
@@ -380,6 +383,8 @@ def to_json(results: Results) -> dict[str, Any]:
         "code": results.code,
         "profiled": results.profiled,
         "repeat": results.repeat,
+        "workers": results.workers,
+        "connections": results.connections,
         "machine": {"cpu_count": os.cpu_count(), "load_before": results.load_before, "load_after": results.load_after},
         "rows": [{**asdict(r), "status": r.met_text} for r in rows(results)],
         "a_ceiling": throughput(results.ceiling),

@@ -44,8 +44,10 @@ class ServiceProcess:
         self._process: asyncio.subprocess.Process | None = None
 
     @classmethod
-    def interactions_server(cls, database_url: str, log_dir: Path) -> ServiceProcess:
+    def interactions_server(cls, database_url: str, log_dir: Path, *, workers: int = 1) -> ServiceProcess:
         command = [*server_command(), "--database-url", database_url, "--log-level", "WARNING"]
+        if workers > 1:
+            command += ["--workers", str(workers)]
         return cls("interactions-server", command, log_dir / "server.log")
 
     @classmethod

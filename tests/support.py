@@ -129,6 +129,7 @@ class ServerProcess:
 @contextlib.asynccontextmanager
 async def cli(*args: str) -> AsyncIterator[ServerProcess]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INTERACTIONS_")}
+    env["INTERACTIONS_LOG_FORMAT"] = "text"  # stderr is a pipe (JSON by default); tests read text unless they ask
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "interactions_server.cli", *args, env=env, stderr=asyncio.subprocess.PIPE
     )

@@ -152,6 +152,19 @@ async def test_the_log_row_holds_every_field(interaction_stub: InteractionServic
     assert row["received_at"] is not None
 
 
+async def test_an_optional_detail_is_stored_only_when_set(
+    interaction_stub: InteractionServiceStub, server: App
+) -> None:
+    with_count = event("search", "p9", at=1)
+    with_count.search.result_count = 0  # set, even to zero: the search reported no results
+    await log(interaction_stub, with_count, event("search", "p9", at=2))
+    details = await server.pool.fetch("SELECT details FROM events ORDER BY occurred_at")
+    assert [r["details"] for r in details] == [
+        '{"search": {"query": "laptop", "result_count": 0}}',
+        '{"search": {"query": "laptop"}}',
+    ]
+
+
 async def test_duplicates_within_and_across_batches_apply_once(
     interaction_stub: InteractionServiceStub, user_state_stub: UserStateServiceStub, server: App
 ) -> None:

@@ -115,7 +115,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def check_usage(args: argparse.Namespace) -> None:
-    """Usage errors found before connecting (export_files.UsageError)."""
+    """Usage errors found before connecting (cli_errors.UsageError)."""
     if args.command == "export":
         export_files.check_format(args.out)
 

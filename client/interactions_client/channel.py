@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -12,6 +13,8 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+
+from interactions_client.errors import UnavailableError
 
 DEFAULT_TARGET = "localhost:50051"
 TARGET_ENV = "INTERACTIONS_TARGET"
@@ -136,3 +139,22 @@ def create_sync_channel(target: str, tls: TlsConfig | None = None, options: Chan
     if tls is None:
         return grpc.insecure_channel(target, options=channel_options(options))
     return grpc.secure_channel(target, tls.credentials(), options=channel_options(options))
+
+
+async def wait_until_connected(channel: grpc.aio.Channel, target: str, deadline: float | None) -> None:
+    """Connects `channel` now. Raises UnavailableError("cannot connect to TARGET") when the first
+    attempt fails (refused, unresolvable, TLS handshake) or none completes within `deadline` seconds."""
+
+    async def ready() -> None:
+        state = channel.get_state(try_to_connect=True)
+        while state != grpc.ChannelConnectivity.READY:
+            if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
+                raise UnavailableError(f"cannot connect to {target}", code=grpc.StatusCode.UNAVAILABLE)
+            await channel.wait_for_state_change(state)
+            state = channel.get_state(try_to_connect=True)
+
+    try:
+        await asyncio.wait_for(ready(), deadline)
+    except TimeoutError:
+        message = f"cannot connect to {target} (no connection within {deadline:g} s)"
+        raise UnavailableError(message, code=grpc.StatusCode.UNAVAILABLE) from None

@@ -2,7 +2,9 @@
 
 Exit status: 0 success; 1 failure (unreachable, refused, events not
 confirmed, not serving); 2 usage error; 3 an import finished but some lines
-were rejected or malformed (see FILE.rejected.jsonl).
+were rejected or malformed (see FILE.rejected.jsonl). With --json a failure
+is also an object on stdout: {"error": {"code", "message", "violations"}}
+(cli_errors.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -23,18 +24,22 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from interactions_client import analytics_cli
 from interactions_client.catalog import HEADER, PRODUCT_LABELS, SYNC_LABELS, VALUE_LABELS, catalog_row, format_table
 from interactions_client.channel import DEFAULT_DEADLINE, TlsConfig, default_target
+from interactions_client.cli_args import CliParser, count, moment, seconds, target, whole_number
+from interactions_client.cli_errors import EXIT_FAILED, EXIT_OK, EXIT_REJECTED_LINES, EXIT_USAGE, UsageError, report
 from interactions_client.client import InteractionsClient
-from interactions_client.errors import InteractionsError, InvalidArgumentError
+from interactions_client.errors import InteractionsError
 from interactions_client.events import new_event
-from interactions_client.export_files import UsageError
 from interactions_client.jsonl_import import RejectedLines, import_jsonl, rejected_path_for
+from interactions_client.limits import MAX_BATCH_EVENTS
 from interactions_client.progress import Progress
-from interactions_client.rules import RULES
+from interactions_client.rules import CUSTOM, RULES, STANDARD
+from interactions_client.v1.event_pb2 import Event
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_REJECTED_LINES = 3
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_REJECTED_LINES", "EXIT_USAGE", "build_parser", "main"]
+
+STDIN = Path("-")
+STDIN_REJECTED = Path("stdin.rejected.jsonl")
+"""Where `import -` writes rejected lines unless --rejected says otherwise."""
 
 # CLI options that fill the fields of a type's details payload (rules decide which payload).
 _DETAIL_OPTIONS = ("query", "page_path", "referrer", "product_name", "quantity", "action")
@@ -50,6 +55,7 @@ def _add_common_options(parser: argparse.ArgumentParser, *, defaults: bool) -> a
     add = parser.add_argument
     add(
         "--target",
+        type=target,
         default=default(default_target()),
         help="host:port (default: $INTERACTIONS_TARGET or localhost:50051)",
     )
@@ -62,47 +68,53 @@ def _add_common_options(parser: argparse.ArgumentParser, *, defaults: bool) -> a
         default=default(os.environ.get("INTERACTIONS_TOKEN") or None),
         help="bearer token for a server with --auth-tokens (default: $INTERACTIONS_TOKEN)",
     )
-    add("--deadline", type=float, default=default(DEFAULT_DEADLINE), help="seconds per call (default: 10)")
+    add("--deadline", type=seconds, default=default(DEFAULT_DEADLINE), help="seconds per call (default: 10)")
     add("--json", action="store_true", default=default(False), help="print JSON for scripts instead of tables")
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _add_common_options(
-        argparse.ArgumentParser(prog="interactions", description="Client of the Interactions service."), defaults=True
+        CliParser(prog="interactions", description="Client of the Interactions service."), defaults=True
     )
-    common = _add_common_options(argparse.ArgumentParser(add_help=False), defaults=False)
+    common = _add_common_options(CliParser(add_help=False), defaults=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     imp = commands.add_parser(
         "import", parents=[common], help="stream a JSONL file of events (protobuf JSON, one per line)"
     )
-    imp.add_argument("file", type=Path)
-    imp.add_argument("--rejected", type=Path, help="where rejected lines go (default: FILE.rejected.jsonl)")
-    imp.add_argument("--batch-size", type=int, default=500)
+    imp.add_argument("file", type=Path, metavar="FILE", help="a .jsonl file, or - for standard input")
     imp.add_argument(
-        "--retry-timeout", type=float, default=60.0, help="seconds to keep reconnecting before giving up (default: 60)"
+        "--rejected", type=Path, help=f"where rejected lines go (default: FILE.rejected.jsonl, {STDIN_REJECTED} for -)"
+    )
+    imp.add_argument("--batch-size", type=count(1, MAX_BATCH_EVENTS), default=500)
+    imp.add_argument(
+        "--retry-timeout",
+        type=seconds,
+        default=60.0,
+        help="seconds to keep reconnecting before giving up (default: 60)",
     )
 
     log = commands.add_parser("log", parents=[common], help="log one event")
-    log.add_argument("--type", required=True, dest="event_type", help="a seed type (see `types`) or a custom name")
+    log.add_argument("--type", required=True, dest="event_type", help="a type of the catalog (see `types`)")
+    log.add_argument("--custom", action="store_true", help="log --type as a custom type (outside the catalog)")
     log.add_argument("--user", required=True)
     log.add_argument("--product")
-    log.add_argument("--value", type=int, help="event_value (default: the type's default)")
+    log.add_argument("--value", type=whole_number, help="event_value (default: the type's default)")
     log.add_argument("--session")
     log.add_argument("--query", help="search: the search term")
     log.add_argument("--page-path", help="page_view")
     log.add_argument("--referrer", help="page_view")
     log.add_argument("--product-name", help="product_view")
-    log.add_argument("--quantity", type=int, help="cart_add, cart_remove, cart_update")
+    log.add_argument("--quantity", type=whole_number, help="cart_add, cart_remove, cart_update")
     log.add_argument("--action", help="cart and wishlist session actions")
     log.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE", help="an attribute (repeatable)")
-    log.add_argument("--occurred-at", type=datetime.fromisoformat, help="ISO 8601 with offset (default: now)")
+    log.add_argument("--occurred-at", type=moment, help="ISO 8601 with offset (default: now)")
     log.add_argument("--event-id", help="a UUID (default: a new one)")
 
     for name, what in (("cart", "the user's cart"), ("wishlist", "the user's wishlist"), ("purchases", "purchases")):
         reader = commands.add_parser(name, parents=[common], help=f"print {what}")
-        reader.add_argument("user")
+        reader.add_argument("user", metavar="USER")
 
     delete = commands.add_parser(
         "delete-user", parents=[common], help="delete everything stored about a user (needs the admin scope)"
@@ -139,16 +151,44 @@ def _attributes(pairs: list[str]) -> dict[str, str]:
     attributes = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--attr {pair!r}: expected KEY=VALUE")
+        if not sep or not key:
+            raise UsageError(f"--attr '{pair}': expected KEY=VALUE", command="interactions log")
         attributes[key] = value
     return attributes
 
 
+def _checked_type(args: argparse.Namespace) -> str:
+    """--type, checked against the catalog: a name outside it needs --custom."""
+    name: str = args.event_type
+    if args.custom:
+        if name in STANDARD or name == CUSTOM.name:
+            raise UsageError(f"'{name}' is a type of the catalog; drop --custom", command="interactions log")
+    elif name not in STANDARD:
+        hint = (
+            "name the custom type instead, e.g. --type gift_card_redeemed --custom"
+            if name == CUSTOM.name
+            else "see `interactions types`; add --custom to log it as a custom type"
+        )
+        raise UsageError(f"unknown event type '{name}' ({hint})", command="interactions log")
+    return name
+
+
+def _checked_details(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The detail options given, each checked to be a field of the type's details payload."""
+    details = {option: getattr(args, option) for option in _DETAIL_OPTIONS if getattr(args, option) is not None}
+    rule = STANDARD.get(name, CUSTOM)
+    fields = getattr(Event(), rule.details).DESCRIPTOR.fields_by_name if rule.details else {}
+    if unknown := [option for option in details if option not in fields]:
+        options = " and ".join("--" + option.replace("_", "-") for option in unknown)
+        raise UsageError(f"{options}: not an option of {name} events", command="interactions log")
+    return details
+
+
 async def _log(client: InteractionsClient, args: argparse.Namespace) -> int:
-    details = {name: getattr(args, name) for name in _DETAIL_OPTIONS if getattr(args, name) is not None}
+    event_type = _checked_type(args)
+    details = _checked_details(event_type, args)
     event = new_event(
-        args.event_type,
+        event_type,
         args.user,
         product_id=args.product,
         value=args.value,
@@ -208,7 +248,10 @@ def _print_rows(args: argparse.Namespace, rows: list[dict[str, Any]], columns: S
 
 
 async def _health(client: InteractionsClient, args: argparse.Namespace) -> int:
-    serving = await client.health(args.service)
+    try:
+        serving = await client.health(args.service)
+    except InteractionsError as error:  # a probe's answer all the same: not serving
+        return report(error, as_json=args.json, fields={"serving": False})
     if args.json:
         _print_json({"serving": serving})
     else:
@@ -236,7 +279,9 @@ async def _delete_user(client: InteractionsClient, args: argparse.Namespace) -> 
 
 async def _import(client: InteractionsClient, args: argparse.Namespace) -> int:
     source: BinaryIO = args.source  # opened by main(), outside the event loop
-    rejected = RejectedLines(args.rejected or rejected_path_for(args.file))
+    await client.connect()  # before any progress: an unreachable server is one clear line
+    default_rejected = STDIN_REJECTED if args.file == STDIN else rejected_path_for(args.file)
+    rejected = RejectedLines(args.rejected or default_rejected)
     progress = Progress(sys.stderr, os.fstat(source.fileno()).st_size)
     totals = await import_jsonl(
         client,
@@ -246,13 +291,16 @@ async def _import(client: InteractionsClient, args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         retry_timeout=args.retry_timeout,
     )
-    if args.json:
+    if totals.failure is not None:
+        # The totals still count every line read; the error says why events were not confirmed.
+        report(totals.failure, as_json=args.json, fields=totals.as_dict())
+    elif args.json:
         _print_json(totals.as_dict())
-    else:
+    if not args.json:
         rate = (totals.accepted + totals.duplicate + totals.rejected) / max(totals.seconds, 1e-9)
         rows = [
             (name, f"{getattr(totals, name):,}")
-            for name in ("lines", "accepted", "duplicate", "rejected", "malformed", "failed")
+            for name in ("lines", "accepted", "duplicate", "rejected", "malformed", "blank", "failed")
         ]
         rows.append(("seconds", f"{totals.seconds:.1f} ({rate:,.0f} events/s)"))
         _print_table(("", "count"), rows)
@@ -308,26 +356,21 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in argv  # known even when parsing fails
     try:
+        args = build_parser().parse_args(argv)
         if args.command == "types":  # the catalog compiled into this client; no server needed
             return _types(args)
         analytics_cli.check_usage(args)
         with contextlib.ExitStack() as files:
             if args.command == "import":
-                args.source = files.enter_context(args.file.open("rb"))
+                args.source = sys.stdin.buffer if args.file == STDIN else files.enter_context(args.file.open("rb"))
             return asyncio.run(_run(args))
-    except UsageError as error:
-        sys.stderr.write(f"error: {error}\n")
-        return EXIT_USAGE
-    except InvalidArgumentError as error:
-        sys.stderr.write(f"error: {error.reason}\n")
-        for violation in error.violations:
-            sys.stderr.write(f"  {violation.field}: {violation.description}\n")
-        return EXIT_FAILED
-    except (InteractionsError, OSError, ValueError) as error:
-        sys.stderr.write(f"error: {error}\n")
-        return EXIT_FAILED
+    except (UsageError, InteractionsError, OSError) as error:
+        return report(error, as_json=as_json)
+    except ValueError as error:  # an option value the client refused (e.g. a certificate without its key)
+        return report(UsageError(str(error)), as_json=as_json)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130

@@ -19,6 +19,7 @@ from interactions_client.channel import (
     bearer_metadata,
     create_aio_channel,
     default_target,
+    wait_until_connected,
     with_metadata,
 )
 from interactions_client.errors import InvalidEventError, from_rpc_error
@@ -115,6 +116,11 @@ class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], Analytics
             request_serializer=serialize_health_check_request,
             response_deserializer=parse_health_check_status,
         )
+
+    async def connect(self, *, deadline: float | None = None) -> None:
+        """Connects now instead of at the first call. Raises UnavailableError ("cannot connect to
+        TARGET") when the first attempt fails or none completes within `deadline` seconds (default: the client's)."""
+        await wait_until_connected(self._channel, self.target, self._deadline(deadline))
 
     async def __aenter__(self) -> InteractionsClient:
         return self

@@ -31,6 +31,7 @@ from typing import Any, TextIO
 from google.protobuf.json_format import MessageToDict
 
 from interactions_client.analytics import to_datetime
+from interactions_client.cli_errors import UsageError
 from interactions_client.rules import stored_name
 from interactions_client.v1.analytics_service_pb2 import ExportedEvent, TrainingRow
 
@@ -39,10 +40,6 @@ ROW_GROUP_ROWS = 65_536
 PARQUET_INSTALL = "pip install 'interactions-client[parquet]'"
 
 Columns = dict[str, list[Any]]
-
-
-class UsageError(ValueError):
-    """The command line asks for something this client cannot do (exit status 2)."""
 
 
 # --- layouts: protobuf rows to columns ------------------------------------------

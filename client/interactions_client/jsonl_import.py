@@ -18,13 +18,15 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import BinaryIO, TextIO, cast
 
 from google.protobuf import json_format
 
 from interactions_client.client import InteractionsClient
+from interactions_client.errors import DeliveryFailedError
 from interactions_client.progress import Progress
 from interactions_client.results import Rejection
 from interactions_client.v1.event_pb2 import Event
@@ -32,12 +34,14 @@ from interactions_client.v1.event_pb2 import Event
 IMPORT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "interactions-client:import")
 """Namespace of the event_ids derived for lines without one."""
 
-_READ_HINT = 1 << 20  # bytes of lines read per chunk
+_READ_HINT = 1 << 20  # bytes read at most per chunk
 
 
 @dataclass(slots=True)
 class ImportTotals:
-    lines: int = 0  # every line of the file, blank ones included
+    """Every line read is counted once: lines == accepted + duplicate + rejected + malformed + blank + failed."""
+
+    lines: int = 0  # every line read, blank ones included
     blank: int = 0
     accepted: int = 0
     duplicate: int = 0
@@ -47,9 +51,10 @@ class ImportTotals:
     resent: int = 0
     seconds: float = 0.0
     rejected_file: str | None = None  # where rejected and malformed lines went, when there were any
+    failure: DeliveryFailedError | None = None  # why events failed, when they did (not in as_dict)
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "failure"}
 
 
 def rejected_path_for(path: Path) -> Path:
@@ -103,12 +108,12 @@ async def import_jsonl(
     totals = ImportTotals()
     started = time.monotonic()
     bytes_read = 0
-    stream = client.stream(
-        batch_size=batch_size, retry_timeout=retry_timeout, on_rejected=rejected.rejection, raise_on_failure=False
-    )
+    # It raises DeliveryFailedError (from send, or at exit) when it gave up; that is caught below.
+    stream = client.stream(batch_size=batch_size, retry_timeout=retry_timeout, on_rejected=rejected.rejection)
     try:
         async with stream:
-            while chunk := await asyncio.to_thread(source.readlines, _READ_HINT):
+            lines = LineReader(source)
+            while chunk := await asyncio.to_thread(lines.read):
                 for raw in chunk:
                     totals.lines += 1
                     bytes_read += len(raw)
@@ -117,16 +122,45 @@ async def import_jsonl(
                         await stream.send(event, tag=(totals.lines, event_text(raw)))
                     if progress is not None:
                         progress.update(totals.lines, bytes_read, stream.totals.sent)
+    except DeliveryFailedError as error:  # the streamer gave up: stop reading, report what was read
+        totals.failure = error
     finally:
         rejected.close()
     counts = stream.totals
     totals.accepted, totals.duplicate, totals.rejected = counts.accepted, counts.duplicate, counts.rejected
-    totals.failed, totals.resent = counts.failed, counts.resent
+    # The line whose send() found the streamer failed was never taken: it failed too.
+    unsent = totals.lines - totals.blank - totals.malformed - counts.sent
+    totals.failed, totals.resent = counts.failed + unsent, counts.resent
+    if totals.failure is not None and unsent:  # say the count the totals show
+        cause = totals.failure.cause
+        reason = f": {cause}" if cause is not None else ""
+        message = f"{totals.failed} event(s) were not confirmed{reason}"
+        totals.failure = DeliveryFailedError(message, failed=totals.failed, cause=cause)
     totals.seconds = round(time.monotonic() - started, 3)
     totals.rejected_file = str(rejected.path) if rejected.count else None
     if progress is not None:
         progress.finish(totals.lines, bytes_read, counts.sent)
     return totals
+
+
+class LineReader:
+    """The lines of a binary stream in chunks of up to about 1 MiB, each chunk as soon as
+    it is there: unlike readlines(hint), a pipe's lines are not held back until 1 MiB
+    has arrived, so `tail -f log | interactions import -` sends as it goes."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        # read1: what is available now (at least one byte, or the end); files opened "rb" and stdin have it.
+        self._read: Callable[[int], bytes] = getattr(source, "read1", source.read)
+        self._tail = b""
+
+    def read(self) -> list[bytes]:
+        """The next complete lines, each with its b"\\n" (the input's last line may lack it); [] at the end."""
+        while data := self._read(_READ_HINT):
+            *lines, self._tail = (self._tail + data).split(b"\n")
+            if lines:
+                return [line + b"\n" for line in lines]
+        tail, self._tail = self._tail, b""
+        return [tail] if tail else []
 
 
 def event_text(raw: bytes) -> str:

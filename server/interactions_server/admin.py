@@ -12,7 +12,6 @@ from interactions_client.v1 import admin_service_pb2 as pb
 from interactions_client.v1 import admin_service_pb2_grpc
 from interactions_server import deletion_storage
 from interactions_server.auth import current_caller
-from interactions_server.errors import rpc_errors
 from interactions_server.user_state import _user_id as validated_user_id  # the same rules as the state reads
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
@@ -24,7 +23,6 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    @rpc_errors
     async def DeleteUserData(self, request: pb.DeleteUserDataRequest, context: Any) -> pb.DeleteUserDataResponse:
         user_id = validated_user_id(request.user_id)
         if request.dry_run:

@@ -29,7 +29,7 @@ from interactions_client.v1.event_pb2 import FieldViolation
 from interactions_server import analytics_protos as protos
 from interactions_server import analytics_storage as storage
 from interactions_server import analytics_tokens as tokens
-from interactions_server.errors import InvalidArgument, NotFound, rpc_errors, stream_rpc_errors
+from interactions_server.errors import InvalidArgument, NotFound
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["AnalyticsService"].full_name
 
@@ -57,7 +57,6 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
 
     # --- exports -------------------------------------------------------------
 
-    @stream_rpc_errors
     async def ExportTrainingData(
         self, request: pb.ExportTrainingDataRequest, context: Any
     ) -> AsyncGenerator[pb.ExportTrainingDataResponse, None]:
@@ -94,7 +93,6 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
                 as_of=as_of, resume_token=tokens.encode(tokens.TRAINING, as_of_us, *(after or (None, None)))
             )
 
-    @stream_rpc_errors
     async def ExportEvents(
         self, request: pb.ExportEventsRequest, context: Any
     ) -> AsyncGenerator[pb.ExportEventsResponse, None]:
@@ -121,7 +119,6 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
 
     # --- window aggregates -------------------------------------------------------
 
-    @rpc_errors
     async def TopSearchQueries(self, request: pb.TopSearchQueriesRequest, context: Any) -> pb.TopSearchQueriesResponse:
         window = _window(request)
         limit = _bounded(request.limit, "limit", DEFAULT_SEARCH_LIMIT)
@@ -130,7 +127,6 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         )
         return pb.TopSearchQueriesResponse(queries=protos.top_queries(outcomes, limit))
 
-    @rpc_errors
     async def CountActiveUsers(self, request: pb.CountActiveUsersRequest, context: Any) -> pb.CountActiveUsersResponse:
         window = _window(request)
         rows = await storage.active_users(self._analytics_pool, window)
@@ -144,7 +140,6 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
 
     # --- per user ----------------------------------------------------------------------
 
-    @rpc_errors
     async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.GetSessionResponse:
         user_id = _id(request.user_id, "user_id")
         session_id = _id(request.session_id, "session_id")
@@ -157,7 +152,6 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         session.truncated = session.event_count > len(timeline)
         return pb.GetSessionResponse(session=session)
 
-    @rpc_errors
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
         user_id = _id(request.user_id, "user_id")
         page_size = _bounded(request.page_size, "page_size", DEFAULT_PAGE_SIZE)
@@ -173,7 +167,6 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             response.next_page_token = tokens.encode(tokens.SESSIONS, page[-1].started_us, page[-1].session_id)
         return response
 
-    @rpc_errors
     async def GetUserActivity(self, request: pb.GetUserActivityRequest, context: Any) -> pb.GetUserActivityResponse:
         user_id = _id(request.user_id, "user_id")
         per_type, session_count = await storage.user_activity(self._pool, user_id)
@@ -194,7 +187,6 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
                 response.last_logout_at.CopyFrom(protos.timestamp(t.last_us))
         return response
 
-    @rpc_errors
     async def ListUserEvents(self, request: pb.ListUserEventsRequest, context: Any) -> pb.ListUserEventsResponse:
         user_id = _id(request.user_id, "user_id")
         window = _window(request)

@@ -4,7 +4,12 @@
     interactions-server migrate   # apply pending migrations and exit
 
 Every flag has an environment variable default. Without a database URL an
-embedded PostgreSQL is started with its data in --data-dir.
+embedded PostgreSQL is started with its data in --data-dir. With --workers N
+(N > 1) a supervisor process runs N serving processes (supervisor.py).
+
+Exit status: 0 after a clean stop (SIGTERM / SIGINT); 2 for a usage or
+operator error (one line on stderr saying what to fix, no traceback); 3 when
+the embedded PostgreSQL died under the server; 1 for anything else (a bug).
 """
 
 from __future__ import annotations
@@ -25,14 +30,62 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from interactions_server import migrate
+from interactions_server import logs, metrics, migrate, supervisor
+from interactions_server.database import migrate_when_reachable
 from interactions_server.embedded_db import EmbeddedPostgres
 from interactions_server.errors import is_database_unavailable
 from interactions_server.server import App, ServerConfig, StartupError
+from interactions_server.startup import EXIT_DATABASE_DIED, EXIT_OPERATOR_ERROR
 
 _log = logging.getLogger("interactions_server")
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+def configure_logging(level: str, fmt: str | None = None, worker: int | None = None) -> None:
+    """Logging of every process (the supervisor's and each worker's) to stderr."""
+    logs.configure(fmt, level, worker)
+
+
+def _workers(text: str) -> int:
+    """--workers: a positive number, or "auto" for the number of cores."""
+    if text.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of processes or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _not_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _log_format(text: str) -> str | None:
+    """--log-format: text or json; "auto" (or empty) lets logs.configure choose."""
+    value = text.strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in logs.FORMATS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(logs.FORMATS)}, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +118,49 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         type=str.upper,
         help="(env INTERACTIONS_LOG_LEVEL; default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-format",
+        type=_log_format,
+        metavar="{text,json}",
+        default=env("INTERACTIONS_LOG_FORMAT", "auto"),
+        help="text, or json: one JSON object per line (env INTERACTIONS_LOG_FORMAT; "
+        "default text when stderr is a terminal, json otherwise)",
+    )
+    parser.add_argument(
+        "--log-summary-interval",
+        type=_seconds,
+        metavar="SECONDS",
+        default=env("INTERACTIONS_LOG_SUMMARY_INTERVAL", f"{logs.DEFAULT_SUMMARY_INTERVAL:g}"),
+        help="seconds between summaries of the events handled, in the log; 0 for none "
+        "(env INTERACTIONS_LOG_SUMMARY_INTERVAL; default %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        default=env("INTERACTIONS_METRICS_LISTEN") or None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, summed over the workers "
+        "(env INTERACTIONS_METRICS_LISTEN; default: no metrics endpoint)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_workers,
+        default=env("INTERACTIONS_WORKERS", "1"),
+        help="serving processes sharing the port; 'auto' = one per core (env INTERACTIONS_WORKERS; default 1)",
+    )
+    parser.add_argument(
+        "--statement-cache-size",
+        type=_not_negative,
+        default=env("INTERACTIONS_STATEMENT_CACHE_SIZE", "100"),
+        help="prepared statements cached per database connection; 0 behind pgbouncer in transaction mode "
+        "(env INTERACTIONS_STATEMENT_CACHE_SIZE; default 100)",
+    )
+    parser.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=float(env("INTERACTIONS_STARTUP_TIMEOUT", "30")),
+        help="seconds to wait at start for a database that does not answer yet "
+        "(env INTERACTIONS_STARTUP_TIMEOUT; default %(default)s)",
     )
     parser.add_argument(
         "--shutdown-grace",
@@ -115,24 +211,34 @@ def _add_security_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format=LOG_FORMAT, stream=sys.stderr)
+    log_format = args.log_format or logs.default_format()
+    configure_logging(args.log_level, log_format)
     config = ServerConfig(
         listen=args.listen,
         database_url=args.database_url,
         data_dir=args.data_dir,
         shutdown_grace=args.shutdown_grace,
+        startup_timeout=args.startup_timeout,
+        statement_cache_size=args.statement_cache_size,
+        workers=args.workers,
+        metrics_listen=args.metrics_listen,
+        log_summary_interval=args.log_summary_interval,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_tokens=args.auth_tokens,
         reflection=args.reflection,
     )
-    command = _migrate if args.command == "migrate" else _serve
     try:
-        return asyncio.run(command(config))
+        if args.command == "migrate":
+            return asyncio.run(_migrate(config))
+        if config.workers > 1:
+            return supervisor.run(config, log_level=args.log_level, log_format=log_format)
+        with contextlib.closing(metrics.serve_metrics(config.metrics_listen)):
+            return asyncio.run(_serve(config))
     except (StartupError, migrate.MigrationError) as exc:
         _log.error("%s", exc)
-        return 1
+        return EXIT_OPERATOR_ERROR
     except Exception as exc:
         if is_database_unavailable(exc):
             _log.error("cannot reach the database: %s: %s", type(exc).__name__, exc)
@@ -159,7 +265,18 @@ async def _serve(config: ServerConfig) -> int:
         return 0
     stopping.cancel()
     starting.result()  # raises a start-up failure
-    await stop_requested.wait()
+    died = asyncio.create_task(app.database.wait_died())
+    stopping = asyncio.create_task(stop_requested.wait())
+    await asyncio.wait((died, stopping), return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if died.done():
+        _log.error(
+            "the embedded PostgreSQL (pid %s) has exited; stopping (a service manager should restart this server)",
+            app.database.embedded_pid,
+        )
+        await app.stop()
+        return EXIT_DATABASE_DIED
+    died.cancel()
     await app.stop()
     return 0
 
@@ -171,7 +288,7 @@ async def _migrate(config: ServerConfig) -> int:
         embedded = EmbeddedPostgres(config.data_dir)
         dsn = await asyncio.to_thread(embedded.start)
     try:
-        await migrate.migrate(dsn)
+        await migrate_when_reachable(config, dsn)
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)

@@ -1,7 +1,7 @@
 """The one place exceptions become gRPC status codes.
 
-Servicer methods are decorated with `rpc_errors` (unary responses) or
-`stream_rpc_errors` (streamed responses) and simply raise:
+Servicer methods simply raise; the server's StatusInterceptor
+(status_interceptor.py) applies `abort_for` to every RPC:
 
 - `InvalidArgument(violations)` → INVALID_ARGUMENT with `google.rpc.BadRequest`
   field violations in the status details;
@@ -17,11 +17,9 @@ Servicer methods are decorated with `rpc_errors` (unary responses) or
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
-from typing import Any, NoReturn, TypeVar, cast
+from collections.abc import Callable, Iterable
+from typing import NoReturn
 
 import asyncpg
 import grpc
@@ -45,10 +43,6 @@ _MAX_MESSAGE_LENGTH = 300
 _UNAVAILABLE_SQLSTATE_CLASSES = frozenset({"08"})
 _UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57014", "53300"})
 
-_Self = TypeVar("_Self")
-_Request = TypeVar("_Request")
-_Response = TypeVar("_Response")
-
 
 class InvalidArgument(Exception):
     """The request is wrong; reported as INVALID_ARGUMENT with BadRequest details."""
@@ -61,7 +55,7 @@ class InvalidArgument(Exception):
 
 class MalformedRequest:
     """Stands in for a request message whose bytes did not parse (bad UTF-8 in
-    a string field, a truncated message): the servicer's decorator turns it
+    a string field, a truncated message): the StatusInterceptor turns it
     into INVALID_ARGUMENT."""
 
     def __init__(self, error: str) -> None:
@@ -84,12 +78,6 @@ def check_parsed(request: object) -> None:
     if isinstance(request, MalformedRequest):
         violation = FieldViolation(field="", description=f"the request is not a valid message: {request.error}")
         raise InvalidArgument([violation], "malformed request")
-
-
-async def _checked(requests: Any) -> AsyncGenerator[Any, None]:
-    async for request in requests:
-        check_parsed(request)
-        yield request
 
 
 class Unavailable(Exception):
@@ -167,48 +155,3 @@ async def abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: s
 
 def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE_LENGTH]
-
-
-UnaryMethod = Callable[[_Self, _Request, Any], Awaitable[_Response]]
-StreamMethod = Callable[[_Self, _Request, Any], AsyncGenerator[_Response, None]]
-
-
-def rpc_errors(method: UnaryMethod[_Self, _Request, _Response]) -> UnaryMethod[_Self, _Request, _Response]:
-    """Maps the exceptions of a unary-response servicer method to status codes."""
-
-    @functools.wraps(method)
-    async def wrapper(self: _Self, request: _Request, context: grpc.aio.ServicerContext) -> _Response:
-        try:
-            check_parsed(request)
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise  # context.abort() was called: the status is already set
-        except Exception as exc:
-            await abort_for(exc, context, method.__qualname__)
-
-    return wrapper
-
-
-def stream_rpc_errors(method: StreamMethod[_Self, _Request, _Response]) -> StreamMethod[_Self, _Request, _Response]:
-    """Maps the exceptions of a response-streaming servicer method (an async
-    generator) to status codes. Responses already yielded stay delivered."""
-
-    @functools.wraps(method)
-    async def wrapper(
-        self: _Self, request: _Request, context: grpc.aio.ServicerContext
-    ) -> AsyncGenerator[_Response, None]:
-        try:
-            # A request stream is checked message by message as it is read.
-            requests = cast(_Request, _checked(request)) if hasattr(request, "__aiter__") else request
-            check_parsed(requests)
-            # aclosing: if this generator is closed (call cancelled while a
-            # response is being sent), the method's own cleanup runs now.
-            async with contextlib.aclosing(method(self, requests, context)) as responses:
-                async for response in responses:
-                    yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await abort_for(exc, context, method.__qualname__)
-
-    return wrapper

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from interactions_client.limits import MAX_BATCH_EVENTS
 from interactions_client.v1.event_pb2 import Event, FieldViolation
+from interactions_server import metrics
 from interactions_server.ingest import Ingestor
 
 
@@ -43,6 +44,7 @@ class GroupCommitter:
     async def submit(self, event: Event) -> Outcome:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         await self._queue.put((event, future))
+        metrics.group_commit_queued(1)
         return await future
 
     async def close(self) -> None:
@@ -60,6 +62,7 @@ class GroupCommitter:
             batch = [first]
             while len(batch) < self._max_events and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            metrics.group_commit_queued(-len(batch))
             task = asyncio.create_task(self._write(batch))
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)

@@ -13,20 +13,80 @@ import logging
 from collections.abc import Iterable
 
 import asyncpg
-from grpc_health.v1 import health, health_pb2
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from interactions_server import metrics
 
 _log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+_Status = int  # a HealthCheckResponse.ServingStatus value (grpc_health is untyped)
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1.Health, like grpc_health's aio servicer except that a
+    Watch ends once it has sent NOT_SERVING for a shutdown: the stock one
+    never returns, so each open Watch held shutdown for the whole grace period."""
+
+    def __init__(self) -> None:
+        self._statuses: dict[str, _Status] = {health.OVERALL_HEALTH: SERVING}
+        self._changed = asyncio.Condition()
+        self._shutting_down = False
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        status = self._statuses.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        last: _Status | None = None
+        while True:
+            status = self._statuses.get(request.service, SERVICE_UNKNOWN)
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if self._shutting_down:
+                return
+            async with self._changed:
+                while not self._shutting_down and self._statuses.get(request.service, SERVICE_UNKNOWN) == last:
+                    await self._changed.wait()
+
+    async def set(self, service: str, status: _Status) -> None:
+        if self._shutting_down:
+            return
+        async with self._changed:
+            self._statuses[service] = status
+            self._changed.notify_all()
+
+    async def enter_graceful_shutdown(self) -> None:
+        """NOT_SERVING for every service from now on; open Watches end."""
+        async with self._changed:
+            self._shutting_down = True
+            self._statuses = dict.fromkeys(self._statuses, NOT_SERVING)
+            self._changed.notify_all()
 
 
 class DatabaseHealth:
     """Owns the health servicer and the periodic database probe."""
 
-    def __init__(self, dsn: str, services: Iterable[str], *, interval: float = 1.0, timeout: float = 1.0) -> None:
-        self.servicer = health.aio.HealthServicer()
+    def __init__(
+        self,
+        dsn: str,
+        services: Iterable[str],
+        *,
+        interval: float = 1.0,
+        timeout: float = 1.0,
+        statement_cache_size: int = 100,
+    ) -> None:
+        self.servicer = HealthServicer()
         self._dsn = dsn
+        self._statement_cache_size = statement_cache_size
         self._services = [health.OVERALL_HEALTH, *services]
         self._interval = interval
         self._timeout = timeout
@@ -44,7 +104,9 @@ class DatabaseHealth:
         """Probes the database once and publishes the result; returns it."""
         try:
             if self._connection is None or self._connection.is_closed():
-                self._connection = await asyncpg.connect(self._dsn, timeout=self._timeout)
+                self._connection = await asyncpg.connect(
+                    self._dsn, timeout=self._timeout, statement_cache_size=self._statement_cache_size
+                )
             await self._connection.fetchval("SELECT 1", timeout=self._timeout)
         except Exception as exc:  # whatever the reason, the database did not answer
             await self._drop_connection()
@@ -72,6 +134,7 @@ class DatabaseHealth:
         if up == self._up:
             return
         self._up = up
+        metrics.set_database_up(up)
         if up:
             _log.info("database up")
         else:

@@ -21,12 +21,12 @@ import asyncpg
 from interactions_client.rules import RULES, stored_name
 from interactions_client.v1.event_pb2 import Event, FieldViolation
 from interactions_client.validation import validate
-from interactions_server import storage
+from interactions_server import metrics, storage
 from interactions_server.auth import event_type_violation
 from interactions_server.sync import SyncEvent, SyncHandler, build_registry
 
-# Field names of each details payload, read once from the schema, with
-# whether the field tracks presence (an unset `optional` is not stored).
+# Field names of each details payload, read once from the schema.
+# (name, has presence): an `optional` field is stored only when it was set.
 _DETAIL_FIELDS: dict[str, tuple[tuple[str, bool], ...]] = {
     f.name: tuple((sub.name, sub.has_presence) for sub in f.message_type.fields)  # type: ignore[union-attr]
     for f in Event.DESCRIPTOR.oneofs_by_name["details"].fields
@@ -60,15 +60,22 @@ def _row(event: Event, event_id: str, received_us: int) -> storage.EventRow:
     details = None
     if member is not None:
         payload = getattr(event, member)
-        fields = _DETAIL_FIELDS[member]
-        details = json.dumps({member: {n: getattr(payload, n) for n, opt in fields if not opt or payload.HasField(n)}})
-    return (
+        details = json.dumps(
+            {
+                member: {
+                    name: getattr(payload, name)
+                    for name, optional in _DETAIL_FIELDS[member]
+                    if not optional or payload.HasField(name)
+                }
+            }
+        )
+    return storage.EventRow(
         event.user_id,
         event_id,
         stored_name(event),
         event.session_id or None,
         event.product_id or None,
-        value,  # type: ignore[return-value]  # validation guarantees a value or a default
+        value,  # type: ignore[arg-type]  # validation guarantees a value or a default
         occurred_us,
         details,
         json.dumps(dict(event.attributes)) if event.attributes else None,
@@ -112,6 +119,7 @@ class Ingestor:
             return result
 
         syncing = self._sync_events(rows, events, row_index)
+        started = time.perf_counter()
         if not syncing:
             # One statement is its own transaction: no BEGIN / COMMIT round trips.
             inserted = await storage.insert_events(self._pool, rows)
@@ -119,6 +127,7 @@ class Ingestor:
             async with self._pool.acquire() as conn, conn.transaction():
                 inserted = await storage.insert_events(conn, rows)
                 await self._sync_new(conn, syncing, inserted.new_keys)
+        metrics.observe_commit(len(rows), time.perf_counter() - started)
         new_keys = inserted.new_keys
 
         for key, i in row_index.items():
@@ -151,11 +160,19 @@ class Ingestor:
         """The batch's events that sync state, by target. Built before the
         transaction opens, so that it stays short."""
         by_target: dict[int, list[SyncEvent]] = defaultdict(list)
-        for user_id, event_id, _, session_id, product_id, value, occurred_us, _, _, syncs in rows:
-            if syncs:
-                rule = RULES[events[row_index[(user_id, event_id)]].event_type]
+        for row in rows:
+            if row.syncs_state:
+                rule = RULES[events[row_index[(row.user_id, row.event_id)]].event_type]
                 by_target[rule.sync].append(
-                    SyncEvent(user_id, product_id or "", event_id, occurred_us, value, session_id, rule)
+                    SyncEvent(
+                        row.user_id,
+                        row.product_id or "",
+                        row.event_id,
+                        row.occurred_us,
+                        row.event_value,
+                        row.session_id,
+                        rule,
+                    )
                 )
         return by_target
 

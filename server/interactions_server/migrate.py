@@ -78,15 +78,21 @@ def load(directory: Path | None = None) -> list[Migration]:
 async def apply(connection: asyncpg.Connection, directory: Path | None = None) -> list[Migration]:
     """Applies the pending migrations on `connection`; returns those it applied."""
     migrations = load(directory)
+    # Up to date (every start but the first after an upgrade): no lock. Behind
+    # pgbouncer in transaction mode a session lock could be taken on one
+    # server connection and released on another, staying held for good.
+    if await connection.fetchval("SELECT to_regclass('schema_migrations')") is not None:
+        done = {r["version"] for r in await connection.fetch("SELECT version FROM schema_migrations")}
+        if all(m.version in done for m in migrations):
+            _warn_unknown(done, migrations)
+            return []
     # A session-level lock: other runners wait here until this one is done,
     # then find nothing left to do.
     await connection.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
     try:
         await connection.execute(_CREATE_TABLE)
         applied_versions = {r["version"] for r in await connection.fetch("SELECT version FROM schema_migrations")}
-        unknown = applied_versions - {m.version for m in migrations}
-        if unknown:
-            _log.warning("the database has migrations this server does not know: %s", sorted(unknown))
+        _warn_unknown(applied_versions, migrations)
         applied: list[Migration] = []
         for migration in migrations:
             if migration.version in applied_versions:
@@ -110,9 +116,17 @@ async def apply(connection: asyncpg.Connection, directory: Path | None = None) -
             await connection.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
 
 
-async def migrate(dsn: str, directory: Path | None = None, *, connect_timeout: float = 10.0) -> list[Migration]:
+def _warn_unknown(applied_versions: set[int], migrations: list[Migration]) -> None:
+    unknown = applied_versions - {m.version for m in migrations}
+    if unknown:
+        _log.warning("the database has migrations this server does not know: %s", sorted(unknown))
+
+
+async def migrate(
+    dsn: str, directory: Path | None = None, *, connect_timeout: float = 10.0, statement_cache_size: int = 100
+) -> list[Migration]:
     """Connects to `dsn`, applies the pending migrations and disconnects."""
-    connection = await asyncpg.connect(dsn, timeout=connect_timeout)
+    connection = await asyncpg.connect(dsn, timeout=connect_timeout, statement_cache_size=statement_cache_size)
     try:
         applied = await apply(connection, directory)
     finally:

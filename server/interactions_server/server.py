@@ -1,17 +1,27 @@
-"""The gRPC server: services, health, reflection, database pool, lifecycle.
+"""The gRPC server: services, interceptors, health, reflection, lifecycle.
 
-`App(ServerConfig(...))` is one server: `await app.start()` applies the
-migrations, opens the pool, starts health probing and binds (`app.port` is
-then the bound port, also when the config asks for port 0);
-`await app.stop(grace)` shuts it down gracefully.
+Two halves, so that a supervisor can own one and its workers the other:
+
+- `Database` (interactions_server.database): the embedded PostgreSQL, the
+  migrations and the partition upkeep, once per host;
+- `Server` (here): the pool, the services and the gRPC server of one process.
+
+`App(ServerConfig(...))` is both in one process (what `--workers 1` runs):
+`await app.start()` checks the port, starts the database side, then the
+server (`app.port` is then the bound port, also when the config asks for port
+0); `await app.stop(grace)` shuts both down gracefully.
+
+Adding a service touches one place: SERVICES. Cross-cutting concerns are
+`grpc.aio.ServerInterceptor`s built in one place: `build_interceptors`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import asyncpg
 import grpc
@@ -27,14 +37,19 @@ from interactions_client.v1 import (
     interaction_service_pb2,
     user_state_service_pb2,
 )
-from interactions_server import admin, analytics, migrate, service, tls, user_state
+from interactions_server import admin, analytics, logs, metrics, service, tls, user_state
 from interactions_server.auth import TokenAuth, TokensFileError
-from interactions_server.embedded_db import EmbeddedPostgres
-from interactions_server.errors import is_database_unavailable, lenient_parser
+from interactions_server.config import ServerConfig
+from interactions_server.database import Database
+from interactions_server.errors import lenient_parser
 from interactions_server.group_commit import GroupCommitter
 from interactions_server.health import DatabaseHealth
 from interactions_server.ingest import Ingestor
-from interactions_server.partitions import PartitionKeeper
+from interactions_server.metrics_interceptor import MetricsInterceptor
+from interactions_server.startup import StartupError, check_port_free
+from interactions_server.status_interceptor import StatusInterceptor
+
+__all__ = ["SERVICES", "SERVICE_NAMES", "App", "Server", "ServerConfig", "StartupError"]
 
 _log = logging.getLogger(__name__)
 
@@ -58,36 +73,73 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
 )
 
-SERVICE_NAMES: tuple[str, ...] = (
-    service.SERVICE_NAME,
-    user_state.SERVICE_NAME,
-    analytics.SERVICE_NAME,
-    admin.SERVICE_NAME,
-)
 
-
-class StartupError(Exception):
-    """The server cannot start for a reason an operator can act on."""
+def server_options(config: ServerConfig) -> tuple[tuple[str, int], ...]:
+    """SERVER_OPTIONS, sharing the port (SO_REUSEPORT) only among the workers of one supervisor."""
+    return (*SERVER_OPTIONS[:-1], ("grpc.so_reuseport", int(config.reuse_port)))
 
 
 @dataclass(frozen=True, slots=True)
-class ServerConfig:
-    listen: str = "[::]:50051"
-    database_url: str | None = None  # None: start an embedded PostgreSQL in data_dir
-    data_dir: Path = Path(".interactions-data")
-    shutdown_grace: float = 10.0  # seconds in-flight calls get to finish
-    startup_timeout: float = 30.0  # seconds to wait for an unreachable database at start
-    health_interval: float = 1.0
-    health_timeout: float = 1.0
-    pool_min_size: int = 2
-    pool_max_size: int = 10
-    analytics_pool_max_size: int = 3  # exports and window queries: never the connections ingest needs
-    batches_in_flight: int = service.DEFAULT_BATCHES_IN_FLIGHT  # per stream
-    tls_cert: Path | None = None  # with tls_key: serve TLS only
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None  # require client certificates signed by this CA (mTLS)
-    auth_tokens: Path | None = None  # the tokens file; None: no authentication
-    reflection: bool = True
+class Parts:
+    """What the servicers are made of (one set per server process)."""
+
+    config: ServerConfig
+    pool: asyncpg.Pool
+    analytics_pool: asyncpg.Pool  # exports and window queries: never the connections ingest needs
+    ingestor: Ingestor
+    committer: GroupCommitter
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    descriptor: ServiceDescriptor
+    create: Callable[[Parts], object]  # the servicer
+
+
+# Every service the server registers (health and reflection aside), in one list.
+SERVICES: tuple[Service, ...] = (
+    Service(
+        interaction_service_pb2.DESCRIPTOR.services_by_name["InteractionService"],
+        lambda parts: service.InteractionService(
+            parts.ingestor, parts.committer, batches_in_flight=parts.config.batches_in_flight
+        ),
+    ),
+    Service(
+        user_state_service_pb2.DESCRIPTOR.services_by_name["UserStateService"],
+        lambda parts: user_state.UserStateService(parts.pool),
+    ),
+    Service(
+        analytics_service_pb2.DESCRIPTOR.services_by_name["AnalyticsService"],
+        lambda parts: analytics.AnalyticsService(parts.pool, parts.analytics_pool),
+    ),
+    Service(
+        admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"],
+        lambda parts: admin.AdminService(parts.pool),
+    ),
+)
+SERVICE_NAMES: tuple[str, ...] = tuple(s.descriptor.full_name for s in SERVICES)
+
+
+def build_interceptors(auth: TokenAuth | None) -> list[grpc.aio.ServerInterceptor]:
+    """The server's interceptors, outermost first: metrics see every status,
+    the token check's refusals included; the token check refuses a call before
+    it reaches the status mapping and the servicer."""
+    return [MetricsInterceptor(), *([auth] if auth is not None else []), StatusInterceptor()]
+
+
+def required_scopes() -> dict[str, str]:
+    """The scope of every served RPC, from the schema; an RPC without one stops start-up."""
+    try:
+        return access.required_scopes([entry.descriptor for entry in SERVICES])
+    except access.MissingScopeError as exc:
+        raise StartupError(str(exc)) from None
+
+
+@runtime_checkable
+class Drainable(Protocol):
+    """A servicer with long-lived calls: drain() makes them end at shutdown."""
+
+    def drain(self) -> None: ...
 
 
 async def _end_transaction(connection: asyncpg.Connection) -> None:
@@ -121,23 +173,22 @@ def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDesc
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
-class App:
-    """One server process: start() then stop(); `port` is the bound port."""
+class Server:
+    """The serving side of one process: pool, services, gRPC server.
+    start() then stop(); `port` is the bound port."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, dsn: str) -> None:
         self.config = config
+        self.dsn = dsn
         self.port = 0
-        self.database_url = config.database_url
         self._pool: asyncpg.Pool | None = None
         self._analytics_pool: asyncpg.Pool | None = None
-        self._embedded: EmbeddedPostgres | None = None
+        self._auth: TokenAuth | None = None
         self._health: DatabaseHealth | None = None
         self._committer: GroupCommitter | None = None
-        self._partitions: PartitionKeeper | None = None
-        self._interactions: service.InteractionService | None = None
+        self._servicers: list[object] = []
         self._server: grpc.aio.Server | None = None
-        self._auth: TokenAuth | None = None
-        self.served_services: list[ServiceDescriptor] = []  # those whose RPCs the server answers
+        self._summary = logs.SummaryTask(config.log_summary_interval)
         self._stopped = False
 
     @property
@@ -152,115 +203,10 @@ class App:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
-    async def start(self) -> None:
-        """Ready to serve on return. On failure, whatever was started is stopped."""
-        _log.info("starting")
-        try:
-            await self._start()
-        except BaseException:
-            await self.stop(0)
-            raise
-        _log.info("listening on %s", self.address)
-
-    async def _start(self) -> None:
-        config = self.config
-        if self.database_url is None:
-            self._embedded = EmbeddedPostgres(config.data_dir)
-            self.database_url = await asyncio.to_thread(self._embedded.start)  # logs where
-        dsn = self.database_url
-        await self._migrate(dsn)
-        # Connections that die with the database are dropped and replaced by
-        # the pool on the next acquire, so the pool survives a restart.
-        self._pool = await asyncpg.create_pool(
-            dsn, min_size=config.pool_min_size, max_size=config.pool_max_size, reset=_end_transaction
-        )
-        self._analytics_pool = await asyncpg.create_pool(
-            dsn,
-            min_size=1,
-            max_size=config.analytics_pool_max_size,
-            reset=_end_transaction,
-            server_settings=analytics.POOL_SETTINGS,
-        )
-        self._health = DatabaseHealth(
-            dsn, SERVICE_NAMES, interval=config.health_interval, timeout=config.health_timeout
-        )
-        ingestor = Ingestor(self._pool)
-        self._committer = GroupCommitter(ingestor)
-        self._committer.start()
-        self._interactions = service.InteractionService(
-            ingestor, self._committer, batches_in_flight=config.batches_in_flight
-        )
-
-        self._auth = self._token_auth()
-        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[self._auth] if self._auth else None)
-        self._serve(
-            server, self._interactions, interaction_service_pb2.DESCRIPTOR.services_by_name["InteractionService"]
-        )
-        self._serve(
-            server,
-            user_state.UserStateService(self._pool),
-            user_state_service_pb2.DESCRIPTOR.services_by_name["UserStateService"],
-        )
-        self._serve(
-            server,
-            analytics.AnalyticsService(self._pool, self._analytics_pool),
-            analytics_service_pb2.DESCRIPTOR.services_by_name["AnalyticsService"],
-        )
-        self._serve(
-            server, admin.AdminService(self._pool), admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"]
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health.servicer, server)
-        if config.reflection:
-            reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self._require_scopes()
-        try:
-            self.port = self._bind(server)
-        except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
-            raise StartupError(f"cannot listen on {config.listen}: address in use or invalid") from exc
-        self._server = server
-        self._partitions = PartitionKeeper(self._pool)
-        await self._partitions.start()
-        await self._health.start()
-        await server.start()
-
-    def _serve(self, server: grpc.aio.Server, servicer: object, descriptor: ServiceDescriptor) -> None:
-        add_servicer(server, servicer, descriptor)
-        self.served_services.append(descriptor)
-
-    def _token_auth(self) -> TokenAuth | None:
-        if self.config.auth_tokens is None:
-            _log.warning("no --auth-tokens: the server is open, any caller may call every RPC")
-            return None
-        try:
-            auth = TokenAuth(self.config.auth_tokens)
-        except TokensFileError as exc:
-            raise StartupError(str(exc)) from None
-        _log.info("bearer tokens required; %d token(s): %s", len(auth.token_names), ", ".join(auth.token_names))
-        return auth
-
-    def _require_scopes(self) -> None:
-        """The scope of every served RPC, from the schema; an RPC without one stops start-up."""
-        try:
-            required = access.required_scopes(self.served_services)
-        except access.MissingScopeError as exc:
-            raise StartupError(str(exc)) from None
-        if self._auth is not None:
-            self._auth.require(required)
-
-    def _bind(self, server: grpc.aio.Server) -> int:
-        config = self.config
-        if config.tls_cert is None and config.tls_key is None:
-            if config.tls_client_ca is not None:
-                raise StartupError("--tls-client-ca needs --tls-cert and --tls-key")
-            return int(server.add_insecure_port(config.listen))
-        if config.tls_cert is None or config.tls_key is None:
-            raise StartupError("--tls-cert and --tls-key go together")
-        try:
-            credentials = tls.server_credentials(tls.TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca))
-        except tls.TlsFilesError as exc:
-            raise StartupError(f"TLS: {exc}") from None
-        _log.info("TLS%s", " with client certificates (mTLS)" if config.tls_client_ca else "")
-        return int(server.add_secure_port(config.listen, credentials))
+    @property
+    def served_services(self) -> list[ServiceDescriptor]:
+        """The services whose RPCs the server answers (health and reflection aside)."""
+        return [entry.descriptor for entry in SERVICES]
 
     def reload_tokens(self) -> bool:
         """Re-reads the tokens file (the SIGHUP handler); False when it kept the old tokens."""
@@ -269,26 +215,75 @@ class App:
             return False
         return self._auth.reload()
 
-    async def _migrate(self, dsn: str) -> None:
-        """Applies migrations, waiting up to startup_timeout for the database
-        to become reachable (it may be starting alongside this server)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.startup_timeout
-        while True:
-            try:
-                await migrate.migrate(dsn)
-                return
-            except Exception as exc:
-                if not is_database_unavailable(exc) or loop.time() >= deadline:
-                    raise
-                _log.warning("waiting for the database: %s: %s", type(exc).__name__, exc)
-            await asyncio.sleep(1.0)
+    async def start(self) -> None:
+        """Serving on return. On failure, whatever was started is stopped."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(0)
+            raise
+
+    async def _start(self) -> None:
+        config = self.config
+        scopes = required_scopes()
+        self._auth = _token_auth(config)
+        if self._auth is not None:
+            self._auth.require(scopes)
+        # Connections that die with the database are dropped and replaced by
+        # the pool on the next acquire, so the pool survives a restart.
+        self._pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=config.pool_min_size,
+            max_size=config.pool_max_size,
+            reset=_end_transaction,
+            statement_cache_size=config.statement_cache_size,
+        )
+        metrics.watch_pool(self._pool)
+        self._analytics_pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=1,
+            max_size=config.analytics_pool_max_size,
+            reset=_end_transaction,
+            statement_cache_size=config.statement_cache_size,
+            server_settings=analytics.POOL_SETTINGS,
+        )
+        self._health = DatabaseHealth(
+            self.dsn,
+            SERVICE_NAMES,
+            interval=config.health_interval,
+            timeout=config.health_timeout,
+            statement_cache_size=config.statement_cache_size,
+        )
+        ingestor = Ingestor(self._pool)
+        self._committer = GroupCommitter(ingestor)
+        self._committer.start()
+        parts = Parts(config, self._pool, self._analytics_pool, ingestor, self._committer)
+
+        server = grpc.aio.server(interceptors=build_interceptors(self._auth), options=server_options(config))
+        for entry in SERVICES:
+            servicer = entry.create(parts)
+            add_servicer(server, servicer, entry.descriptor)
+            self._servicers.append(servicer)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health.servicer, server)
+        if config.reflection:
+            reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        try:
+            self.port = _bind(server, config)
+        except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+            raise StartupError(
+                f"cannot listen on {config.listen}: address in use or invalid; "
+                "stop the program using it or choose another --listen"
+            ) from exc
+        self._server = server
+        await self._health.start()
+        await server.start()
+        self._summary.start()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful shutdown: health goes NOT_SERVING, no new calls are
-        accepted, streams stop reading, and in-flight batches get `grace`
-        seconds to commit and be acknowledged. Then the pool is closed and an
-        embedded database stopped. Calling it again does nothing."""
+        """Graceful shutdown: health goes NOT_SERVING (open Watches end), no
+        new calls are accepted, streams stop reading, and in-flight batches get
+        `grace` seconds to commit and be acknowledged. Then the pool is
+        closed. Calling it again does nothing."""
         if self._stopped:
             return
         self._stopped = True
@@ -296,14 +291,13 @@ class App:
         _log.info("shutting down (grace %.1f s)", grace)
         if self._health is not None:
             await self._health.shutdown()
-        if self._interactions is not None:
-            self._interactions.drain()
+        for servicer in self._servicers:
+            if isinstance(servicer, Drainable):
+                servicer.drain()
         if self._server is not None:
             await self._server.stop(grace)
         if self._committer is not None:
             await self._committer.close()
-        if self._partitions is not None:
-            await self._partitions.stop()
         for pool in (self._pool, self._analytics_pool):
             if pool is not None:
                 try:
@@ -311,6 +305,93 @@ class App:
                 except TimeoutError:
                     _log.warning("database connections did not close in time; terminating them")
                     pool.terminate()
-        if self._embedded is not None:
-            await asyncio.to_thread(self._embedded.stop)
+        await self._summary.stop()
+
+
+def _token_auth(config: ServerConfig) -> TokenAuth | None:
+    if config.auth_tokens is None:
+        _log.warning("no --auth-tokens: the server is open, any caller may call every RPC")
+        return None
+    try:
+        auth = TokenAuth(config.auth_tokens)
+    except TokensFileError as exc:
+        raise StartupError(str(exc)) from None
+    _log.info("bearer tokens required; %d token(s): %s", len(auth.token_names), ", ".join(auth.token_names))
+    return auth
+
+
+def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """Adds the listening port: TLS (mTLS with a client CA) when certificates are given, else plaintext."""
+    if config.tls_cert is None and config.tls_key is None:
+        if config.tls_client_ca is not None:
+            raise StartupError("--tls-client-ca needs --tls-cert and --tls-key")
+        return int(server.add_insecure_port(config.listen))
+    if config.tls_cert is None or config.tls_key is None:
+        raise StartupError("--tls-cert and --tls-key go together")
+    try:
+        credentials = tls.server_credentials(tls.TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca))
+    except tls.TlsFilesError as exc:
+        raise StartupError(f"TLS: {exc}") from None
+    _log.info("TLS%s", " with client certificates (mTLS)" if config.tls_client_ca else "")
+    return int(server.add_secure_port(config.listen, credentials))
+
+
+class App:
+    """The database side and one server, in one process: start() then stop()."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.database = Database(config)
+        self.server: Server | None = None
+        self._stopped = False
+
+    @property
+    def database_url(self) -> str | None:
+        return self.database.url
+
+    @property
+    def port(self) -> int:
+        return 0 if self.server is None else self.server.port
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self.server is None:
+            raise RuntimeError("the server is not started")
+        return self.server.pool
+
+    @property
+    def address(self) -> str:
+        """The listen address with the bound port, e.g. "127.0.0.1:50051"."""
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    @property
+    def served_services(self) -> list[ServiceDescriptor]:
+        return [entry.descriptor for entry in SERVICES]
+
+    def reload_tokens(self) -> bool:
+        """Re-reads the tokens file (the SIGHUP handler); False when it kept the old tokens."""
+        return self.server is not None and self.server.reload_tokens()
+
+    async def start(self) -> None:
+        """Ready to serve on return. On failure, whatever was started is stopped."""
+        _log.info("starting")
+        try:
+            check_port_free(self.config.listen)  # before the embedded database starts
+            dsn = await self.database.start()
+            self.server = Server(self.config, dsn)
+            await self.server.start()
+        except BaseException:
+            await self.stop(0)
+            raise
+        _log.info("listening on %s", self.address)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops the server (see Server.stop), then the database side."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.server is not None:
+            await self.server.stop(grace)
+        await self.database.stop()
         _log.info("stopped")

@@ -6,13 +6,16 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, cast
 
+import grpc
+
 from interactions_client import limits
 from interactions_client.rules import RULES
 from interactions_client.v1 import interaction_service_pb2 as pb
 from interactions_client.v1 import interaction_service_pb2_grpc
 from interactions_client.v1.event_pb2 import Event, EventType, FieldViolation
+from interactions_server import metrics
 from interactions_server.auth import allowed_event_types, event_type_violation
-from interactions_server.errors import InvalidArgument, Unavailable, rpc_errors, stream_rpc_errors
+from interactions_server.errors import InvalidArgument, Unavailable
 from interactions_server.group_commit import GroupCommitter
 from interactions_server.ingest import BatchResult, Ingestor, Rejection
 
@@ -26,7 +29,9 @@ _WriteQueue = asyncio.Queue[asyncio.Task[pb.StreamEventsResponse] | None]
 
 class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer):
     """Validation and writing are the Ingestor's; this class maps requests to
-    batches, batches to responses, and bounds the work of each stream."""
+    batches, batches to responses, and bounds the work of each stream.
+    Methods raise (InvalidArgument, Unavailable, database errors); the
+    server's StatusInterceptor turns that into the status (errors.py)."""
 
     def __init__(
         self, ingestor: Ingestor, committer: GroupCommitter, *, batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT
@@ -51,8 +56,7 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
         for reader in self._readers:
             reader.cancel()
 
-    @rpc_errors
-    async def LogEvent(self, request: pb.LogEventRequest, context: Any) -> pb.LogEventResponse:
+    async def LogEvent(self, request: pb.LogEventRequest, context: grpc.aio.ServicerContext) -> pb.LogEventResponse:
         if not request.HasField("event"):
             raise InvalidArgument([FieldViolation(field="event", description="is required")], "invalid event")
         # The committer batches the events of many callers: the caller's own
@@ -61,6 +65,7 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
             violation = FieldViolation(field=f"event.{not_allowed.field}", description=not_allowed.description)
             raise InvalidArgument([violation], "invalid event")
         outcome = await self._committer.submit(request.event)
+        metrics.count_events("LogEvent", [request.event], [outcome.duplicate], [0] if outcome.violations else [])
         if outcome.violations:
             # BadRequest paths are relative to the request: event.<field>.
             violations = [
@@ -69,19 +74,18 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
             raise InvalidArgument(violations, "invalid event")
         return pb.LogEventResponse(event_id=outcome.event_id, duplicate=outcome.duplicate)
 
-    @rpc_errors
-    async def LogEvents(self, request: pb.LogEventsRequest, context: Any) -> pb.LogEventsResponse:
+    async def LogEvents(self, request: pb.LogEventsRequest, context: grpc.aio.ServicerContext) -> pb.LogEventsResponse:
         _check_batch_size(request.events)
         result = await self._write(request.events)
+        metrics.count_events("LogEvents", request.events, result.duplicate, (r.index for r in result.rejected))
         return pb.LogEventsResponse(
             accepted_count=result.accepted_count,
             duplicate_count=result.duplicate_count,
             rejected=_rejected(result.rejected),
         )
 
-    @stream_rpc_errors
     async def StreamEvents(
-        self, request_iterator: AsyncIterator[pb.StreamEventsRequest], context: Any
+        self, request_iterator: AsyncIterator[pb.StreamEventsRequest], context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[pb.StreamEventsResponse, None]:
         # One task reads requests and starts their writes; this generator
         # answers them in request order as they commit. The semaphore bounds
@@ -96,6 +100,7 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
         # when the reader is cancelled before it ever started.
         reader.add_done_callback(lambda _: writes.put_nowait(None))
         self._readers.add(reader)
+        metrics.stream_opened()
         try:
             while (write := await writes.get()) is not None:
                 yield await write
@@ -106,14 +111,16 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
             if (error := reader.exception()) is not None:
                 raise error
         finally:
+            metrics.stream_closed()
             self._readers.discard(reader)
             _discard(reader)
             while not writes.empty():
                 if (pending := writes.get_nowait()) is not None:
                     _discard(pending)
 
-    @rpc_errors
-    async def ListEventTypes(self, request: pb.ListEventTypesRequest, context: Any) -> pb.ListEventTypesResponse:
+    async def ListEventTypes(
+        self, request: pb.ListEventTypesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListEventTypesResponse:
         return self._event_types
 
     async def _read_stream(
@@ -129,6 +136,7 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
 
     async def _write_stream_batch(self, request: pb.StreamEventsRequest) -> pb.StreamEventsResponse:
         result = await self._write(request.events)
+        metrics.count_events("StreamEvents", request.events, result.duplicate, (r.index for r in result.rejected))
         return pb.StreamEventsResponse(
             sequence=request.sequence,
             accepted_count=result.accepted_count,

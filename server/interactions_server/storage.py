@@ -17,8 +17,21 @@ import asyncpg
 _US_TO_TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
 _TS_TO_US = "(extract(epoch FROM {}) * 1000000)::int8"
 
-# One row of the event log, in column order of INSERT_EVENTS.
-EventRow = tuple[str, str, str, str | None, str | None, int, int, str | None, str | None, bool]
+
+class EventRow(NamedTuple):
+    """One row of the event log, in the column order of INSERT_EVENTS."""
+
+    user_id: str
+    event_id: str
+    event_type: str
+    session_id: str | None
+    product_id: str | None
+    event_value: int
+    occurred_us: int
+    details: str | None  # JSON text
+    attributes: str | None  # JSON text
+    syncs_state: bool
+
 
 INSERT_EVENTS = f"""
 WITH batch AS (
@@ -96,9 +109,16 @@ async def lock_keys(conn: asyncpg.Connection, keys: Collection[tuple[str, str]])
 
 # --- per-(user, product) state: cart_lines and wishlist_lines -------------
 
-# A state line: (user_id, product_id, value, updated_at us, last_event_id).
-# value is the quantity for the cart, added_at in epoch us (or None) for the wishlist.
-StateLine = tuple[str, str, int | None, int, str]
+
+class StateLine(NamedTuple):
+    """A line of cart_lines or wishlist_lines, in the column order of upsert_lines."""
+
+    user_id: str
+    product_id: str
+    value: int | None  # the quantity for the cart, added_at in epoch us (or None) for the wishlist
+    updated_us: int
+    last_event_id: str
+
 
 # Per state table: its value column, that column as read into Python, and
 # the expression that writes the value `v` back.
@@ -120,7 +140,7 @@ async def fetch_lines(conn: asyncpg.Connection, table: str, keys: Sequence[tuple
         [k[0] for k in keys],
         [k[1] for k in keys],
     )
-    return [tuple(r) for r in records]
+    return [StateLine(*r) for r in records]
 
 
 async def upsert_lines(conn: asyncpg.Connection, table: str, lines: Sequence[StateLine]) -> None:
@@ -140,11 +160,21 @@ async def upsert_lines(conn: asyncpg.Connection, table: str, lines: Sequence[Sta
     )
 
 
+class KeyEvent(NamedTuple):
+    """A logged event that syncs a (user, product) line, as the fold reads it."""
+
+    user_id: str
+    product_id: str
+    event_type: str
+    event_value: int
+    occurred_us: int
+    event_id: str
+
+
 async def fetch_key_events(
     conn: asyncpg.Connection, keys: Sequence[tuple[str, str]], event_types: Sequence[str]
-) -> list[tuple[str, str, str, int, int, str]]:
-    """The logged events of the given types for each (user, product) key, in
-    fold order: (user_id, product_id, event_type, event_value, occurred_at us, event_id)."""
+) -> list[KeyEvent]:
+    """The logged events of the given types for each (user, product) key, in fold order."""
     records = await conn.fetch(
         f"""
         SELECT e.user_id, e.product_id, e.event_type, e.event_value,
@@ -158,12 +188,20 @@ async def fetch_key_events(
         [k[1] for k in keys],
         list(event_types),
     )
-    return [tuple(r) for r in records]
+    return [KeyEvent(*r) for r in records]
 
 
 # --- purchase_history ------------------------------------------------------
 
-PurchaseRow = tuple[str, int, str, str, str | None]  # user_id, purchased_at us, event_id, product_id, session_id
+
+class PurchaseRow(NamedTuple):
+    """A row of purchase_history, in the column order of insert_purchases."""
+
+    user_id: str
+    purchased_us: int
+    event_id: str
+    product_id: str
+    session_id: str | None
 
 
 async def insert_purchases(conn: asyncpg.Connection, rows: Sequence[PurchaseRow]) -> None:
@@ -190,29 +228,47 @@ _FIRST_PAGE = _PURCHASES.format(after="")
 _NEXT_PAGE = _PURCHASES.format(after="AND (purchased_at, event_id) < ($3, $4::uuid)")
 
 
-async def fetch_cart(pool: asyncpg.Pool, user_id: str) -> list[asyncpg.Record]:
-    records: list[asyncpg.Record] = await pool.fetch(
+class CartRow(NamedTuple):
+    product_id: str
+    quantity: int
+    updated_at: datetime
+
+
+class WishlistRow(NamedTuple):
+    product_id: str
+    added_at: datetime
+
+
+class PurchaseRecord(NamedTuple):
+    event_id: str
+    product_id: str
+    session_id: str | None
+    purchased_at: datetime
+
+
+async def fetch_cart(pool: asyncpg.Pool, user_id: str) -> list[CartRow]:
+    records = await pool.fetch(
         "SELECT product_id, quantity, updated_at FROM user_cart WHERE user_id = $1 ORDER BY product_id", user_id
     )
-    return records
+    return [CartRow(*r) for r in records]
 
 
-async def fetch_wishlist(pool: asyncpg.Pool, user_id: str) -> list[asyncpg.Record]:
-    records: list[asyncpg.Record] = await pool.fetch(
+async def fetch_wishlist(pool: asyncpg.Pool, user_id: str) -> list[WishlistRow]:
+    records = await pool.fetch(
         "SELECT product_id, added_at FROM user_wishlist WHERE user_id = $1 ORDER BY added_at, product_id", user_id
     )
-    return records
+    return [WishlistRow(*r) for r in records]
 
 
 async def fetch_purchases(
     pool: asyncpg.Pool, user_id: str, limit: int, after: tuple[datetime, str] | None
-) -> list[asyncpg.Record]:
+) -> list[PurchaseRecord]:
     """A page of purchases, newest first; `after` is the last row of the previous page."""
     if after is None:
-        records: list[asyncpg.Record] = await pool.fetch(_FIRST_PAGE, user_id, limit)
+        records = await pool.fetch(_FIRST_PAGE, user_id, limit)
     else:
         records = await pool.fetch(_NEXT_PAGE, user_id, limit, *after)
-    return records
+    return [PurchaseRecord(*r) for r in records]
 
 
 # --- maintenance ---------------------------------------------------------------

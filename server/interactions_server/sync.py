@@ -100,29 +100,29 @@ class KeyedFold:
         for e in events:
             by_key[(e.user_id, e.product_id)].append(e)
         keys = sorted(by_key)
-        current = {(line[0], line[1]): line for line in await storage.fetch_lines(conn, self.table, keys)}
+        current = {(line.user_id, line.product_id): line for line in await storage.fetch_lines(conn, self.table, keys)}
 
         lines: list[storage.StateLine] = []
         stale: list[tuple[str, str]] = []
         for key in keys:
             new = sorted(by_key[key], key=lambda e: (e.occurred_us, e.event_id))
             line = current.get(key)
-            if line is not None and (new[0].occurred_us, new[0].event_id) < (line[3], line[4]):
+            if line is not None and (new[0].occurred_us, new[0].event_id) < (line.updated_us, line.last_event_id):
                 stale.append(key)  # arrived out of order: refold the key from the log
                 continue
-            state = self.fold(None if line is None else line[2], [(e.rule.name, e.value, e.occurred_us) for e in new])
-            lines.append((key[0], key[1], state, new[-1].occurred_us, new[-1].event_id))
+            state = self.fold(
+                None if line is None else line.value, [(e.rule.name, e.value, e.occurred_us) for e in new]
+            )
+            lines.append(storage.StateLine(key[0], key[1], state, new[-1].occurred_us, new[-1].event_id))
 
         if stale:
-            logged: dict[tuple[str, str], list[tuple[str, int, int, str]]] = defaultdict(list)
-            for user_id, product_id, event_type, value, occurred_us, event_id in await storage.fetch_key_events(
-                conn, stale, list(self.steps)
-            ):
-                logged[(user_id, product_id)].append((event_type, value, occurred_us, event_id))
+            logged: dict[tuple[str, str], list[storage.KeyEvent]] = defaultdict(list)
+            for event in await storage.fetch_key_events(conn, stale, list(self.steps)):
+                logged[(event.user_id, event.product_id)].append(event)
             for key in stale:
                 history = logged[key]
-                state = self.fold(None, [(t, v, us) for t, v, us, _ in history])
-                lines.append((key[0], key[1], state, history[-1][2], history[-1][3]))
+                state = self.fold(None, [(e.event_type, e.event_value, e.occurred_us) for e in history])
+                lines.append(storage.StateLine(key[0], key[1], state, history[-1].occurred_us, history[-1].event_id))
 
         await storage.upsert_lines(conn, self.table, lines)
 
@@ -134,7 +134,8 @@ class AppendPurchases:
 
     async def __call__(self, conn: asyncpg.Connection, events: Sequence[SyncEvent]) -> None:
         await storage.insert_purchases(
-            conn, [(e.user_id, e.occurred_us, e.event_id, e.product_id, e.session_id) for e in events]
+            conn,
+            [storage.PurchaseRow(e.user_id, e.occurred_us, e.event_id, e.product_id, e.session_id) for e in events],
         )
 
 

@@ -7,9 +7,9 @@ import re
 import struct
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import asyncpg
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from interactions_client import limits
@@ -17,7 +17,7 @@ from interactions_client.v1 import user_state_service_pb2 as pb
 from interactions_client.v1 import user_state_service_pb2_grpc
 from interactions_client.v1.event_pb2 import FieldViolation
 from interactions_server import storage
-from interactions_server.errors import InvalidArgument, rpc_errors
+from interactions_server.errors import InvalidArgument
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["UserStateService"].full_name
 DEFAULT_PAGE_SIZE = 100
@@ -35,25 +35,26 @@ class UserStateService(user_state_service_pb2_grpc.UserStateServiceServicer):
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    @rpc_errors
-    async def GetCart(self, request: pb.GetCartRequest, context: Any) -> pb.GetCartResponse:
+    async def GetCart(self, request: pb.GetCartRequest, context: grpc.aio.ServicerContext) -> pb.GetCartResponse:
         rows = await storage.fetch_cart(self._pool, _user_id(request.user_id))
         return pb.GetCartResponse(
             items=[
-                pb.CartItem(product_id=r["product_id"], quantity=r["quantity"], updated_at=_timestamp(r["updated_at"]))
+                pb.CartItem(product_id=r.product_id, quantity=r.quantity, updated_at=_timestamp(r.updated_at))
                 for r in rows
             ]
         )
 
-    @rpc_errors
-    async def GetWishlist(self, request: pb.GetWishlistRequest, context: Any) -> pb.GetWishlistResponse:
+    async def GetWishlist(
+        self, request: pb.GetWishlistRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetWishlistResponse:
         rows = await storage.fetch_wishlist(self._pool, _user_id(request.user_id))
         return pb.GetWishlistResponse(
-            items=[pb.WishlistItem(product_id=r["product_id"], added_at=_timestamp(r["added_at"])) for r in rows]
+            items=[pb.WishlistItem(product_id=r.product_id, added_at=_timestamp(r.added_at)) for r in rows]
         )
 
-    @rpc_errors
-    async def ListPurchases(self, request: pb.ListPurchasesRequest, context: Any) -> pb.ListPurchasesResponse:
+    async def ListPurchases(
+        self, request: pb.ListPurchasesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPurchasesResponse:
         user_id = _user_id(request.user_id)
         page_size = _page_size(request.page_size)
         after = decode_page_token(request.page_token) if request.page_token else None
@@ -63,17 +64,17 @@ class UserStateService(user_state_service_pb2_grpc.UserStateServiceServicer):
         response = pb.ListPurchasesResponse(
             purchases=[
                 pb.Purchase(
-                    event_id=str(r["event_id"]),
-                    product_id=r["product_id"],
-                    purchased_at=_timestamp(r["purchased_at"]),
-                    session_id=r["session_id"] or "",
+                    event_id=r.event_id,
+                    product_id=r.product_id,
+                    purchased_at=_timestamp(r.purchased_at),
+                    session_id=r.session_id or "",
                 )
                 for r in page
             ]
         )
         if len(rows) > page_size:
             last = page[-1]
-            response.next_page_token = encode_page_token(last["purchased_at"], str(last["event_id"]))
+            response.next_page_token = encode_page_token(last.purchased_at, last.event_id)
         return response
 
 

@@ -1,0 +1,118 @@
+"""The database side of the service: the embedded PostgreSQL (when no URL is
+given), the migrations and the partition upkeep.
+
+One `Database` runs per host, in the supervisor (or in the single process
+with --workers 1); the workers only connect to the URL it hands them. So the
+migrations and the partition upkeep run once, not once per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+
+from interactions_server import migrate
+from interactions_server.config import ServerConfig
+from interactions_server.embedded_db import EmbeddedPostgres
+from interactions_server.errors import is_database_unavailable
+from interactions_server.partitions import PartitionKeeper
+from interactions_server.startup import database_error, unreachable_database
+
+_log = logging.getLogger(__name__)
+
+EMBEDDED_WATCH_INTERVAL = 1.0  # seconds between checks that the embedded PostgreSQL is alive
+
+
+class _NoTracebackWhenUnavailable(logging.Filter):
+    """asyncpg's pool logs a traceback each time it fails to reconnect while
+    the database is down ("Failed to restore the pool connection floor");
+    the reason fits on the line, and health already logs "database down"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and is_database_unavailable(record.exc_info[1]):
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("asyncpg.pool").addFilter(_NoTracebackWhenUnavailable())
+
+
+class Database:
+    """start() returns the URL to connect to; stop() undoes it."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.url: str | None = config.database_url
+        self._embedded: EmbeddedPostgres | None = None
+        self._pool: asyncpg.Pool | None = None  # for the partition keeper only
+        self._partitions: PartitionKeeper | None = None
+
+    async def start(self) -> str:
+        """Ready on return: the database is up, migrated, its partitions made.
+        Raises StartupError for what an operator must fix."""
+        if self.url is None:
+            self._embedded = EmbeddedPostgres(self.config.data_dir)
+            self.url = await asyncio.to_thread(self._embedded.start)  # logs where
+        dsn = self.url
+        await migrate_when_reachable(self.config, dsn)
+        self._pool = await asyncpg.create_pool(
+            dsn, min_size=0, max_size=1, statement_cache_size=self.config.statement_cache_size
+        )
+        self._partitions = PartitionKeeper(self._pool)
+        await self._partitions.start()
+        return dsn
+
+    @property
+    def embedded_pid(self) -> int | None:
+        """The embedded PostgreSQL's postmaster pid; None with a database URL."""
+        return None if self._embedded is None else self._embedded.postmaster_pid
+
+    async def wait_died(self) -> None:
+        """Returns when the embedded PostgreSQL has exited under the server;
+        never with a database URL (an outside database may come back)."""
+        if self._embedded is None:
+            await asyncio.Future()  # forever, until cancelled
+        while self._embedded is not None and self._embedded.is_running():  # noqa: ASYNC110 - another process's state
+            await asyncio.sleep(EMBEDDED_WATCH_INTERVAL)
+
+    async def stop(self) -> None:
+        if self._partitions is not None:
+            await self._partitions.stop()
+            self._partitions = None
+        if self._pool is not None:
+            try:
+                await asyncio.wait_for(self._pool.close(), timeout=5.0)
+            except TimeoutError:
+                self._pool.terminate()
+            self._pool = None
+        if self._embedded is not None:
+            embedded, self._embedded = self._embedded, None
+            await asyncio.to_thread(embedded.stop)
+
+
+async def migrate_when_reachable(config: ServerConfig, dsn: str) -> None:
+    """Applies the migrations, waiting up to config.startup_timeout for the
+    database to become reachable (it may be starting alongside this server).
+    A database that refuses this server (no such database, a wrong password,
+    a bad URL) is a StartupError at once."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while True:
+        try:
+            await migrate.migrate(dsn, statement_cache_size=config.statement_cache_size)
+            return
+        except Exception as exc:
+            if (operator_error := database_error(exc, dsn)) is not None:
+                raise operator_error from exc
+            if not is_database_unavailable(exc):
+                raise
+            waited = loop.time() - started
+            if waited >= config.startup_timeout:
+                raise unreachable_database(exc, dsn, waited) from exc
+            _log.warning("waiting for the database: %s: %s", type(exc).__name__, exc)
+        await asyncio.sleep(min(1.0, max(0.0, config.startup_timeout - (loop.time() - started))))

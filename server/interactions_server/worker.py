@@ -1,0 +1,72 @@
+"""One worker process of `interactions-server --workers N`.
+
+Spawned (a fresh interpreter, no inherited gRPC state) by the supervisor,
+which owns the database side and hands each worker the database URL and a
+fixed port to share with SO_REUSEPORT. A worker serves until SIGTERM, then
+stops gracefully (see Server.stop). It reports to the supervisor on a pipe:
+("ready", port) once serving, or ("error", message) when it cannot start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from multiprocessing.connection import Connection
+
+from interactions_server.config import ServerConfig
+from interactions_server.startup import EXIT_OPERATOR_ERROR, StartupError
+
+_log = logging.getLogger("interactions_server.worker")
+
+PARENT_CHECK_INTERVAL = 1.0  # seconds between checks that the supervisor is alive
+
+
+def run(config: ServerConfig, index: int, report: Connection, log_level: str, log_format: str) -> None:
+    """The worker's entry point (a multiprocessing target); exits the process."""
+    # Ctrl-C in a terminal reaches the whole process group: the supervisor
+    # alone decides, and tells the workers with SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from interactions_server.cli import configure_logging  # the same set-up as the supervisor's
+
+    configure_logging(log_level, log_format, worker=index)
+    sys.exit(asyncio.run(_serve(config, index, report)))
+
+
+async def _serve(config: ServerConfig, index: int, report: Connection) -> int:
+    from interactions_server.server import Server  # gRPC is first imported here, in the worker
+
+    assert config.database_url is not None, "the supervisor hands workers a database URL"
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    orphan_watch = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
+    server = Server(config, config.database_url)
+    try:
+        await server.start()
+    except StartupError as exc:
+        report.send(("error", str(exc)))
+        return EXIT_OPERATOR_ERROR
+    except Exception as exc:
+        _log.exception("worker %d could not start", index)
+        report.send(("error", f"worker {index} could not start: {type(exc).__name__}: {exc}"))
+        return 1
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)  # forwarded by the supervisor
+    report.send(("ready", server.port))
+    _log.info("worker %d (pid %d) serving on %s", index, os.getpid(), server.address)
+    await stop.wait()
+    orphan_watch.cancel()
+    await server.stop()
+    _log.info("worker %d (pid %d) stopped", index, os.getpid())
+    return 0
+
+
+async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
+    """Stops this worker if its supervisor is gone (killed with SIGKILL), so
+    that no worker keeps serving without a supervisor."""
+    while os.getppid() == parent:  # noqa: ASYNC110 - another process's state
+        await asyncio.sleep(PARENT_CHECK_INTERVAL)
+    _log.warning("the supervisor (pid %d) is gone; stopping", parent)
+    stop.set()
