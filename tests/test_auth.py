@@ -33,6 +33,7 @@ from interactions_client.v1 import interaction_service_pb2 as isv
 from interactions_client.v1.event_pb2 import EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
 from interactions_server import auth
+from interactions_server.ingest import Ingestor
 from interactions_server.server import App, StartupError
 from tests.events import valid_event
 from tests.support import StartServer, cli, field_violations
@@ -215,7 +216,7 @@ async def test_the_servicer_is_never_entered_on_a_refused_call(
         entered.append("write")
         raise AssertionError("reached the ingestor")
 
-    monkeypatch.setattr(secured._interactions._ingestor, "write", write)  # type: ignore[union-attr]
+    monkeypatch.setattr(Ingestor, "write", write)
     stub = InteractionServiceStub(secured_channel)
     request = isv.StreamEventsRequest(sequence=1, events=[valid_event(EventType.EVENT_TYPE_VIEW)])
     assert await refused_stream(stub.StreamEvents(metadata=bearer("reader")), request) == (
@@ -517,7 +518,7 @@ async def test_the_server_command_reports_a_bad_tokens_file_in_one_line(database
     path = tmp_path / "tokens.toml"
     path.write_text('[[token]]\nname = "a"\nsha256 = "0"\nscopes = ["root"]\n')
     async with cli("--listen", "127.0.0.1:0", "--database-url", database_url, "--auth-tokens", str(path)) as server:
-        assert await server.finish() == 1
+        assert await server.finish() == 2  # an operator error
     errors = [line for line in server.log if " ERROR " in line]
     assert len(errors) == 1 and "sha256" in errors[0]
     assert "Traceback" not in "".join(server.log)
