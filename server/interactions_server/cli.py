@@ -26,9 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from interactions_server import migrate
+from interactions_server.budget import DEFAULT_MAX_INFLIGHT_BYTES
 from interactions_server.embedded_db import EmbeddedPostgres
 from interactions_server.errors import is_database_unavailable
-from interactions_server.server import App, ServerConfig, StartupError
+from interactions_server.server import DEFAULT_MAX_CONCURRENT_RPCS, App, ServerConfig, StartupError
 
 _log = logging.getLogger("interactions_server")
 
@@ -72,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(env("INTERACTIONS_SHUTDOWN_GRACE", "10")),
         help="seconds in-flight calls get to finish on SIGTERM (env INTERACTIONS_SHUTDOWN_GRACE; default %(default)s)",
     )
+    parser.add_argument(
+        "--max-inflight-bytes",
+        type=int,
+        default=int(env("INTERACTIONS_MAX_INFLIGHT_BYTES", str(DEFAULT_MAX_INFLIGHT_BYTES))),
+        help="request bytes all calls may hold at once; streams wait, unary calls get RESOURCE_EXHAUSTED "
+        "(env INTERACTIONS_MAX_INFLIGHT_BYTES; default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=int(env("INTERACTIONS_MAX_CONCURRENT_RPCS", str(DEFAULT_MAX_CONCURRENT_RPCS))),
+        help="calls served at once; the excess gets RESOURCE_EXHAUSTED "
+        "(env INTERACTIONS_MAX_CONCURRENT_RPCS; default %(default)s)",
+    )
     return parser
 
 
@@ -83,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         database_url=args.database_url,
         data_dir=args.data_dir,
         shutdown_grace=args.shutdown_grace,
+        max_inflight_bytes=args.max_inflight_bytes,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
     )
     command = _migrate if args.command == "migrate" else _serve
     try:

@@ -17,17 +17,18 @@ import asyncpg
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from interactions_client.v1 import interaction_service_pb2, user_state_service_pb2
-from interactions_server import migrate, service, user_state
+from interactions_server import db, migrate, service, user_state
+from interactions_server.budget import DEFAULT_MAX_INFLIGHT_BYTES, ByteBudget
 from interactions_server.embedded_db import EmbeddedPostgres
 from interactions_server.errors import is_database_unavailable, lenient_parser
 from interactions_server.group_commit import GroupCommitter
 from interactions_server.health import DatabaseHealth
 from interactions_server.ingest import Ingestor
+from interactions_server.message_size import MAX_MESSAGE_BYTES
 from interactions_server.partitions import PartitionKeeper
+from interactions_server.probes import add_health_and_reflection
 
 _log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),  # tolerate client pings every 10 s
 )
-# A full batch (1,000 events) of large events exceeds gRPC's 4 MiB default.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The largest valid request (message_size.py: 1,000 events at every bound,
+# 4-byte characters): about 225 MiB. The byte budget, not this, bounds memory.
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     *KEEPALIVE_OPTIONS,
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -52,6 +53,7 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 SERVICE_NAMES: tuple[str, ...] = (service.SERVICE_NAME, user_state.SERVICE_NAME)
+DEFAULT_MAX_CONCURRENT_RPCS = 1_000
 
 
 class StartupError(Exception):
@@ -70,6 +72,8 @@ class ServerConfig:
     pool_min_size: int = 2
     pool_max_size: int = 10
     batches_in_flight: int = service.DEFAULT_BATCHES_IN_FLIGHT  # per stream
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES  # request bytes held by all calls at once
+    max_concurrent_rpcs: int | None = DEFAULT_MAX_CONCURRENT_RPCS  # the excess gets RESOURCE_EXHAUSTED
 
 
 async def _end_transaction(connection: asyncpg.Connection) -> None:
@@ -147,6 +151,7 @@ class App:
             self._embedded = EmbeddedPostgres(config.data_dir)
             self.database_url = await asyncio.to_thread(self._embedded.start)  # logs where
         dsn = self.database_url
+        db.quiet_pool_logs()
         await self._migrate(dsn)
         # Connections that die with the database are dropped and replaced by
         # the pool on the next acquire, so the pool survives a restart.
@@ -160,10 +165,13 @@ class App:
         self._committer = GroupCommitter(ingestor)
         self._committer.start()
         self._interactions = service.InteractionService(
-            ingestor, self._committer, batches_in_flight=config.batches_in_flight
+            ingestor,
+            self._committer,
+            batches_in_flight=config.batches_in_flight,
+            budget=ByteBudget(config.max_inflight_bytes),
         )
 
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
         add_servicer(
             server, self._interactions, interaction_service_pb2.DESCRIPTOR.services_by_name["InteractionService"]
         )
@@ -172,8 +180,7 @@ class App:
             user_state.UserStateService(self._pool),
             user_state_service_pb2.DESCRIPTOR.services_by_name["UserStateService"],
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health.servicer, server)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        add_health_and_reflection(server, self._health.servicer, SERVICE_NAMES)
         try:
             self.port = server.add_insecure_port(config.listen)
         except RuntimeError as exc:  # grpc's "Failed to bind to address ..."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, cast
 
@@ -11,13 +12,17 @@ from interactions_client.rules import RULES
 from interactions_client.v1 import interaction_service_pb2 as pb
 from interactions_client.v1 import interaction_service_pb2_grpc
 from interactions_client.v1.event_pb2 import Event, EventType, FieldViolation
-from interactions_server.errors import InvalidArgument, Unavailable, rpc_errors, stream_rpc_errors
+from interactions_server.budget import DEFAULT_MAX_INFLIGHT_BYTES, ByteBudget
+from interactions_server.errors import AlreadyExists, InvalidArgument, Unavailable, rpc_errors, stream_rpc_errors
 from interactions_server.group_commit import GroupCommitter
-from interactions_server.ingest import BatchResult, Ingestor, Rejection
+from interactions_server.ingest import CONFLICT_DESCRIPTION, BatchResult, Ingestor, Rejection
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["InteractionService"].full_name
 SHUTTING_DOWN = "server is shutting down; resend unacknowledged batches"
 DEFAULT_BATCHES_IN_FLIGHT = 3
+# What a stream reserves of the byte budget before reading its first batch;
+# afterwards, the size of its previous batch.
+FIRST_BATCH_ESTIMATE = 1024 * 1024
 
 # Writes in request order; None once the reading task has ended.
 _WriteQueue = asyncio.Queue[asyncio.Task[pb.StreamEventsResponse] | None]
@@ -28,9 +33,15 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
     batches, batches to responses, and bounds the work of each stream."""
 
     def __init__(
-        self, ingestor: Ingestor, committer: GroupCommitter, *, batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT
+        self,
+        ingestor: Ingestor,
+        committer: GroupCommitter,
+        *,
+        batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT,
+        budget: ByteBudget | None = None,
     ) -> None:
         self._ingestor = ingestor
+        self._budget = budget or ByteBudget(DEFAULT_MAX_INFLIGHT_BYTES)
         self._committer = committer  # LogEvent: concurrent calls share transactions
         self._batches_in_flight = batches_in_flight
         self._readers: set[asyncio.Task[None]] = set()
@@ -54,7 +65,10 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
     async def LogEvent(self, request: pb.LogEventRequest, context: Any) -> pb.LogEventResponse:
         if not request.HasField("event"):
             raise InvalidArgument([FieldViolation(field="event", description="is required")], "invalid event")
-        outcome = await self._committer.submit(request.event)
+        async with self._budget.held_or_refused(request.ByteSize()):
+            outcome = await self._committer.submit(request.event, context.time_remaining())
+        if outcome.conflict:
+            raise AlreadyExists(f"event_id {outcome.event_id} {CONFLICT_DESCRIPTION}")
         if outcome.violations:
             # BadRequest paths are relative to the request: event.<field>.
             violations = [
@@ -66,7 +80,8 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
     @rpc_errors
     async def LogEvents(self, request: pb.LogEventsRequest, context: Any) -> pb.LogEventsResponse:
         _check_batch_size(request.events)
-        result = await self._write(request.events)
+        async with self._budget.held_or_refused(request.ByteSize()):
+            result = await self._write(request.events, context.time_remaining())
         return pb.LogEventsResponse(
             accepted_count=result.accepted_count,
             duplicate_count=result.duplicate_count,
@@ -85,7 +100,7 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
             raise Unavailable(SHUTTING_DOWN)
         writes: _WriteQueue = asyncio.Queue()
         slots = asyncio.Semaphore(self._batches_in_flight)
-        reader = asyncio.create_task(self._read_stream(aiter(request_iterator), writes, slots))
+        reader = asyncio.create_task(self._read_stream(aiter(request_iterator), writes, slots, context))
         # A done callback rather than a `finally` in the reader: it also runs
         # when the reader is cancelled before it ever started.
         reader.add_done_callback(lambda _: writes.put_nowait(None))
@@ -111,18 +126,44 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
         return self._event_types
 
     async def _read_stream(
-        self, requests: AsyncIterator[pb.StreamEventsRequest], writes: _WriteQueue, slots: asyncio.Semaphore
+        self,
+        requests: AsyncIterator[pb.StreamEventsRequest],
+        writes: _WriteQueue,
+        slots: asyncio.Semaphore,
+        context: Any,
     ) -> None:
+        estimate = FIRST_BATCH_ESTIMATE
         while True:
             await slots.acquire()
-            request = await anext(requests, None)
+            # Room in the byte budget before reading: until there is, this
+            # stream reads nothing and HTTP/2 flow control holds its sender.
+            await self._budget.acquire(estimate)
+            try:
+                request = await anext(requests, None)
+            except BaseException:
+                self._budget.release(estimate)
+                raise
             if request is None:
+                self._budget.release(estimate)
                 return
-            _check_batch_size(request.events, sequence=request.sequence)
-            writes.put_nowait(asyncio.create_task(self._write_stream_batch(request)))
+            size = request.ByteSize()
+            self._budget.adjust(size - estimate)
+            estimate = max(size, 1)
+            try:
+                _check_batch_size(request.events, sequence=request.sequence)
+            except InvalidArgument:
+                self._budget.release(size)
+                raise
+            write = asyncio.create_task(self._write_stream_batch(request, context))
+            # The request's bytes are let go once its write is done.
+            write.add_done_callback(functools.partial(self._release, size))
+            writes.put_nowait(write)
 
-    async def _write_stream_batch(self, request: pb.StreamEventsRequest) -> pb.StreamEventsResponse:
-        result = await self._write(request.events)
+    def _release(self, size: int, _: object) -> None:
+        self._budget.release(size)
+
+    async def _write_stream_batch(self, request: pb.StreamEventsRequest, context: Any) -> pb.StreamEventsResponse:
+        result = await self._write(request.events, context.time_remaining())
         return pb.StreamEventsResponse(
             sequence=request.sequence,
             accepted_count=result.accepted_count,
@@ -130,10 +171,10 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
             rejected=_rejected(result.rejected),
         )
 
-    async def _write(self, events: Sequence[Event]) -> BatchResult:
+    async def _write(self, events: Sequence[Event], time_limit: float | None) -> BatchResult:
         if not events:
             return BatchResult()
-        return await self._ingestor.write(events)
+        return await self._ingestor.write(events, time_limit)
 
 
 def _check_batch_size(events: Sequence[Event], *, sequence: int | None = None) -> None:

@@ -9,25 +9,29 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
+
+from interactions_server.db import acquire
 
 # SQL expressions converting epoch microseconds (bigint) and timestamptz, exactly.
 _US_TO_TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
 _TS_TO_US = "(extract(epoch FROM {}) * 1000000)::int8"
 
-# One row of the event log, in column order of INSERT_EVENTS.
-EventRow = tuple[str, str, str, str | None, str | None, int, int, str | None, str | None, bool]
+# One row of the event log, in column order of INSERT_EVENTS; the last column
+# is the fingerprint of the event's content as sent (stored in event_keys).
+EventRow = tuple[str, str, str, str | None, str | None, int, int, str | None, str | None, bool, int]
 
 INSERT_EVENTS = f"""
 WITH batch AS (
-    SELECT u, e::uuid AS e, t, s, p, v, {_US_TO_TS.format("o")} AS o, d::jsonb AS d, a::jsonb AS a, y
+    SELECT u, e::uuid AS e, t, s, p, v, {_US_TO_TS.format("o")} AS o, d::jsonb AS d, a::jsonb AS a, y, f
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                $6::int8[], $7::int8[], $8::text[], $9::text[], $10::bool[]) AS r(u, e, t, s, p, v, o, d, a, y)
+                $6::int8[], $7::int8[], $8::text[], $9::text[], $10::bool[], $11::int8[])
+         AS r(u, e, t, s, p, v, o, d, a, y, f)
 ), new AS (
-    INSERT INTO event_keys (user_id, event_id, occurred_at)
-    SELECT u, e, o FROM batch ORDER BY u, e
+    INSERT INTO event_keys (user_id, event_id, occurred_at, fingerprint)
+    SELECT u, e, o, f FROM batch ORDER BY u, e
     ON CONFLICT DO NOTHING
     RETURNING user_id, event_id
 ), logged AS (
@@ -36,19 +40,34 @@ WITH batch AS (
     SELECT b.u, b.e, b.t, b.s, b.p, b.v, b.o, b.d, b.a, b.y
     FROM batch AS b JOIN new ON new.user_id = b.u AND new.event_id = b.e
 )
-SELECT user_id, event_id::text FROM new
+SELECT user_id, event_id::text, false AS conflict FROM new
+UNION ALL
+-- Keys already logged with other content (the statement's snapshot does not
+-- see the rows it inserts itself). A NULL fingerprint (logged before
+-- fingerprints existed) is unknown and counts as the same content.
+SELECT k.user_id, k.event_id::text, true
+FROM batch AS b JOIN event_keys AS k ON k.user_id = b.u AND k.event_id = b.e
+WHERE k.fingerprint <> b.f
 """
+
+
+class InsertOutcome(NamedTuple):
+    new: set[tuple[str, str]]  # keys logged by this statement
+    conflicting: set[tuple[str, str]]  # keys already logged with a different fingerprint
 
 
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
 
-async def insert_events(conn: asyncpg.Connection | asyncpg.Pool, rows: Sequence[EventRow]) -> set[tuple[str, str]]:
+async def insert_events(conn: asyncpg.Connection, rows: Sequence[EventRow]) -> InsertOutcome:
     """Logs the rows whose (user_id, event_id) is new (in one statement);
-    returns those keys. The rows' keys must be unique within the batch."""
-    records = await conn.fetch(INSERT_EVENTS, *_columns(rows, 10))
-    return {(r[0], r[1]) for r in records}
+    returns those keys, and the known keys whose stored fingerprint differs.
+    The rows' keys must be unique within the batch."""
+    outcome = InsertOutcome(set(), set())
+    for user_id, event_id, conflict in await conn.fetch(INSERT_EVENTS, *_columns(rows, 11)):
+        (outcome.conflicting if conflict else outcome.new).add((user_id, event_id))
+    return outcome
 
 
 async def lock_keys(conn: asyncpg.Connection, keys: Collection[tuple[str, str]]) -> None:
@@ -168,16 +187,18 @@ _NEXT_PAGE = _PURCHASES.format(after="AND (purchased_at, event_id) < ($3, $4::uu
 
 
 async def fetch_cart(pool: asyncpg.Pool, user_id: str) -> list[asyncpg.Record]:
-    records: list[asyncpg.Record] = await pool.fetch(
-        "SELECT product_id, quantity, updated_at FROM user_cart WHERE user_id = $1 ORDER BY product_id", user_id
-    )
+    async with acquire(pool) as conn:
+        records: list[asyncpg.Record] = await conn.fetch(
+            "SELECT product_id, quantity, updated_at FROM user_cart WHERE user_id = $1 ORDER BY product_id", user_id
+        )
     return records
 
 
 async def fetch_wishlist(pool: asyncpg.Pool, user_id: str) -> list[asyncpg.Record]:
-    records: list[asyncpg.Record] = await pool.fetch(
-        "SELECT product_id, added_at FROM user_wishlist WHERE user_id = $1 ORDER BY added_at, product_id", user_id
-    )
+    async with acquire(pool) as conn:
+        records: list[asyncpg.Record] = await conn.fetch(
+            "SELECT product_id, added_at FROM user_wishlist WHERE user_id = $1 ORDER BY added_at, product_id", user_id
+        )
     return records
 
 
@@ -185,10 +206,11 @@ async def fetch_purchases(
     pool: asyncpg.Pool, user_id: str, limit: int, after: tuple[datetime, str] | None
 ) -> list[asyncpg.Record]:
     """A page of purchases, newest first; `after` is the last row of the previous page."""
-    if after is None:
-        records: list[asyncpg.Record] = await pool.fetch(_FIRST_PAGE, user_id, limit)
-    else:
-        records = await pool.fetch(_NEXT_PAGE, user_id, limit, *after)
+    async with acquire(pool) as conn:
+        if after is None:
+            records: list[asyncpg.Record] = await conn.fetch(_FIRST_PAGE, user_id, limit)
+        else:
+            records = await conn.fetch(_NEXT_PAGE, user_id, limit, *after)
     return records
 
 
