@@ -5,11 +5,14 @@ synchronous clients, the bulk streamer and the ``interactions`` command."""
 from interactions_client.channel import TlsConfig
 from interactions_client.client import InteractionsClient
 from interactions_client.errors import (
+    ConflictError,
     DeadlineExceededError,
     DeliveryFailedError,
+    EventIdReusedError,
     InteractionsError,
     InvalidArgumentError,
     InvalidEventError,
+    OverloadedError,
     UnavailableError,
 )
 from interactions_client.results import BatchResult, LogResult, Rejection
@@ -25,9 +28,11 @@ __all__ = [
     "RULES",
     "STANDARD",
     "BatchResult",
+    "ConflictError",
     "DeadlineExceededError",
     "DeliveryFailedError",
     "Event",
+    "EventIdReusedError",
     "EventStreamer",
     "EventType",
     "FieldViolation",
@@ -36,6 +41,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidEventError",
     "LogResult",
+    "OverloadedError",
     "Rejection",
     "StreamTotals",
     "SyncEventStreamer",

@@ -37,8 +37,10 @@ RECONNECT_OPTIONS: ChannelOptions = (
 )
 
 _RETRIED_METHODS = [
-    # Writes are idempotent by event_id and reads have no effect, so retrying
-    # UNAVAILABLE (the request did not reach, or the database was down) is safe.
+    # Writes are idempotent by event_id (every client method gives each event
+    # one before sending) and reads have no effect, so retrying UNAVAILABLE
+    # (the request did not reach, or the database was down) and ABORTED (a
+    # transaction conflict, rolled back) is safe.
     {"service": "interactions.v1.InteractionService", "method": "LogEvent"},
     {"service": "interactions.v1.InteractionService", "method": "LogEvents"},
     {"service": "interactions.v1.InteractionService", "method": "ListEventTypes"},
@@ -54,7 +56,7 @@ SERVICE_CONFIG: dict[str, Any] = {
                 "initialBackoff": "0.1s",
                 "maxBackoff": "2s",
                 "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
+                "retryableStatusCodes": ["UNAVAILABLE", "ABORTED"],
             },
         }
     ]

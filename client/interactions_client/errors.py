@@ -70,6 +70,24 @@ class DeadlineExceededError(InteractionsError):
     retryable = True
 
 
+class ConflictError(InteractionsError):
+    """ABORTED: the write conflicted with a concurrent one and was rolled back
+    (the channel already retried it). Safe to retry."""
+
+    retryable = True
+
+
+class OverloadedError(InteractionsError):
+    """RESOURCE_EXHAUSTED: the server has no room for the call now. Retry later, with backoff."""
+
+    retryable = True
+
+
+class EventIdReusedError(InteractionsError):
+    """ALREADY_EXISTS: the event's (user_id, event_id) was already logged with
+    different content. Not retryable: give the event its own event_id."""
+
+
 class DeliveryFailedError(InteractionsError):
     """The bulk streamer gave up: the events it reports as failed were not confirmed.
     They may have been committed; resending them is safe (event_id deduplicates)."""
@@ -83,6 +101,9 @@ class DeliveryFailedError(InteractionsError):
 _BY_CODE: dict[grpc.StatusCode, type[InteractionsError]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.ABORTED: ConflictError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
+    grpc.StatusCode.ALREADY_EXISTS: EventIdReusedError,
 }
 
 
