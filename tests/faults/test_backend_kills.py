@@ -34,6 +34,7 @@ from tests.faults.postgres import OwnPostgres
 STREAM_EVENTS = 50_000
 UNARY_CALLERS = 64
 UNARY_EVENTS = 64 * 40
+TEST_SECONDS = 300
 KILL_AT = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)  # fractions of the load done when backends are terminated
 
 
@@ -78,7 +79,7 @@ async def stream_all(stub: InteractionServiceStub, events: list[Event], ledger: 
 
 async def kill_backends_along(postgres: OwnPostgres, progress: Progress, killed: list[int]) -> None:
     for fraction in KILL_AT:
-        await progress.at(fraction)
+        await asyncio.wait_for(progress.at(fraction), TEST_SECONDS)
         killed.append(await postgres.terminate_backends())
 
 
@@ -88,7 +89,11 @@ async def test_backends_killed_under_stream_and_unary_load_then_a_restart(
     app = await start_app(postgres.url)
     rnd = random.Random(1)
     ledger = Ledger()
-    async with grpc.aio.insecure_channel(app.address, options=RAW_CHANNEL_OPTIONS) as channel:
+    # Bounded: a hang fails the test instead of stalling the suite.
+    async with (
+        asyncio.timeout(TEST_SECONDS),
+        grpc.aio.insecure_channel(app.address, options=RAW_CHANNEL_OPTIONS) as channel,
+    ):
         stub = InteractionServiceStub(channel)
 
         # 1. A 50k-event bulk stream; backends killed six times along the way.
