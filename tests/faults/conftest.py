@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from interactions_server.server import App, ServerConfig
-from tests.faults.ledger import TracebackCatcher
+from tests.faults.ledger import FIGURES, TracebackCatcher
 from tests.faults.postgres import OwnPostgres, own_postgres
 
 FAULTS_DIR = Path(__file__).parent
@@ -25,6 +25,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if FAULTS_DIR in Path(item.path).parents:
             item.add_marker(pytest.mark.faults)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FIGURES:
+        terminalreporter.section("fault-suite figures (docs/reliability.md)")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture

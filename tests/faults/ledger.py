@@ -88,9 +88,14 @@ class Ledger:
         )
 
 
+FIGURES: list[str] = []
+"""Every figure reported in this session; conftest prints them in pytest's summary."""
+
+
 def report(name: str, text: str) -> None:
-    """Prints a figure for docs/reliability.md (shown with `pytest -s` or on failure)."""
-    print(f"\n[faults] {name}: {text}", flush=True)
+    """Records a figure for docs/reliability.md (printed at the end of the run, and now with `pytest -s`)."""
+    FIGURES.append(f"[faults] {name}: {text}")
+    print(f"\n{FIGURES[-1]}", flush=True)
 
 
 # --- events -----------------------------------------------------------------

@@ -80,6 +80,7 @@ async def test_conflicting_resends_are_rejected(
         same = await stub.LogEvent(pb.LogEventRequest(event=first))
         ledger.answered(OK)
         assert same.duplicate, "the same content again is a duplicate"
+        ledger.duplicates += 1
         conflicting = Event()
         conflicting.CopyFrom(first)
         conflicting.event_value = 5
@@ -97,6 +98,7 @@ async def test_conflicting_resends_are_rejected(
         ledger.answered(OK)
         ledger.answered(OK)
         ledger.acknowledge(undated, duplicate=False)
+        ledger.duplicates += 1
 
         # Many at once: every resend with changed content is rejected, unary.
         events = make_events(300, rnd, prefix="k")
@@ -137,6 +139,7 @@ async def test_conflicting_resends_are_rejected(
         assert [len(r.rejected) for r in responses] == [100, 0]
         assert all(names_event_id(r) for r in responses[0].rejected)
         assert (responses[1].accepted_count, responses[1].duplicate_count) == (0, 100)
+        ledger.duplicates += 100
 
     report("conflicting resends", ledger.figures())
     await check_log_and_state(postgres.url, ledger, all_acknowledged=True)  # the log kept the first content
