@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 import asyncpg
@@ -328,10 +329,13 @@ async def test_byte_budget_grants_in_order_and_lets_an_oversized_request_through
 # --- deadlines reach the database ------------------------------------------------
 
 
+@pytest.mark.parametrize("syncing", [True, False], ids=["state-syncing", "log-only"])
 async def test_a_call_past_its_deadline_rolls_back_instead_of_committing_later(
-    server: App, database_url: str, interaction_stub: InteractionServiceStub
+    server: App, database_url: str, interaction_stub: InteractionServiceStub, syncing: bool
 ) -> None:
-    events = [_cart_event("u1", 1), valid_event(EventType.EVENT_TYPE_VIEW, user_id="u1")]
+    events = [valid_event(EventType.EVENT_TYPE_VIEW, user_id="u1", product_id="p1")]
+    if syncing:
+        events.append(_cart_event("u1", 1))
     async with events_table_locked(database_url) as lock:
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await interaction_stub.LogEvents(pb.LogEventsRequest(events=events), timeout=0.5)
@@ -341,7 +345,27 @@ async def test_a_call_past_its_deadline_rolls_back_instead_of_committing_later(
     await asyncio.sleep(0.5)
     assert await server.pool.fetchval("SELECT count(*) FROM event_keys") == 0
     response = await interaction_stub.LogEvents(pb.LogEventsRequest(events=events))
-    assert response.accepted_count == 2
+    assert response.accepted_count == len(events)
+
+
+async def test_past_its_deadline_a_statement_fails_in_postgresql(server: App) -> None:
+    """The guard runs by PostgreSQL's clock: a statement that reaches the
+    database after the caller's deadline (e.g. after a freeze) writes nothing."""
+    from interactions_server import storage
+
+    async with server.pool.acquire() as conn:
+        with pytest.raises(asyncpg.exceptions.QueryCanceledError):
+            await storage.check_deadline(conn, time.time() - 1)
+        await storage.check_deadline(conn, time.time() + 60)
+
+
+async def test_health_list_which_the_servicer_lacks_is_unimplemented_without_a_traceback(
+    server: App, channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING), pytest.raises(grpc.aio.AioRpcError) as failure:
+        await channel.unary_unary("/grpc.health.v1.Health/List")(b"")
+    assert failure.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
 async def test_one_impatient_caller_does_not_fail_the_others_of_its_group_commit(

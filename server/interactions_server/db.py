@@ -46,7 +46,9 @@ async def acquire(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
             yield conn
         except BaseException as exc:
             if not _healthy_after(exc):
-                conn.terminate()
+                # asyncpg may already have released a connection it saw die.
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    conn.terminate()
             raise
 
 

@@ -133,15 +133,20 @@ class Ingestor:
             return result
 
         syncing = self._sync_events(rows, events, row_index)
-        if not syncing and time_limit is None:
+        # A call the client has given up on must not commit later: its
+        # statements check the deadline in PostgreSQL (also after a freeze)
+        # and are bounded by a statement_timeout.
+        deadline = None if time_limit is None else now + time_limit
+        if not syncing:
             # One statement is its own transaction: no BEGIN / COMMIT round trips.
             async with db.acquire(self._pool) as conn:
-                inserted = await storage.insert_events(conn, rows)
+                inserted = await storage.insert_events(conn, rows, deadline)
         else:
             async with db.transaction(self._pool, time_limit) as conn:
-                inserted = await storage.insert_events(conn, rows)
-                if syncing:
-                    await self._sync_new(conn, syncing, inserted.new)
+                inserted = await storage.insert_events(conn, rows, deadline)
+                await self._sync_new(conn, syncing, inserted.new)
+                if deadline is not None:
+                    await storage.check_deadline(conn, deadline)  # just before COMMIT
 
         for key, i in row_index.items():
             if key in inserted.conflicting:

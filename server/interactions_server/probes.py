@@ -16,9 +16,9 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import _async as reflection_aio
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from interactions_server.errors import MalformedRequest, lenient_parser
 
@@ -83,7 +83,12 @@ _HANDLER_KINDS = {
 }
 
 
-def add_checked_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
+def add_checked_servicer(
+    server: grpc.aio.Server, servicer: object, service: ServiceDescriptor, generated_base: type
+) -> None:
+    """Registers the methods `servicer` implements (not those it inherits from
+    its generated base, which raise NotImplementedError with a traceback;
+    gRPC answers UNIMPLEMENTED for a method not registered)."""
     handlers = {
         method.name: _HANDLER_KINDS[(method.client_streaming, method.server_streaming)](
             _checked(method, getattr(servicer, method.name)),
@@ -91,6 +96,7 @@ def add_checked_servicer(server: grpc.aio.Server, servicer: object, service: Ser
             response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
         )
         for method in service.methods
+        if getattr(type(servicer), method.name) is not getattr(generated_base, method.name)
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
@@ -100,10 +106,13 @@ def add_health_and_reflection(
 ) -> None:
     """What health_pb2_grpc.add_HealthServicer_to_server and
     reflection.enable_server_reflection do, with malformed requests checked."""
-    add_checked_servicer(server, health_servicer, health_pb2.DESCRIPTOR.services_by_name["Health"])
+    add_checked_servicer(
+        server, health_servicer, health_pb2.DESCRIPTOR.services_by_name["Health"], health_pb2_grpc.HealthServicer
+    )
     names = (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
     add_checked_servicer(
         server,
         reflection_aio.ReflectionServicer(names),
         reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+        reflection_pb2_grpc.ServerReflectionServicer,
     )

@@ -159,8 +159,11 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
             write.add_done_callback(functools.partial(self._release, size))
             writes.put_nowait(write)
 
-    def _release(self, size: int, _: object) -> None:
+    def _release(self, size: int, write: asyncio.Task[pb.StreamEventsResponse]) -> None:
         self._budget.release(size)
+        # A write that fails after its stream has ended is not awaited by
+        # anyone: mark its exception as seen ("never retrieved" otherwise).
+        _discard(write)
 
     async def _write_stream_batch(self, request: pb.StreamEventsRequest, context: Any) -> pb.StreamEventsResponse:
         result = await self._write(request.events, context.time_remaining())

@@ -29,6 +29,7 @@ WITH batch AS (
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                 $6::int8[], $7::int8[], $8::text[], $9::text[], $10::bool[], $11::int8[])
          AS r(u, e, t, s, p, v, o, d, a, y, f)
+    WHERE (SELECT deadline_guard($12::float8))  -- once, before anything is written
 ), new AS (
     INSERT INTO event_keys (user_id, event_id, occurred_at, fingerprint)
     SELECT u, e, o, f FROM batch ORDER BY u, e
@@ -60,14 +61,22 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
 
-async def insert_events(conn: asyncpg.Connection, rows: Sequence[EventRow]) -> InsertOutcome:
+async def insert_events(
+    conn: asyncpg.Connection, rows: Sequence[EventRow], deadline: float | None = None
+) -> InsertOutcome:
     """Logs the rows whose (user_id, event_id) is new (in one statement);
     returns those keys, and the known keys whose stored fingerprint differs.
-    The rows' keys must be unique within the batch."""
+    The rows' keys must be unique within the batch. Past `deadline` (epoch
+    seconds, by PostgreSQL's clock) the statement fails instead (QueryCanceledError)."""
     outcome = InsertOutcome(set(), set())
-    for user_id, event_id, conflict in await conn.fetch(INSERT_EVENTS, *_columns(rows, 11)):
+    for user_id, event_id, conflict in await conn.fetch(INSERT_EVENTS, *_columns(rows, 11), deadline):
         (outcome.conflicting if conflict else outcome.new).add((user_id, event_id))
     return outcome
+
+
+async def check_deadline(conn: asyncpg.Connection, deadline: float) -> None:
+    """Fails (QueryCanceledError) when PostgreSQL's clock is past `deadline` (epoch seconds)."""
+    await conn.execute("SELECT deadline_guard($1::float8)", deadline)
 
 
 async def lock_keys(conn: asyncpg.Connection, keys: Collection[tuple[str, str]]) -> None:
