@@ -269,6 +269,29 @@ async def test_calls_over_max_concurrent_rpcs_get_resource_exhausted_at_once(sta
         assert (await stub.ListEventTypes(pb.ListEventTypesRequest())).event_types
 
 
+async def test_a_burst_over_max_concurrent_rpcs_is_served_or_refused_never_cancelled(
+    start_server: StartServer, database_url: str
+) -> None:
+    app = await start_server(max_concurrent_rpcs=5)
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        stub = InteractionServiceStub(channel)
+
+        async def one(i: int) -> grpc.StatusCode:
+            try:
+                await stub.LogEvent(pb.LogEventRequest(event=_cart_event(f"u{i}", 1)), timeout=10)
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+            return grpc.StatusCode.OK
+
+        async with events_table_locked(database_url) as lock:
+            calls = [asyncio.ensure_future(one(i)) for i in range(60)]
+            await eventually(lambda: has_blocked_writes(lock, 1))
+            await asyncio.sleep(0.3)
+        codes = await asyncio.gather(*calls)
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert codes.count(grpc.StatusCode.OK) <= 5
+
+
 async def test_a_unary_call_without_room_in_the_byte_budget_gets_resource_exhausted(
     start_server: StartServer, database_url: str
 ) -> None:

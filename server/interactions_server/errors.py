@@ -10,6 +10,8 @@ Servicer methods are decorated with `rpc_errors` (unary responses) or
 - `Unavailable(message)` → UNAVAILABLE (e.g. the server is shutting down);
 - `AlreadyExists(message)` → ALREADY_EXISTS (an event id reused for other content);
 - `ResourceExhausted(message)` → RESOURCE_EXHAUSTED (no room in the byte budget);
+- `DeadlineExceeded(message)` → DEADLINE_EXCEEDED (our own deadline guard or
+  statement_timeout cancelled the transaction);
 - a database failure that is not the caller's fault (see
   `is_database_unavailable`: classified by asyncpg's exception classes) → UNAVAILABLE;
 - a transaction conflict (deadlock, serialization failure) → ABORTED;
@@ -159,6 +161,10 @@ class AlreadyExists(Exception):
     """The request conflicts with something already stored (ALREADY_EXISTS)."""
 
 
+class DeadlineExceeded(Exception):
+    """The call's deadline passed and its transaction was rolled back (DEADLINE_EXCEEDED)."""
+
+
 class ResourceExhausted(Exception):
     """The server has no room for the call now (RESOURCE_EXHAUSTED); retry later."""
 
@@ -173,6 +179,8 @@ async def abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: s
         await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
     if isinstance(exc, ResourceExhausted):
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, DeadlineExceeded):
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
     if is_database_unavailable(exc):
         # No traceback, and DEBUG only: the health probe logs one WARNING when
         # the database goes away and one INFO when it is back.

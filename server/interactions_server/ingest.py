@@ -22,6 +22,7 @@ from interactions_client.rules import RULES, stored_name
 from interactions_client.v1.event_pb2 import Event, FieldViolation
 from interactions_client.validation import validate
 from interactions_server import db, storage
+from interactions_server.errors import DeadlineExceeded
 from interactions_server.sync import SyncEvent, SyncHandler, build_registry
 
 # Field names of each details payload, read once from the schema.
@@ -32,6 +33,9 @@ _DETAIL_FIELDS: dict[str, tuple[str, ...]] = {
 
 
 CONFLICT_DESCRIPTION = "already used for a different event"
+# A cancelled statement this close to the deadline was cancelled by it
+# (statement_timeout and the deadline guard use the same deadline).
+_DEADLINE_SLACK = 0.05
 
 
 def fingerprint(event: Event) -> int:
@@ -137,16 +141,12 @@ class Ingestor:
         # statements check the deadline in PostgreSQL (also after a freeze)
         # and are bounded by a statement_timeout.
         deadline = None if time_limit is None else now + time_limit
-        if not syncing:
-            # One statement is its own transaction: no BEGIN / COMMIT round trips.
-            async with db.acquire(self._pool) as conn:
-                inserted = await storage.insert_events(conn, rows, deadline)
-        else:
-            async with db.transaction(self._pool, time_limit) as conn:
-                inserted = await storage.insert_events(conn, rows, deadline)
-                await self._sync_new(conn, syncing, inserted.new)
-                if deadline is not None:
-                    await storage.check_deadline(conn, deadline)  # just before COMMIT
+        try:
+            inserted = await self._insert(rows, syncing, time_limit, deadline)
+        except asyncpg.exceptions.QueryCanceledError as exc:
+            if deadline is not None and time.time() >= deadline - _DEADLINE_SLACK:
+                raise DeadlineExceeded("the call's deadline passed; nothing was written") from exc
+            raise
 
         for key, i in row_index.items():
             if key in inserted.conflicting:
@@ -162,6 +162,24 @@ class Ingestor:
         result.duplicate_count = sum(result.duplicate)
         result.accepted_count = len(inserted.new)
         return result
+
+    async def _insert(
+        self,
+        rows: Sequence[storage.EventRow],
+        syncing: dict[int, list[SyncEvent]],
+        time_limit: float | None,
+        deadline: float | None,
+    ) -> storage.InsertOutcome:
+        if not syncing:
+            # One statement is its own transaction: no BEGIN / COMMIT round trips.
+            async with db.acquire(self._pool) as conn:
+                return await storage.insert_events(conn, rows, deadline)
+        async with db.transaction(self._pool, time_limit) as conn:
+            inserted = await storage.insert_events(conn, rows, deadline)
+            await self._sync_new(conn, syncing, inserted.new)
+            if deadline is not None:
+                await storage.check_deadline(conn, deadline)  # just before COMMIT
+        return inserted
 
     def _sync_events(
         self, rows: Sequence[storage.EventRow], events: Sequence[Event], row_index: dict[tuple[str, str], int]

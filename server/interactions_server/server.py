@@ -21,6 +21,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from interactions_client.v1 import interaction_service_pb2, user_state_service_pb2
 from interactions_server import db, migrate, service, user_state
 from interactions_server.budget import DEFAULT_MAX_INFLIGHT_BYTES, ByteBudget
+from interactions_server.concurrency import ConcurrencyLimit
 from interactions_server.embedded_db import EmbeddedPostgres
 from interactions_server.errors import is_database_unavailable, lenient_parser
 from interactions_server.group_commit import GroupCommitter
@@ -171,7 +172,8 @@ class App:
             budget=ByteBudget(config.max_inflight_bytes),
         )
 
-        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        limit = [] if config.max_concurrent_rpcs is None else [ConcurrencyLimit(config.max_concurrent_rpcs)]
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=limit)
         add_servicer(
             server, self._interactions, interaction_service_pb2.DESCRIPTOR.services_by_name["InteractionService"]
         )
