@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 import uuid
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -456,3 +457,37 @@ async def test_malformed_health_and_reflection_requests_are_invalid_argument_wit
             await call  # type: ignore[misc]
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+# --- bounds in the schema ---------------------------------------------------------
+
+
+async def test_list_event_types_returns_the_bounds_limits_reads(
+    server: App, interaction_stub: InteractionServiceStub
+) -> None:
+    response = await interaction_stub.ListEventTypes(pb.ListEventTypesRequest())
+    assert response.bounds == limits.BOUNDS
+    assert (response.bounds.max_batch_events, response.bounds.max_id_length) == (
+        limits.MAX_BATCH_EVENTS,
+        limits.MAX_ID_LENGTH,
+    )
+
+
+def test_the_readme_bounds_table_matches_the_schema() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("| field | bound |\n|---|---|\n", 1)[1].split("\n\n", 1)[0]
+    rows = dict(line.strip("|").split(" | ", 1) for line in table.splitlines())
+    b = limits.BOUNDS
+    expected = {
+        "`user_id`, `product_id`, `session_id`": f"non-blank, ≤ {b.max_id_length:,} characters, no NUL",
+        "quantities (`event_value` of cart types, `cart_action.quantity`)": f"≤ {b.max_quantity:,}",
+        "`occurred_at`": f"not before 1970, at most {b.max_future_seconds // 60} minutes in the future; "
+        "the server's receive time when absent",
+        "`search.query`": f"required and non-blank for search, ≤ {b.max_query_length:,} characters",
+        "`page_view.page_path`, `page_view.referrer`": f"≤ {b.max_url_length:,} characters",
+        "`product_name`, `action`": f"≤ {b.max_text_length:,} characters",
+        "`attributes`": f"≤ {b.max_attributes} entries, key ≤ {b.max_attribute_key_length}, "
+        f"value ≤ {b.max_attribute_value_length:,} characters",
+        "a batch (`LogEvents`, one `StreamEvents` request)": f"≤ {b.max_batch_events:,} events",
+    }
+    assert {k.strip(): v.strip() for k, v in rows.items() if k.strip() in expected} == expected

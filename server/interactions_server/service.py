@@ -50,7 +50,8 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
             event_types=[
                 pb.EventTypeInfo(event_type=cast("EventType.ValueType", r.event_type), name=r.name, rule=r.proto)
                 for r in RULES.values()
-            ]
+            ],
+            bounds=limits.BOUNDS,
         )
 
     def drain(self) -> None:
