@@ -152,6 +152,10 @@ async def abandon_stream(stub: InteractionServiceStub, events: list[Event], ledg
         else:
             ledger.answered(code)
         DETAILS.setdefault(f"stream {code}", error.details() or "")
+    except asyncio.InvalidStateError:  # the server ended the call (refused it) before a write: its status
+        code = (await call.code()).name
+        DETAILS.setdefault(f"stream {code}", await call.details() or "")
+        ledger.answered(code)
     finally:
         call.cancel()
     return code
