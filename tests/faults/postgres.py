@@ -7,6 +7,7 @@ the test can terminate the server's backends, restart PostgreSQL, and freeze
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -37,17 +38,23 @@ class OwnPostgres:
         info = self._server.get_postmaster_info()
         self.socket_path: Path = info.socket_path  # the unix socket the server listens on (no TCP)
 
-    async def create_database(self, **settings: str) -> None:
-        """Creates the `faults` database; `settings` go to ALTER SYSTEM, then a restart applies them."""
+    async def create_database(self) -> None:
+        """Creates the `faults` database (empty: the server migrates it)."""
         connection = await asyncpg.connect(self.admin_url)
         try:
             await connection.execute(f'CREATE DATABASE "{DATABASE}"')
+        finally:
+            await connection.close()
+
+    async def configure(self, **settings: str) -> None:
+        """ALTER SYSTEM SET each setting, then a restart applies them (call before the server starts)."""
+        connection = await asyncpg.connect(self.admin_url)
+        try:
             for name, value in settings.items():
                 await connection.execute(f"ALTER SYSTEM SET {name} = '{value}'")
         finally:
             await connection.close()
-        if settings:
-            self.restart()
+        await asyncio.to_thread(self.restart)
 
     @property
     def postmaster(self) -> psutil.Process:

@@ -81,8 +81,7 @@ async def call(stub: InteractionServiceStub, events: list[Event], seconds: float
 async def test_frozen_database_rolls_back_calls_past_their_deadline(
     start_app: StartApp, tracebacks: TracebackCatcher, postgres: OwnPostgres
 ) -> None:
-    # The `postgres` fixture made the database; commit timestamps need a restart.
-    await postgres_with_commit_timestamps(postgres)
+    await postgres.configure(track_commit_timestamp="on")  # when each event committed, for the checks
     app = await start_app(postgres.url)
     rnd = random.Random(3)
     pool = (event for _ in itertools.count() for event in make_events(1_000, rnd, users=100))  # endless
@@ -164,15 +163,6 @@ async def test_frozen_database_rolls_back_calls_past_their_deadline(
     assert long_codes == [OK] * LONG_CALLERS, f"callers with a deadline longer than the freeze failed: {long_codes}"
     await check_log_and_state(postgres.url, ledger, all_acknowledged=True)
     assert not tracebacks.records, f"tracebacks logged: {tracebacks.summary()}"
-
-
-async def postgres_with_commit_timestamps(postgres: OwnPostgres) -> None:
-    connection = await asyncpg.connect(postgres.admin_url)
-    try:
-        await connection.execute("ALTER SYSTEM SET track_commit_timestamp = on")
-    finally:
-        await connection.close()
-    await asyncio.to_thread(postgres.restart)
 
 
 async def commit_times(database_url: str, events: list[Event]) -> dict[tuple[str, str], float]:
