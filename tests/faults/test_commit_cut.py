@@ -83,7 +83,7 @@ async def test_connections_cut_after_commit(
     async with grpc.aio.insecure_channel(app.address, options=RAW_CHANNEL_OPTIONS) as channel:
         stub = InteractionServiceStub(channel)
 
-        proxy.arm(CUTS, every=3)  # unary: 64 callers (group commit)
+        proxy.arm(CUTS, every=2)  # unary: 64 callers (group commit: batches of up to 64 events, each one COMMIT)
         await unary_load(stub, make_events(1_500, rnd, prefix="u"), ledger, callers=64, progress=lambda: None)
         assert proxy.cuts_done == CUTS, "the unary phase must have cut every time"
 
