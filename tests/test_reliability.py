@@ -20,7 +20,7 @@ from interactions_client.v1 import user_state_service_pb2 as state_pb
 from interactions_client.v1.event_pb2 import Event, EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
 from interactions_client.v1.user_state_service_pb2_grpc import UserStateServiceStub
-from interactions_server import db
+from interactions_server import db, service
 from interactions_server.budget import ByteBudget
 from interactions_server.errors import is_conflict, is_database_unavailable
 from interactions_server.ingest import fingerprint
@@ -328,6 +328,20 @@ async def test_a_stream_reads_no_further_batch_while_the_budget_is_full(
         await call.done_writing()
         answers = [answer async for answer in call]
         assert [a.sequence for a in answers] == [0, 1, 2]
+
+
+async def test_streams_whose_senders_are_idle_hold_no_budget(start_server: StartServer) -> None:
+    app = await start_server(max_inflight_bytes=100_000)
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        stub = InteractionServiceStub(channel)
+        idle = [stub.StreamEvents() for _ in range(6)]  # each first reserves a quarter of the budget
+        for call in idle:
+            await call.wait_for_connection()
+        await asyncio.sleep(service.IDLE_RESERVATION_SECONDS + 0.3)
+        response = await stub.LogEvents(pb.LogEventsRequest(events=[_cart_event("u1", 1)]), timeout=5)
+        assert response.accepted_count == 1
+        for call in idle:
+            call.cancel()
 
 
 async def test_byte_budget_grants_in_order_and_lets_an_oversized_request_through_alone() -> None:

@@ -1,11 +1,19 @@
 """A server-wide budget of request bytes in flight (--max-inflight-bytes).
 
-Every batch holds its bytes from when it is read until it is answered. A
-stream reserves room before it reads its next batch: while there is none it
-does not read, so gRPC stops granting HTTP/2 flow-control window and the
-sender is pushed back. A unary call (already read by gRPC) waits briefly
-for room and is otherwise refused with RESOURCE_EXHAUSTED, so that its
-bytes are let go at once.
+Every batch holds its bytes from when it is read until it is written. A
+request counts as the memory it takes while it is written, not its size on
+the wire: gRPC's receive buffer and the deserializer's copy, the parsed
+message, the rows built from it and the database driver's buffer are each
+about as large (measured: 12 batches of 14.2 MB in flight took the server
+from 45 to 665 MiB RSS, about 3.6 times their wire size), so it is charged
+FOOTPRINT_FACTOR times its size.
+
+A stream reserves room before it reads its next batch: while there is none
+it does not read, so gRPC stops granting HTTP/2 flow-control window (the
+server disables BDP probing so that windows stay small) and the sender is
+pushed back. A unary call (already read by gRPC) waits briefly for room and
+is otherwise refused with RESOURCE_EXHAUSTED, so that its bytes are let go
+at once.
 """
 
 from __future__ import annotations
@@ -15,11 +23,19 @@ import collections
 import contextlib
 from collections.abc import AsyncIterator
 
+from google.protobuf.message import Message
+
 from interactions_server.errors import ResourceExhausted
 
 DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 UNARY_WAIT_SECONDS = 0.5  # how long a unary call waits for room before RESOURCE_EXHAUSTED
+FOOTPRINT_FACTOR = 4
 BUDGET_EXHAUSTED = "the server has too many request bytes in flight; retry later"
+
+
+def footprint(request: Message) -> int:
+    """The bytes a request is charged to the budget."""
+    return FOOTPRINT_FACTOR * request.ByteSize()
 
 
 class ByteBudget:

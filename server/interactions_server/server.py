@@ -19,7 +19,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 
 from interactions_client.v1 import interaction_service_pb2, user_state_service_pb2
-from interactions_server import db, migrate, service, user_state
+from interactions_server import db, malloc, migrate, service, user_state
 from interactions_server.budget import DEFAULT_MAX_INFLIGHT_BYTES, ByteBudget
 from interactions_server.concurrency import ConcurrencyLimit
 from interactions_server.embedded_db import EmbeddedPostgres
@@ -50,6 +50,10 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     *KEEPALIVE_OPTIONS,
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Flow-control windows stay at their initial size instead of growing
+    # with the bandwidth-delay estimate: a stream that is not reading (byte
+    # budget full) then has little more than one window buffered in gRPC.
+    ("grpc.http2.bdp_probe", 0),
     ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
 )
 
@@ -153,6 +157,7 @@ class App:
             self.database_url = await asyncio.to_thread(self._embedded.start)  # logs where
         dsn = self.database_url
         db.quiet_pool_logs()
+        malloc.tune()
         await self._migrate(dsn)
         # Connections that die with the database are dropped and replaced by
         # the pool on the next acquire, so the pool survives a restart.
