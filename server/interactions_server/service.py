@@ -163,8 +163,7 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
                 self._budget.release(held)
                 return
             size = footprint(request)
-            estimate = held
-            self._budget.adjust(size - estimate)
+            self._budget.adjust(size - held)
             estimate = max(size, 1)
             try:
                 _check_batch_size(request.events, sequence=request.sequence)
