@@ -25,9 +25,10 @@ from interactions_server import db, storage
 from interactions_server.errors import DeadlineExceeded
 from interactions_server.sync import SyncEvent, SyncHandler, build_registry
 
-# Field names of each details payload, read once from the schema.
-_DETAIL_FIELDS: dict[str, tuple[str, ...]] = {
-    f.name: tuple(sub.name for sub in f.message_type.fields)  # type: ignore[union-attr]
+# Field names of each details payload, read once from the schema, with
+# whether the field tracks presence (an unset `optional` field is not stored).
+_DETAIL_FIELDS: dict[str, tuple[tuple[str, bool], ...]] = {
+    f.name: tuple((sub.name, sub.has_presence) for sub in f.message_type.fields)  # type: ignore[union-attr]
     for f in Event.DESCRIPTOR.oneofs_by_name["details"].fields
 }
 
@@ -81,7 +82,14 @@ def _row(event: Event, event_id: str, received_us: int, print_: int) -> storage.
     details = None
     if member is not None:
         payload = getattr(event, member)
-        details = json.dumps({member: {name: getattr(payload, name) for name in _DETAIL_FIELDS[member]}})
+        fields = _DETAIL_FIELDS[member]
+        details = json.dumps(
+            {
+                member: {
+                    name: getattr(payload, name) for name, presence in fields if not presence or payload.HasField(name)
+                }
+            }
+        )
     return (
         event.user_id,
         event_id,
