@@ -43,6 +43,13 @@ RESEND_CODES = frozenset(
     }
 )
 FORBIDDEN_CODES = ("INTERNAL", "UNKNOWN")
+# grpc.aio's own status for a call whose send failed in the client (the server
+# had already ended the call): it replaces the server's status with INTERNAL
+# "Internal error from Core". Not the server's answer; tallied under its own
+# name. An INTERNAL the server sends carries the server's message, and its
+# traceback-free ERROR log line is caught by the log checks.
+CLIENT_WRITE_FAILED = "Internal error from Core"
+CLIENT_SIDE = "client-side: write after the server ended the call"
 
 # Channel options for the test's callers: no client-side retries (every
 # answer is seen and tallied), fast reconnects after a server restart.
@@ -63,6 +70,7 @@ class Ledger:
     sent: dict[Key, Event] = field(default_factory=dict)
     acknowledged: set[Key] = field(default_factory=set)
     codes: Counter[str] = field(default_factory=Counter)  # status code name of every answer, OK included
+    details: dict[str, str] = field(default_factory=dict)  # the first status message seen per code
     resends: int = 0  # events sent again after a failed call or a broken stream
     duplicates: int = 0  # events answered "duplicate"
 
@@ -70,15 +78,21 @@ class Ledger:
         for event in events:
             self.sent[key(event)] = event
 
-    def answered(self, code: grpc.StatusCode | str) -> None:
-        self.codes[code if isinstance(code, str) else code.name] += 1
+    def answered(self, code: grpc.StatusCode | str, details: str | None = None) -> None:
+        name = code if isinstance(code, str) else code.name
+        if name == "INTERNAL" and details == CLIENT_WRITE_FAILED:
+            name = CLIENT_SIDE
+        self.codes[name] += 1
+        if details is not None:
+            self.details.setdefault(name, details)
 
     def acknowledge(self, event: Event, duplicate: bool) -> None:
         self.acknowledged.add(key(event))
         self.duplicates += duplicate
 
-    def forbidden(self) -> dict[str, int]:
-        return {code: self.codes[code] for code in FORBIDDEN_CODES if self.codes[code]}
+    def forbidden(self) -> dict[str, str]:
+        """The INTERNAL / UNKNOWN answers: their count and first message."""
+        return {code: f"{self.codes[code]}: {self.details.get(code)}" for code in FORBIDDEN_CODES if self.codes[code]}
 
     def figures(self) -> str:
         codes = ", ".join(f"{code} {count}" for code, count in self.codes.most_common())
@@ -151,7 +165,7 @@ async def log_until_acknowledged(
         try:
             response = await stub.LogEvent(pb.LogEventRequest(event=event), timeout=deadline)
         except grpc.aio.AioRpcError as error:
-            ledger.answered(error.code())
+            ledger.answered(error.code(), error.details())
             if error.code() not in RESEND_CODES or loop.time() > stop:
                 raise AssertionError(f"LogEvent {event.event_id}: {error.code().name} {error.details()}") from error
             ledger.resends += 1
@@ -195,7 +209,7 @@ class RecordingCall:
             response = await self._call.read()
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.CANCELLED:  # CANCELLED: the streamer itself cancelled
-                self._ledger.answered(error.code())
+                self._ledger.answered(error.code(), error.details())
             raise
         if response is grpc.aio.EOF:
             self._ledger.answered(OK)

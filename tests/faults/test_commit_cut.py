@@ -58,7 +58,7 @@ async def log_batches_until_acknowledged(stub: InteractionServiceStub, events: l
             try:
                 response = await stub.LogEvents(pb.LogEventsRequest(events=batch), timeout=10)
             except grpc.aio.AioRpcError as error:
-                ledger.answered(error.code())
+                ledger.answered(error.code(), error.details())
                 assert error.code() in RESEND_CODES, f"LogEvents: {error.code().name} {error.details()}"
                 ledger.resends += len(batch)
                 await asyncio.sleep(0.05)
