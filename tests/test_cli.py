@@ -80,10 +80,13 @@ async def test_log_and_read_back(server: App) -> None:
     search = ["log", *target, "--type", "search", "--user", "u1", "--query", "laptop", "--event-id", event_id]
     search += ["--occurred-at", "2026-03-01T10:00:00+01:00"]
     assert (await cli(*search, "--attr", "page=2", "--attr", "ab=x=y")).status == 0
-    again = await cli(*search)
+    again = await cli(*search, "--attr", "page=2", "--attr", "ab=x=y")
     assert (again.status, again.stdout.strip()) == (0, f"duplicate {event_id}")
+    # The same id with other content (here: without the attributes) is refused.
+    assert (await cli(*search)).status != 0
     untimed = ["log", *target, "--type", "login", "--user", "u1", "--event-id", str(uuid.uuid4())]
     assert (await cli(*untimed)).stdout.startswith("logged")
+    # Without --occurred-at the time is left to the server: absent both times, the same content.
     assert (await cli(*untimed)).stdout.startswith("duplicate")
     page = ("--type", "page_view", "--user", "u1", "--session", "s1", "--page-path", "/deals")
     assert (await cli("log", *target, *page)).status == 0

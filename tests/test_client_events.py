@@ -191,7 +191,7 @@ def test_channel_defaults() -> None:
     }
     assert options["grpc.enable_retries"] == 1
     (method_config,) = json.loads(options["grpc.service_config"])["methodConfig"]
-    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "ABORTED", "CANCELLED"]
     assert {"service": "interactions.v1.InteractionService", "method": "LogEvent"} in method_config["name"]
     # StreamEvents is not retried by the channel: the streamer resends itself.
     assert all(n.get("method") != "StreamEvents" for n in method_config["name"])

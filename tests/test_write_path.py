@@ -191,7 +191,7 @@ async def test_a_resend_without_occurred_at_is_still_a_duplicate(
     assert await server.pool.fetchval("SELECT count(*) FROM events") == 1
 
 
-async def test_the_same_event_id_with_another_time_is_still_a_duplicate(
+async def test_the_same_event_id_with_another_time_is_a_conflict_not_a_second_copy(
     interaction_stub: InteractionServiceStub, server: App
 ) -> None:
     first = event("add_to_cart", value=2, at=1)
@@ -199,7 +199,8 @@ async def test_the_same_event_id_with_another_time_is_still_a_duplicate(
     moved.CopyFrom(first)
     moved.occurred_at.FromDatetime(datetime(2020, 5, 1, tzinfo=UTC))  # another month, another partition
     await log(interaction_stub, first)
-    assert (await log(interaction_stub, moved)).duplicate_count == 1
+    response = await interaction_stub.LogEvents(pb.LogEventsRequest(events=[moved]))
+    assert (response.duplicate_count, [r.violations[0].field for r in response.rejected]) == (0, ["event_id"])
     assert await server.pool.fetchval("SELECT count(*) FROM events") == 1
 
 

@@ -82,6 +82,24 @@ class PermissionDeniedError(InteractionsError):
     """The token is valid but lacks the scope the RPC needs."""
 
 
+class ConflictError(InteractionsError):
+    """ABORTED: the write conflicted with a concurrent one and was rolled back
+    (the channel already retried it). Safe to retry."""
+
+    retryable = True
+
+
+class OverloadedError(InteractionsError):
+    """RESOURCE_EXHAUSTED: the server has no room for the call now. Retry later, with backoff."""
+
+    retryable = True
+
+
+class EventIdReusedError(InteractionsError):
+    """ALREADY_EXISTS: the event's (user_id, event_id) was already logged with
+    different content. Not retryable: give the event its own event_id."""
+
+
 class DeliveryFailedError(InteractionsError):
     """The bulk streamer gave up: the events it reports as failed were not confirmed.
     They may have been committed; resending them is safe (event_id deduplicates)."""
@@ -98,6 +116,9 @@ _BY_CODE: dict[grpc.StatusCode, type[InteractionsError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.ABORTED: ConflictError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
+    grpc.StatusCode.ALREADY_EXISTS: EventIdReusedError,
 }
 
 

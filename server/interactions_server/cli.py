@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from interactions_server import logs, metrics, migrate, supervisor
+from interactions_server.budget import DEFAULT_MAX_INFLIGHT_BYTES
+from interactions_server.config import DEFAULT_MAX_CONCURRENT_RPCS
 from interactions_server.database import migrate_when_reachable
 from interactions_server.embedded_db import EmbeddedPostgres
 from interactions_server.errors import is_database_unavailable
@@ -169,6 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight calls get to finish on SIGTERM (env INTERACTIONS_SHUTDOWN_GRACE; default %(default)s)",
     )
     _add_security_options(parser)
+    parser.add_argument(
+        "--max-inflight-bytes",
+        type=int,
+        default=int(env("INTERACTIONS_MAX_INFLIGHT_BYTES", str(DEFAULT_MAX_INFLIGHT_BYTES))),
+        help="request bytes all calls may hold at once; streams wait, unary calls get RESOURCE_EXHAUSTED "
+        "(env INTERACTIONS_MAX_INFLIGHT_BYTES; default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=int(env("INTERACTIONS_MAX_CONCURRENT_RPCS", str(DEFAULT_MAX_CONCURRENT_RPCS))),
+        help="calls served at once; the excess gets RESOURCE_EXHAUSTED "
+        "(env INTERACTIONS_MAX_CONCURRENT_RPCS; default %(default)s)",
+    )
     return parser
 
 
@@ -228,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls_client_ca=args.tls_client_ca,
         auth_tokens=args.auth_tokens,
         reflection=args.reflection,
+        max_inflight_bytes=args.max_inflight_bytes,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
     )
     try:
         if args.command == "migrate":

@@ -6,9 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from interactions_server.budget import DEFAULT_MAX_INFLIGHT_BYTES
 from interactions_server.service import DEFAULT_BATCHES_IN_FLIGHT
 
 ASYNCPG_STATEMENT_CACHE_SIZE = 100  # asyncpg's default
+DEFAULT_MAX_CONCURRENT_RPCS = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +26,8 @@ class ServerConfig:
     pool_max_size: int = 10
     analytics_pool_max_size: int = 3  # exports and window queries: never the connections ingest needs
     batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT  # per stream
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES  # request bytes held by all calls at once
+    max_concurrent_rpcs: int | None = DEFAULT_MAX_CONCURRENT_RPCS  # the excess gets RESOURCE_EXHAUSTED
     # asyncpg's prepared-statement cache per connection; 0 for pgbouncer in
     # transaction mode, where a connection's statements do not follow it.
     statement_cache_size: int = ASYNCPG_STATEMENT_CACHE_SIZE

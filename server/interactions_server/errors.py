@@ -9,7 +9,12 @@ Servicer methods simply raise; the server's StatusInterceptor
   INVALID_ARGUMENT, where gRPC itself would answer UNKNOWN;
 - `Unavailable(message)` → UNAVAILABLE (e.g. the server is shutting down);
 - `NotFound(message)` → NOT_FOUND;
-- a database-unreachable error (see `is_database_unavailable`) → UNAVAILABLE;
+- `AlreadyExists(message)` → ALREADY_EXISTS (an event id reused for other content);
+- `ResourceExhausted(message)` → RESOURCE_EXHAUSTED (no room in the byte budget);
+- `DeadlineExceeded(message)` → DEADLINE_EXCEEDED (our own deadline guard or
+  statement_timeout cancelled the transaction);
+- a database failure that is not the caller's fault (see
+  `is_database_unavailable`: classified by asyncpg's exception classes) → UNAVAILABLE;
 - a transaction conflict (deadlock, serialization failure) → ABORTED;
 - anything else → INTERNAL with a generic message; the traceback is logged
   here and never sent to the caller.
@@ -37,11 +42,32 @@ INTERNAL_MESSAGE = "internal error"
 CONFLICT_MESSAGE = "transaction conflict; retry"
 _MAX_MESSAGE_LENGTH = 300
 
-# SQLSTATEs that mean "the database cannot serve right now" rather than "this
-# request is wrong": connection exceptions (class 08), shutdowns and start-up
-# (57P01-57P03), statement timeout / cancel (57014), too many connections (53300).
-_UNAVAILABLE_SQLSTATE_CLASSES = frozenset({"08"})
-_UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57014", "53300"})
+# asyncpg's exception classes for "the database cannot serve this call now"
+# rather than "this request is wrong" (never message text):
+# - the connection broke or was refused (OSError, TimeoutError, class 08),
+#   or died mid-operation (InterfaceError, InternalClientError: "cannot
+#   switch to state ..."), except the client-side argument errors below;
+# - operator intervention (57: admin/crash shutdown, cannot connect now, and
+#   a statement cancelled by our own deadline-derived statement_timeout);
+# - insufficient resources (53), system errors (58), an idle transaction
+#   timed out (25P03).
+_UNAVAILABLE_CLASSES: tuple[type[BaseException], ...] = (
+    OSError,  # includes TimeoutError (pool acquire and connect timeouts)
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.PostgresSystemError,
+    asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
+)
+# InterfaceErrors about the arguments we passed, not the connection: bugs.
+_NOT_UNAVAILABLE_CLASSES: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DataError,  # an argument could not be encoded
+    asyncpg.exceptions.ClientConfigurationError,
+    asyncpg.exceptions.UnsupportedClientFeatureError,
+    asyncpg.exceptions.OutdatedSchemaCacheError,
+)
 
 
 class InvalidArgument(Exception):
@@ -114,24 +140,26 @@ def is_database_unavailable(exc: BaseException) -> bool:
     as opposed to a bug or a bad request."""
     if isinstance(exc, BaseExceptionGroup):
         return any(is_database_unavailable(e) for e in exc.exceptions)
-    # OSError covers refused/reset connections, a missing unix socket and
-    # TimeoutError (pool acquire and connect timeouts).
-    if isinstance(exc, OSError | asyncpg.PostgresConnectionError):
-        return True
-    if isinstance(exc, asyncpg.PostgresError):
-        sqlstate = getattr(exc, "sqlstate", None) or ""
-        return sqlstate in _UNAVAILABLE_SQLSTATES or sqlstate[:2] in _UNAVAILABLE_SQLSTATE_CLASSES
-    if isinstance(exc, asyncpg.InterfaceError):
-        # Only a closed pool or connection; other InterfaceErrors are misuse (bugs).
-        text = str(exc)
-        return "closed" in text or "closing" in text
-    return False
+    return isinstance(exc, _UNAVAILABLE_CLASSES) and not isinstance(exc, _NOT_UNAVAILABLE_CLASSES)
 
 
-def _is_conflict(exc: BaseException) -> bool:
+def is_conflict(exc: BaseException) -> bool:
+    """A transaction conflict (deadlock, serialization failure): retry the call."""
     if isinstance(exc, BaseExceptionGroup):
-        return any(_is_conflict(e) for e in exc.exceptions)
-    return isinstance(exc, asyncpg.exceptions.TransactionRollbackError)
+        return any(is_conflict(e) for e in exc.exceptions)
+    return isinstance(exc, asyncpg.exceptions.TransactionRollbackError | asyncpg.exceptions.LockNotAvailableError)
+
+
+class AlreadyExists(Exception):
+    """The request conflicts with something already stored (ALREADY_EXISTS)."""
+
+
+class DeadlineExceeded(Exception):
+    """The call's deadline passed and its transaction was rolled back (DEADLINE_EXCEEDED)."""
+
+
+class ResourceExhausted(Exception):
+    """The server has no room for the call now (RESOURCE_EXHAUSTED); retry later."""
 
 
 async def abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> NoReturn:
@@ -142,10 +170,18 @@ async def abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: s
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, NotFound):
         await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+    if isinstance(exc, AlreadyExists):
+        await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+    if isinstance(exc, ResourceExhausted):
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, DeadlineExceeded):
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
     if is_database_unavailable(exc):
-        _log.warning("%s: database unavailable: %s", method, _short(exc))
+        # No traceback, and DEBUG only: the health probe logs one WARNING when
+        # the database goes away and one INFO when it is back.
+        _log.debug("%s: database unavailable: %s", method, _short(exc))
         await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_UNAVAILABLE_MESSAGE)
-    if _is_conflict(exc):
+    if is_conflict(exc):
         _log.warning("%s: transaction conflict: %s", method, _short(exc))
         await context.abort(grpc.StatusCode.ABORTED, CONFLICT_MESSAGE)
     _log.error("%s failed", method, exc_info=exc)

@@ -5,6 +5,12 @@ slot is free and writes it as one batch, so batching grows with load and an
 idle server adds no delay. Each caller is answered after its batch commits,
 with its own result: a rejected event fails only its own call, and a database
 error fails the calls of that batch only.
+
+Each call brings its deadline: a call whose deadline passed before its batch
+starts is left out, and the batch's statements are bounded by the latest
+deadline among its callers, so that one impatient caller cannot fail the
+others (a caller that gives up earlier is answered DEADLINE_EXCEEDED by gRPC;
+its event may still commit with the batch, and its resend is a duplicate).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from interactions_client.limits import MAX_BATCH_EVENTS
 from interactions_client.v1.event_pb2 import Event, FieldViolation
@@ -24,9 +31,13 @@ class Outcome:
     event_id: str
     duplicate: bool
     violations: list[FieldViolation]
+    conflict: bool = False  # the event_id was already used for a different event
 
 
-_Pending = tuple[Event, "asyncio.Future[Outcome]"]
+class _Pending(NamedTuple):
+    event: Event
+    future: asyncio.Future[Outcome]
+    deadline: float | None  # loop time; None: the caller set no deadline
 
 
 class GroupCommitter:
@@ -41,9 +52,11 @@ class GroupCommitter:
     def start(self) -> None:
         self._collector = asyncio.create_task(self._collect(), name="group-commit")
 
-    async def submit(self, event: Event) -> Outcome:
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        await self._queue.put((event, future))
+    async def submit(self, event: Event, time_limit: float | None = None) -> Outcome:
+        """Writes `event` with a batch; `time_limit`: the caller's remaining deadline in seconds."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outcome] = loop.create_future()
+        await self._queue.put(_Pending(event, future, None if time_limit is None else loop.time() + time_limit))
         metrics.group_commit_queued(1)
         return await future
 
@@ -67,19 +80,41 @@ class GroupCommitter:
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
 
-    async def _write(self, batch: list[_Pending]) -> None:
+    async def _write(self, queued: list[_Pending]) -> None:
+        now = asyncio.get_running_loop().time()
+        # Callers gone (cancelled: their deadline passed) are left out.
+        batch: list[_Pending] = []
+        for p in queued:
+            if p.future.done():
+                continue
+            if p.deadline is not None and p.deadline <= now:
+                p.future.set_exception(TimeoutError("the call's deadline passed before its batch started"))
+            else:
+                batch.append(p)
+        deadlines = [p.deadline for p in batch]
+        timeout = None if None in deadlines else max(d - now for d in deadlines if d is not None)
         try:
-            result = await self._ingestor.write([event for event, _ in batch])
+            result = await self._ingestor.write([p.event for p in batch], timeout) if batch else None
         except Exception as exc:  # every caller of the batch gets the failure
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
             return
         finally:
             self._slots.release()
-            for _ in batch:
+            for _ in queued:
                 self._queue.task_done()
-        violations = {r.index: r.violations for r in result.rejected}
-        for i, (_, future) in enumerate(batch):
-            if not future.done():  # the caller may have gone (cancelled)
-                future.set_result(Outcome(result.event_ids[i], result.duplicate[i], violations.get(i, [])))
+        if result is None:
+            return
+        rejected = {r.index: r for r in result.rejected}
+        for i, p in enumerate(batch):
+            if not p.future.done():  # the caller may have gone (cancelled)
+                rejection = rejected.get(i)
+                p.future.set_result(
+                    Outcome(
+                        result.event_ids[i],
+                        result.duplicate[i],
+                        [] if rejection is None else rejection.violations,
+                        conflict=rejection is not None and rejection.conflict,
+                    )
+                )

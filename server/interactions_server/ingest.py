@@ -8,6 +8,7 @@ transaction, so a duplicate is harmless and an acknowledgement means committed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -21,8 +22,9 @@ import asyncpg
 from interactions_client.rules import RULES, stored_name
 from interactions_client.v1.event_pb2 import Event, FieldViolation
 from interactions_client.validation import validate
-from interactions_server import metrics, storage
+from interactions_server import db, metrics, storage
 from interactions_server.auth import event_type_violation
+from interactions_server.errors import DeadlineExceeded
 from interactions_server.sync import SyncEvent, SyncHandler, build_registry
 
 # Field names of each details payload, read once from the schema.
@@ -33,11 +35,33 @@ _DETAIL_FIELDS: dict[str, tuple[tuple[str, bool], ...]] = {
 }
 
 
+CONFLICT_DESCRIPTION = "already used for a different event"
+# A cancelled statement this close to the deadline was cancelled by it
+# (statement_timeout and the deadline guard use the same deadline).
+_DEADLINE_SLACK = 0.05
+
+
+def fingerprint(event: Event) -> int:
+    """A 64-bit digest of the event's content as the client sent it (absent
+    fields stay absent; what the server fills in is not part of it).
+    Deterministic serialization orders the attributes map."""
+    if event.event_id != event.event_id.lower():  # the key is the lowercase id
+        event = Event.FromString(event.SerializeToString())
+        event.event_id = event.event_id.lower()
+    digest = hashlib.blake2b(event.SerializeToString(deterministic=True), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def conflict_violation() -> FieldViolation:
+    return FieldViolation(field="event_id", description=CONFLICT_DESCRIPTION)
+
+
 @dataclass(slots=True)
 class Rejection:
     index: int
     event_id: str
     violations: list[FieldViolation]
+    conflict: bool = False  # the event_id was already used for a different event
 
 
 @dataclass(slots=True)
@@ -51,7 +75,7 @@ class BatchResult:
     duplicate_count: int = 0
 
 
-def _row(event: Event, event_id: str, received_us: int) -> storage.EventRow:
+def _row(event: Event, event_id: str, received_us: int, print_: int) -> storage.EventRow:
     rule = RULES[event.event_type]
     ts = event.occurred_at
     occurred_us = ts.seconds * 1_000_000 + ts.nanos // 1_000 if event.HasField("occurred_at") else received_us
@@ -80,6 +104,7 @@ def _row(event: Event, event_id: str, received_us: int) -> storage.EventRow:
         details,
         json.dumps(dict(event.attributes)) if event.attributes else None,
         rule.syncs,
+        print_,
     )
 
 
@@ -91,15 +116,20 @@ class Ingestor:
         self._pool = pool
         self._sync: dict[int, SyncHandler] = build_registry()
 
-    async def write(self, events: Sequence[Event], *, allowed_types: frozenset[str] | None = None) -> BatchResult:
-        """`allowed_types`: the type names the caller's token may log (None: any);
+    async def write(
+        self, events: Sequence[Event], time_limit: float | None = None, *, allowed_types: frozenset[str] | None = None
+    ) -> BatchResult:
+        """Writes the valid events of the batch in one transaction, bounded by
+        `time_limit` seconds per statement (the caller's remaining deadline).
+        `allowed_types`: the type names the caller's token may log (None: any);
         an event of another type is rejected like an invalid one."""
         now = time.time()
         received_us = int(now * 1_000_000)
         result = BatchResult(event_ids=[""] * len(events), duplicate=[False] * len(events))
         rows: list[storage.EventRow] = []
         row_index: dict[tuple[str, str], int] = {}  # first occurrence of each key in the batch
-        repeats: list[int] = []  # later occurrences: duplicates of an earlier event in the batch
+        prints: dict[tuple[str, str], int] = {}  # fingerprint of each key's first occurrence
+        repeats: list[tuple[int, tuple[str, str]]] = []  # later occurrences with the same content
         for i, event in enumerate(events):
             event_id = event.event_id.lower() or str(uuid.uuid4())
             result.event_ids[i] = event_id
@@ -110,34 +140,48 @@ class Ingestor:
                 result.rejected.append(Rejection(i, event.event_id, violations))
                 continue
             key = (event.user_id, event_id)
+            print_ = fingerprint(event)
             if key in row_index:
-                repeats.append(i)
+                if prints[key] == print_:
+                    repeats.append((i, key))
+                else:  # the batch's first event with the key is written, this one refused
+                    result.rejected.append(Rejection(i, event.event_id, [conflict_violation()], conflict=True))
                 continue
             row_index[key] = i
-            rows.append(_row(event, event_id, received_us))
+            prints[key] = print_
+            rows.append(_row(event, event_id, received_us, print_))
         if not rows:
             return result
 
         syncing = self._sync_events(rows, events, row_index)
         started = time.perf_counter()
-        if not syncing:
-            # One statement is its own transaction: no BEGIN / COMMIT round trips.
-            inserted = await storage.insert_events(self._pool, rows)
-        else:
-            async with self._pool.acquire() as conn, conn.transaction():
-                inserted = await storage.insert_events(conn, rows)
-                await self._sync_new(conn, syncing, inserted.new_keys)
+        # A call the client has given up on must not commit later: its
+        # statements check the deadline in PostgreSQL (also after a freeze)
+        # and are bounded by a statement_timeout.
+        deadline = None if time_limit is None else now + time_limit
+        try:
+            inserted = await self._insert(rows, syncing, time_limit, deadline)
+        except asyncpg.exceptions.QueryCanceledError as exc:
+            if deadline is not None and time.time() >= deadline - _DEADLINE_SLACK:
+                raise DeadlineExceeded("the call's deadline passed; nothing was written") from exc
+            raise
         metrics.observe_commit(len(rows), time.perf_counter() - started)
-        new_keys = inserted.new_keys
 
         for key, i in row_index.items():
-            result.duplicate[i] = key not in new_keys
-        for i in repeats:
-            result.duplicate[i] = True
+            if key in inserted.conflicting:
+                result.rejected.append(Rejection(i, events[i].event_id, [conflict_violation()], conflict=True))
+            else:
+                result.duplicate[i] = key not in inserted.new
+        for i, key in repeats:
+            if key in inserted.conflicting:
+                result.rejected.append(Rejection(i, events[i].event_id, [conflict_violation()], conflict=True))
+            else:
+                result.duplicate[i] = True
+        result.rejected.sort(key=lambda r: r.index)
         if inserted.refused:  # events of deleted users, up to their deletion watermark
             self._refuse(result, events, inserted.refused)
         result.duplicate_count = sum(result.duplicate)
-        result.accepted_count = len(new_keys)
+        result.accepted_count = len(inserted.new)
         return result
 
     @staticmethod
@@ -153,6 +197,24 @@ class Ingestor:
                     Rejection(i, event.event_id, [FieldViolation(field="user_id", description=description)])
                 )
         result.rejected.sort(key=lambda r: r.index)
+
+    async def _insert(
+        self,
+        rows: Sequence[storage.EventRow],
+        syncing: dict[int, list[SyncEvent]],
+        time_limit: float | None,
+        deadline: float | None,
+    ) -> storage.InsertOutcome:
+        if not syncing:
+            # One statement is its own transaction: no BEGIN / COMMIT round trips.
+            async with db.acquire(self._pool) as conn:
+                return await storage.insert_events(conn, rows, deadline)
+        async with db.transaction(self._pool, time_limit) as conn:
+            inserted = await storage.insert_events(conn, rows, deadline)
+            await self._sync_new(conn, syncing, inserted.new)
+            if deadline is not None:
+                await storage.check_deadline(conn, deadline)  # just before COMMIT
+        return inserted
 
     def _sync_events(
         self, rows: Sequence[storage.EventRow], events: Sequence[Event], row_index: dict[tuple[str, str], int]

@@ -27,8 +27,6 @@ import asyncpg
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from interactions_client import access
 from interactions_client.v1 import (
@@ -37,15 +35,19 @@ from interactions_client.v1 import (
     interaction_service_pb2,
     user_state_service_pb2,
 )
-from interactions_server import admin, analytics, logs, metrics, service, tls, user_state
+from interactions_server import admin, analytics, db, logs, malloc, metrics, service, tls, user_state
 from interactions_server.auth import TokenAuth, TokensFileError
+from interactions_server.budget import ByteBudget
+from interactions_server.concurrency import ConcurrencyLimit
 from interactions_server.config import ServerConfig
 from interactions_server.database import Database
 from interactions_server.errors import lenient_parser
 from interactions_server.group_commit import GroupCommitter
 from interactions_server.health import DatabaseHealth
 from interactions_server.ingest import Ingestor
+from interactions_server.message_size import MAX_MESSAGE_BYTES
 from interactions_server.metrics_interceptor import MetricsInterceptor
+from interactions_server.probes import add_health_and_reflection
 from interactions_server.startup import StartupError, check_port_free
 from interactions_server.status_interceptor import StatusInterceptor
 
@@ -65,11 +67,15 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),  # tolerate client pings every 10 s
 )
-# A full batch (1,000 events) of large events exceeds gRPC's 4 MiB default.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The largest valid request (message_size.py: 1,000 events at every bound,
+# 4-byte characters): about 225 MiB. The byte budget, not this, bounds memory.
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     *KEEPALIVE_OPTIONS,
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Flow-control windows stay at their initial size instead of growing
+    # with the bandwidth-delay estimate: a stream that is not reading (byte
+    # budget full) then has little more than one window buffered in gRPC.
+    ("grpc.http2.bdp_probe", 0),
     ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
 )
 
@@ -88,6 +94,7 @@ class Parts:
     analytics_pool: asyncpg.Pool  # exports and window queries: never the connections ingest needs
     ingestor: Ingestor
     committer: GroupCommitter
+    budget: ByteBudget  # request bytes held by all calls at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +108,10 @@ SERVICES: tuple[Service, ...] = (
     Service(
         interaction_service_pb2.DESCRIPTOR.services_by_name["InteractionService"],
         lambda parts: service.InteractionService(
-            parts.ingestor, parts.committer, batches_in_flight=parts.config.batches_in_flight
+            parts.ingestor,
+            parts.committer,
+            batches_in_flight=parts.config.batches_in_flight,
+            budget=parts.budget,
         ),
     ),
     Service(
@@ -120,11 +130,13 @@ SERVICES: tuple[Service, ...] = (
 SERVICE_NAMES: tuple[str, ...] = tuple(s.descriptor.full_name for s in SERVICES)
 
 
-def build_interceptors(auth: TokenAuth | None) -> list[grpc.aio.ServerInterceptor]:
+def build_interceptors(config: ServerConfig, auth: TokenAuth | None) -> list[grpc.aio.ServerInterceptor]:
     """The server's interceptors, outermost first: metrics see every status,
-    the token check's refusals included; the token check refuses a call before
-    it reaches the status mapping and the servicer."""
-    return [MetricsInterceptor(), *([auth] if auth is not None else []), StatusInterceptor()]
+    the refusals of the concurrency limit and of the token check included;
+    both refuse a call before it reaches the status mapping and the servicer."""
+    limit = [] if config.max_concurrent_rpcs is None else [ConcurrencyLimit(config.max_concurrent_rpcs)]
+    token_check = [] if auth is None else [auth]
+    return [MetricsInterceptor(), *limit, *token_check, StatusInterceptor()]
 
 
 def required_scopes() -> dict[str, str]:
@@ -229,6 +241,8 @@ class Server:
         self._auth = _token_auth(config)
         if self._auth is not None:
             self._auth.require(scopes)
+        db.quiet_pool_logs()
+        malloc.tune()
         # Connections that die with the database are dropped and replaced by
         # the pool on the next acquire, so the pool survives a restart.
         self._pool = await asyncpg.create_pool(
@@ -257,16 +271,16 @@ class Server:
         ingestor = Ingestor(self._pool)
         self._committer = GroupCommitter(ingestor)
         self._committer.start()
-        parts = Parts(config, self._pool, self._analytics_pool, ingestor, self._committer)
+        parts = Parts(
+            config, self._pool, self._analytics_pool, ingestor, self._committer, ByteBudget(config.max_inflight_bytes)
+        )
 
-        server = grpc.aio.server(interceptors=build_interceptors(self._auth), options=server_options(config))
+        server = grpc.aio.server(interceptors=build_interceptors(config, self._auth), options=server_options(config))
         for entry in SERVICES:
             servicer = entry.create(parts)
             add_servicer(server, servicer, entry.descriptor)
             self._servicers.append(servicer)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health.servicer, server)
-        if config.reflection:
-            reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        add_health_and_reflection(server, self._health.servicer, SERVICE_NAMES, reflection_on=config.reflection)
         try:
             self.port = _bind(server, config)
         except RuntimeError as exc:  # grpc's "Failed to bind to address ..."

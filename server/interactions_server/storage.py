@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
+from interactions_server.db import acquire
+
 # SQL expressions converting epoch microseconds (bigint) and timestamptz, exactly.
 _US_TO_TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
 _TS_TO_US = "(extract(epoch FROM {}) * 1000000)::int8"
@@ -31,13 +33,16 @@ class EventRow(NamedTuple):
     details: str | None  # JSON text
     attributes: str | None  # JSON text
     syncs_state: bool
+    fingerprint: int  # of the event's content as sent (stored in event_keys)
 
 
 INSERT_EVENTS = f"""
 WITH batch AS (
-    SELECT u, e::uuid AS e, t, s, p, v, {_US_TO_TS.format("o")} AS o, d::jsonb AS d, a::jsonb AS a, y
+    SELECT u, e::uuid AS e, t, s, p, v, {_US_TO_TS.format("o")} AS o, d::jsonb AS d, a::jsonb AS a, y, f
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                $6::int8[], $7::int8[], $8::text[], $9::text[], $10::bool[]) AS r(u, e, t, s, p, v, o, d, a, y)
+                $6::int8[], $7::int8[], $8::text[], $9::text[], $10::bool[], $11::int8[])
+         AS r(u, e, t, s, p, v, o, d, a, y, f)
+    WHERE (SELECT deadline_guard($12::float8))  -- once, before anything is written
 ), deleted AS MATERIALIZED (
     -- Users whose data was deleted (migrations/0003_user_deletion.sql, which
     -- explains the lock this takes): their events up to the watermark are refused.
@@ -46,8 +51,8 @@ WITH batch AS (
     SELECT b.u, b.e, d.deleted_through FROM batch AS b JOIN deleted AS d ON d.user_id = b.u
     WHERE b.o <= d.deleted_through
 ), new AS (
-    INSERT INTO event_keys (user_id, event_id, occurred_at)
-    SELECT u, e, o FROM batch AS b
+    INSERT INTO event_keys (user_id, event_id, occurred_at, fingerprint)
+    SELECT u, e, o, f FROM batch AS b
     WHERE NOT EXISTS (SELECT FROM refused AS r WHERE r.u = b.u AND r.e = b.e)
     ORDER BY u, e
     ON CONFLICT DO NOTHING
@@ -58,14 +63,23 @@ WITH batch AS (
     SELECT b.u, b.e, b.t, b.s, b.p, b.v, b.o, b.d, b.a, b.y
     FROM batch AS b JOIN new ON new.user_id = b.u AND new.event_id = b.e
 )
-SELECT user_id, event_id::text, NULL::timestamptz FROM new
+SELECT user_id, event_id::text, false AS conflict, NULL::timestamptz AS deleted_through FROM new
 UNION ALL
-SELECT u, e::text, deleted_through FROM refused
+-- Keys already logged with other content (the statement's snapshot does not
+-- see the rows it inserts itself). A NULL fingerprint (logged before
+-- fingerprints existed) is unknown and counts as the same content. A refused
+-- event is reported as refused only.
+SELECT k.user_id, k.event_id::text, true, NULL
+FROM batch AS b JOIN event_keys AS k ON k.user_id = b.u AND k.event_id = b.e
+WHERE k.fingerprint <> b.f AND NOT EXISTS (SELECT FROM refused AS r WHERE r.u = b.u AND r.e = b.e)
+UNION ALL
+SELECT u, e::text, false, deleted_through FROM refused
 """
 
 
-class Inserted(NamedTuple):
-    new_keys: set[tuple[str, str]]  # logged now; the other keys were known (duplicates) or refused
+class InsertOutcome(NamedTuple):
+    new: set[tuple[str, str]]  # keys logged by this statement
+    conflicting: set[tuple[str, str]]  # keys already logged with a different fingerprint
     refused: dict[tuple[str, str], datetime]  # keys of deleted users' events: their deletion watermark
 
 
@@ -73,18 +87,26 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
 
-async def insert_events(conn: asyncpg.Connection | asyncpg.Pool, rows: Sequence[EventRow]) -> Inserted:
-    """Logs the rows whose (user_id, event_id) is new, except those refused
-    by a deletion watermark (in one statement). The rows' keys must be unique
-    within the batch."""
-    records = await conn.fetch(INSERT_EVENTS, *_columns(rows, 10))
-    inserted = Inserted(set(), {})
-    for user_id, event_id, deleted_through in records:
-        if deleted_through is None:
-            inserted.new_keys.add((user_id, event_id))
+async def insert_events(
+    conn: asyncpg.Connection, rows: Sequence[EventRow], deadline: float | None = None
+) -> InsertOutcome:
+    """Logs the rows whose (user_id, event_id) is new, except those refused by
+    a deletion watermark (in one statement); returns those keys, the known
+    keys whose stored fingerprint differs, and the refused keys. The rows'
+    keys must be unique within the batch. Past `deadline` (epoch seconds, by
+    PostgreSQL's clock) the statement fails instead (QueryCanceledError)."""
+    outcome = InsertOutcome(set(), set(), {})
+    for user_id, event_id, conflict, deleted_through in await conn.fetch(INSERT_EVENTS, *_columns(rows, 11), deadline):
+        if deleted_through is not None:
+            outcome.refused[(user_id, event_id)] = deleted_through
         else:
-            inserted.refused[(user_id, event_id)] = deleted_through
-    return inserted
+            (outcome.conflicting if conflict else outcome.new).add((user_id, event_id))
+    return outcome
+
+
+async def check_deadline(conn: asyncpg.Connection, deadline: float) -> None:
+    """Fails (QueryCanceledError) when PostgreSQL's clock is past `deadline` (epoch seconds)."""
+    await conn.execute("SELECT deadline_guard($1::float8)", deadline)
 
 
 async def lock_keys(conn: asyncpg.Connection, keys: Collection[tuple[str, str]]) -> None:
@@ -247,16 +269,18 @@ class PurchaseRecord(NamedTuple):
 
 
 async def fetch_cart(pool: asyncpg.Pool, user_id: str) -> list[CartRow]:
-    records = await pool.fetch(
-        "SELECT product_id, quantity, updated_at FROM user_cart WHERE user_id = $1 ORDER BY product_id", user_id
-    )
+    async with acquire(pool) as conn:
+        records = await conn.fetch(
+            "SELECT product_id, quantity, updated_at FROM user_cart WHERE user_id = $1 ORDER BY product_id", user_id
+        )
     return [CartRow(*r) for r in records]
 
 
 async def fetch_wishlist(pool: asyncpg.Pool, user_id: str) -> list[WishlistRow]:
-    records = await pool.fetch(
-        "SELECT product_id, added_at FROM user_wishlist WHERE user_id = $1 ORDER BY added_at, product_id", user_id
-    )
+    async with acquire(pool) as conn:
+        records = await conn.fetch(
+            "SELECT product_id, added_at FROM user_wishlist WHERE user_id = $1 ORDER BY added_at, product_id", user_id
+        )
     return [WishlistRow(*r) for r in records]
 
 
@@ -264,10 +288,11 @@ async def fetch_purchases(
     pool: asyncpg.Pool, user_id: str, limit: int, after: tuple[datetime, str] | None
 ) -> list[PurchaseRecord]:
     """A page of purchases, newest first; `after` is the last row of the previous page."""
-    if after is None:
-        records = await pool.fetch(_FIRST_PAGE, user_id, limit)
-    else:
-        records = await pool.fetch(_NEXT_PAGE, user_id, limit, *after)
+    async with acquire(pool) as conn:
+        if after is None:
+            records = await conn.fetch(_FIRST_PAGE, user_id, limit)
+        else:
+            records = await conn.fetch(_NEXT_PAGE, user_id, limit, *after)
     return [PurchaseRecord(*r) for r in records]
 
 

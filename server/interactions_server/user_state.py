@@ -103,6 +103,8 @@ def _user_id(user_id: str) -> str:
     if len(user_id) > limits.MAX_ID_LENGTH:
         description = f"is {len(user_id)} characters long; the limit is {limits.MAX_ID_LENGTH}"
         raise InvalidArgument([FieldViolation(field="user_id", description=description)])
+    if "\x00" in user_id:  # PostgreSQL text cannot hold it
+        raise InvalidArgument([FieldViolation(field="user_id", description="must not contain NUL characters")])
     return user_id
 
 

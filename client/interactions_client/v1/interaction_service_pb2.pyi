@@ -216,16 +216,22 @@ class ListEventTypesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    BOUNDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventTypeInfo]: ...
+    @_builtins.property
+    def bounds(self) -> _rules_pb2.Bounds:
+        """The bounds the service enforces beyond the per-type rules."""
+
     def __init__(
         self,
         *,
         event_types: _abc.Iterable[Global___EventTypeInfo] | None = ...,
+        bounds: _rules_pb2.Bounds | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bounds", b"bounds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_types", b"event_types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bounds", b"bounds", "event_types", b"event_types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

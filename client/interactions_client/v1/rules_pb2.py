@@ -25,19 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1binteractions/v1/rules.proto\x12\x0finteractions.v1\x1a google/protobuf/descriptor.proto\"\xc3\x02\n\tEventRule\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x32\n\nproduct_id\x18\x02 \x01(\x0e\x32\x1e.interactions.v1.ProductIdRule\x12)\n\x05value\x18\x03 \x01(\x0e\x32\x1a.interactions.v1.ValueRule\x12\x1a\n\rdefault_value\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07\x64\x65tails\x18\x05 \x01(\t\x12\x18\n\x10\x64\x65tails_required\x18\x06 \x01(\x08\x12\x18\n\x10session_required\x18\x07 \x01(\x08\x12)\n\x04sync\x18\x08 \x01(\x0e\x32\x1b.interactions.v1.SyncTarget\x12\x16\n\tml_weight\x18\t \x01(\x01H\x01\x88\x01\x01\x42\x10\n\x0e_default_valueB\x0c\n\n_ml_weight*\x8d\x01\n\rProductIdRule\x12\x1f\n\x1bPRODUCT_ID_RULE_UNSPECIFIED\x10\x00\x12\x1c\n\x18PRODUCT_ID_RULE_REQUIRED\x10\x01\x12\x1c\n\x18PRODUCT_ID_RULE_OPTIONAL\x10\x02\x12\x1f\n\x1bPRODUCT_ID_RULE_NOT_ALLOWED\x10\x03*\xe1\x01\n\tValueRule\x12\x1a\n\x16VALUE_RULE_UNSPECIFIED\x10\x00\x12\x19\n\x15VALUE_RULE_ALWAYS_ONE\x10\x01\x12\x17\n\x13VALUE_RULE_QUANTITY\x10\x02\x12\x1e\n\x1aVALUE_RULE_QUANTITY_OR_ALL\x10\x03\x12\x1b\n\x17VALUE_RULE_NEW_QUANTITY\x10\x04\x12\x1c\n\x18VALUE_RULE_ADD_OR_REMOVE\x10\x05\x12\x15\n\x11VALUE_RULE_RATING\x10\x06\x12\x12\n\x0eVALUE_RULE_ANY\x10\x07*\x9b\x01\n\nSyncTarget\x12\x1b\n\x17SYNC_TARGET_UNSPECIFIED\x10\x00\x12\x14\n\x10SYNC_TARGET_NONE\x10\x01\x12\x19\n\x15SYNC_TARGET_USER_CART\x10\x02\x12 \n\x1cSYNC_TARGET_PURCHASE_HISTORY\x10\x03\x12\x1d\n\x19SYNC_TARGET_USER_WISHLIST\x10\x04:M\n\x04rule\x12!.google.protobuf.EnumValueOptions\x18\xb9\x8e\x03 \x01(\x0b\x32\x1a.interactions.v1.EventRuleb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1binteractions/v1/rules.proto\x12\x0finteractions.v1\x1a google/protobuf/descriptor.proto\"\xc3\x02\n\tEventRule\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x32\n\nproduct_id\x18\x02 \x01(\x0e\x32\x1e.interactions.v1.ProductIdRule\x12)\n\x05value\x18\x03 \x01(\x0e\x32\x1a.interactions.v1.ValueRule\x12\x1a\n\rdefault_value\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07\x64\x65tails\x18\x05 \x01(\t\x12\x18\n\x10\x64\x65tails_required\x18\x06 \x01(\x08\x12\x18\n\x10session_required\x18\x07 \x01(\x08\x12)\n\x04sync\x18\x08 \x01(\x0e\x32\x1b.interactions.v1.SyncTarget\x12\x16\n\tml_weight\x18\t \x01(\x01H\x01\x88\x01\x01\x42\x10\n\x0e_default_valueB\x0c\n\n_ml_weight\"\xb4\x02\n\x06\x42ounds\x12\x18\n\x10max_batch_events\x18\x01 \x01(\x05\x12\x15\n\rmax_id_length\x18\x02 \x01(\x05\x12\x1e\n\x16max_custom_type_length\x18\x03 \x01(\x05\x12\x14\n\x0cmax_quantity\x18\x04 \x01(\x03\x12\x1a\n\x12max_future_seconds\x18\x05 \x01(\x03\x12\x18\n\x10max_query_length\x18\x06 \x01(\x05\x12\x16\n\x0emax_url_length\x18\x07 \x01(\x05\x12\x17\n\x0fmax_text_length\x18\x08 \x01(\x05\x12\x16\n\x0emax_attributes\x18\t \x01(\x05\x12 \n\x18max_attribute_key_length\x18\n \x01(\x05\x12\"\n\x1amax_attribute_value_length\x18\x0b \x01(\x05*\x8d\x01\n\rProductIdRule\x12\x1f\n\x1bPRODUCT_ID_RULE_UNSPECIFIED\x10\x00\x12\x1c\n\x18PRODUCT_ID_RULE_REQUIRED\x10\x01\x12\x1c\n\x18PRODUCT_ID_RULE_OPTIONAL\x10\x02\x12\x1f\n\x1bPRODUCT_ID_RULE_NOT_ALLOWED\x10\x03*\xe1\x01\n\tValueRule\x12\x1a\n\x16VALUE_RULE_UNSPECIFIED\x10\x00\x12\x19\n\x15VALUE_RULE_ALWAYS_ONE\x10\x01\x12\x17\n\x13VALUE_RULE_QUANTITY\x10\x02\x12\x1e\n\x1aVALUE_RULE_QUANTITY_OR_ALL\x10\x03\x12\x1b\n\x17VALUE_RULE_NEW_QUANTITY\x10\x04\x12\x1c\n\x18VALUE_RULE_ADD_OR_REMOVE\x10\x05\x12\x15\n\x11VALUE_RULE_RATING\x10\x06\x12\x12\n\x0eVALUE_RULE_ANY\x10\x07*\x9b\x01\n\nSyncTarget\x12\x1b\n\x17SYNC_TARGET_UNSPECIFIED\x10\x00\x12\x14\n\x10SYNC_TARGET_NONE\x10\x01\x12\x19\n\x15SYNC_TARGET_USER_CART\x10\x02\x12 \n\x1cSYNC_TARGET_PURCHASE_HISTORY\x10\x03\x12\x1d\n\x19SYNC_TARGET_USER_WISHLIST\x10\x04:M\n\x04rule\x12!.google.protobuf.EnumValueOptions\x18\xb9\x8e\x03 \x01(\x0b\x32\x1a.interactions.v1.EventRule:G\n\x06\x62ounds\x12\x1c.google.protobuf.FileOptions\x18\xbc\x8e\x03 \x01(\x0b\x32\x17.interactions.v1.Boundsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'interactions.v1.rules_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRODUCTIDRULE']._serialized_start=409
-  _globals['_PRODUCTIDRULE']._serialized_end=550
-  _globals['_VALUERULE']._serialized_start=553
-  _globals['_VALUERULE']._serialized_end=778
-  _globals['_SYNCTARGET']._serialized_start=781
-  _globals['_SYNCTARGET']._serialized_end=936
+  _globals['_PRODUCTIDRULE']._serialized_start=720
+  _globals['_PRODUCTIDRULE']._serialized_end=861
+  _globals['_VALUERULE']._serialized_start=864
+  _globals['_VALUERULE']._serialized_end=1089
+  _globals['_SYNCTARGET']._serialized_start=1092
+  _globals['_SYNCTARGET']._serialized_end=1247
   _globals['_EVENTRULE']._serialized_start=83
   _globals['_EVENTRULE']._serialized_end=406
+  _globals['_BOUNDS']._serialized_start=409
+  _globals['_BOUNDS']._serialized_end=717
 # @@protoc_insertion_point(module_scope)

@@ -12,10 +12,10 @@ import builtins as _builtins
 import sys
 import typing as _typing
 
-if sys.version_info >= (3, 10):
-    from typing import TypeAlias as _TypeAlias
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
-    from typing_extensions import TypeAlias as _TypeAlias
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -173,6 +173,73 @@ class EventRule(_message.Message):
 
 Global___EventRule: _TypeAlias = EventRule  # noqa: Y015
 
+@_typing.final
+class Bounds(_message.Message):
+    """The bounds the service enforces beyond the per-type rules. Declared once,
+    as the `bounds` file option of event.proto; validators in every language
+    read them from the descriptors (and ListEventTypes returns them). Lengths
+    count characters (Unicode code points).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_BATCH_EVENTS_FIELD_NUMBER: _builtins.int
+    MAX_ID_LENGTH_FIELD_NUMBER: _builtins.int
+    MAX_CUSTOM_TYPE_LENGTH_FIELD_NUMBER: _builtins.int
+    MAX_QUANTITY_FIELD_NUMBER: _builtins.int
+    MAX_FUTURE_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_QUERY_LENGTH_FIELD_NUMBER: _builtins.int
+    MAX_URL_LENGTH_FIELD_NUMBER: _builtins.int
+    MAX_TEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    MAX_ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    MAX_ATTRIBUTE_KEY_LENGTH_FIELD_NUMBER: _builtins.int
+    MAX_ATTRIBUTE_VALUE_LENGTH_FIELD_NUMBER: _builtins.int
+    max_batch_events: _builtins.int
+    """Events in one LogEvents request or one StreamEvents request."""
+    max_id_length: _builtins.int
+    """user_id, session_id, product_id."""
+    max_custom_type_length: _builtins.int
+    """custom_type (lower snake case)."""
+    max_quantity: _builtins.int
+    """Quantities: event_value of the cart types, cart_action.quantity."""
+    max_future_seconds: _builtins.int
+    """How far occurred_at may be ahead of the server's clock."""
+    max_query_length: _builtins.int
+    """search.query."""
+    max_url_length: _builtins.int
+    """page_view.page_path and page_view.referrer."""
+    max_text_length: _builtins.int
+    """product_view.product_name, cart_action.action, wishlist_action.action."""
+    max_attributes: _builtins.int
+    """Entries in attributes."""
+    max_attribute_key_length: _builtins.int
+    max_attribute_value_length: _builtins.int
+    def __init__(
+        self,
+        *,
+        max_batch_events: _builtins.int = ...,
+        max_id_length: _builtins.int = ...,
+        max_custom_type_length: _builtins.int = ...,
+        max_quantity: _builtins.int = ...,
+        max_future_seconds: _builtins.int = ...,
+        max_query_length: _builtins.int = ...,
+        max_url_length: _builtins.int = ...,
+        max_text_length: _builtins.int = ...,
+        max_attributes: _builtins.int = ...,
+        max_attribute_key_length: _builtins.int = ...,
+        max_attribute_value_length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_attribute_key_length", b"max_attribute_key_length", "max_attribute_value_length", b"max_attribute_value_length", "max_attributes", b"max_attributes", "max_batch_events", b"max_batch_events", "max_custom_type_length", b"max_custom_type_length", "max_future_seconds", b"max_future_seconds", "max_id_length", b"max_id_length", "max_quantity", b"max_quantity", "max_query_length", b"max_query_length", "max_text_length", b"max_text_length", "max_url_length", b"max_url_length"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Bounds: _TypeAlias = Bounds  # noqa: Y015
+
 RULE_FIELD_NUMBER: _builtins.int
+BOUNDS_FIELD_NUMBER: _builtins.int
 rule: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, Global___EventRule]
 """The rules of the event type this enum value names."""
+bounds: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FileOptions, Global___Bounds]
+"""The service's bounds (set in event.proto)."""
