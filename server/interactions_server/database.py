@@ -13,7 +13,7 @@ import logging
 
 import asyncpg
 
-from interactions_server import migrate
+from interactions_server import db, migrate
 from interactions_server.config import ServerConfig
 from interactions_server.embedded_db import EmbeddedPostgres
 from interactions_server.errors import is_database_unavailable
@@ -23,23 +23,6 @@ from interactions_server.startup import database_error, unreachable_database
 _log = logging.getLogger(__name__)
 
 EMBEDDED_WATCH_INTERVAL = 1.0  # seconds between checks that the embedded PostgreSQL is alive
-
-
-class _NoTracebackWhenUnavailable(logging.Filter):
-    """asyncpg's pool logs a traceback each time it fails to reconnect while
-    the database is down ("Failed to restore the pool connection floor");
-    the reason fits on the line, and health already logs "database down"."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None and is_database_unavailable(record.exc_info[1]):
-            error = record.exc_info[1]
-            record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
-            record.args = None
-            record.exc_info = record.exc_text = None
-        return True
-
-
-logging.getLogger("asyncpg.pool").addFilter(_NoTracebackWhenUnavailable())
 
 
 class Database:
@@ -59,6 +42,7 @@ class Database:
             self._embedded = EmbeddedPostgres(self.config.data_dir)
             self.url = await asyncio.to_thread(self._embedded.start)  # logs where
         dsn = self.url
+        db.quiet_pool_logs()
         await migrate_when_reachable(self.config, dsn)
         self._pool = await asyncpg.create_pool(
             dsn, min_size=0, max_size=1, statement_cache_size=self.config.statement_cache_size
