@@ -28,7 +28,7 @@ from interactions_client.rules import RULES, STANDARD, stored_name
 from interactions_client.v1 import analytics_service_pb2 as pb
 from interactions_client.v1 import analytics_service_pb2_grpc, interaction_service_pb2, interaction_service_pb2_grpc
 from interactions_client.v1.event_pb2 import Event, EventType
-from interactions_server import analytics
+from interactions_server import analytics, analytics_storage
 from tests.events import valid_event
 
 T = EventType
@@ -450,6 +450,22 @@ async def test_what_a_search_leads_to(stub: Any, channel: grpc.aio.Channel) -> N
     window = window_request(pb.TopSearchQueriesRequest, t0, t0 + 1)
     (first,) = (await stub.TopSearchQueries(window)).queries
     assert (first.searches, first.click_through_rate, first.no_result_rate) == (1, 1.0, 1.0)
+
+
+async def test_the_lead_time_is_analytics_storage_constant(
+    stub: Any, channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SQL takes LEADS_TO_US as a parameter: one source for the 30 minutes."""
+    assert analytics_storage.LEADS_TO_US == LEADS_TO
+    monkeypatch.setattr(analytics_storage, "LEADS_TO_US", 5 * MINUTE)
+    t0 = (int(time.time()) - 3 * 3600) * 1_000_000
+    events = [
+        event_at(T.EVENT_TYPE_SEARCH, user_id="u", when=t0, search={"query": "lamp"}),
+        event_at(T.EVENT_TYPE_CLICK, user_id="u", when=t0 + 10 * MINUTE),  # within 30 min, not within 5
+    ]
+    await send(channel, events, random.Random(1))
+    (lamp,) = (await stub.TopSearchQueries(pb.TopSearchQueriesRequest())).queries
+    assert (lamp.searches, lamp.click_through_rate) == (1, 0.0)
 
 
 # --- sessions, activity, active users, user events -------------------------------------

@@ -30,12 +30,11 @@ from interactions_server import analytics_protos as protos
 from interactions_server import analytics_storage as storage
 from interactions_server import analytics_tokens as tokens
 from interactions_server.errors import InvalidArgument, NotFound
+from interactions_server.user_state import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["AnalyticsService"].full_name
 
-DEFAULT_PAGE_SIZE = 100
 DEFAULT_SEARCH_LIMIT = 20
-MAX_PAGE_SIZE = 1_000
 MAX_SESSION_EVENTS = 1_000  # a GetSession timeline
 ROWS_PER_RESPONSE = 1_000  # of an export
 BYTES_PER_RESPONSE = 1 << 20  # about: an export response is sent before it grows past this

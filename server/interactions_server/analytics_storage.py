@@ -209,12 +209,13 @@ class SearchOutcome(NamedTuple):
     no_results: int  # of those, the ones where it was 0
 
 
-# Every event of a relevant type in [start, end + 30 min), per user in
+# Every event of a relevant type in [start, end + LEADS_TO_US), per user in
 # (occurred_at, event_id) order. A running count of searches numbers each
 # search's group: the search and what follows it up to the user's next search.
 # The running max of search times is the group's search time. Groups of
 # searches outside [start, end) are dropped; searches after the window are
 # read only to end the groups of the window's last searches.
+_LEADS_TO = "($7::int8 * interval '1 microsecond')"  # LEADS_TO_US, a parameter
 _SEARCH_OUTCOMES = f"""
 WITH relevant AS (
     SELECT user_id, occurred_at, event_type, details,
@@ -223,16 +224,16 @@ WITH relevant AS (
     FROM events
     WHERE event_type = ANY($3::text[])
       AND occurred_at >= {_bound("$1::int8", "-infinity")}
-      AND occurred_at < {_bound("$2::int8", "infinity")} + interval '30 minutes'
+      AND occurred_at < {_bound("$2::int8", "infinity")} + {_LEADS_TO}
     -- "C": partitions need equality only, and byte order sorts fastest
     WINDOW w AS (PARTITION BY user_id COLLATE "C" ORDER BY occurred_at, event_id ROWS UNBOUNDED PRECEDING)
 ), outcomes AS (
     SELECT user_id, search_at,
            max(details #>> '{{search,query}}') FILTER (WHERE event_type = 'search') AS query,
            max((details #>> '{{search,result_count}}')::int4) FILTER (WHERE event_type = 'search') AS result_count,
-           bool_or(event_type = ANY($4::text[]) AND occurred_at <= search_at + interval '30 minutes') AS clicked,
-           bool_or(event_type = ANY($5::text[]) AND occurred_at <= search_at + interval '30 minutes') AS carted,
-           bool_or(event_type = ANY($6::text[]) AND occurred_at <= search_at + interval '30 minutes') AS bought
+           bool_or(event_type = ANY($4::text[]) AND occurred_at <= search_at + {_LEADS_TO}) AS clicked,
+           bool_or(event_type = ANY($5::text[]) AND occurred_at <= search_at + {_LEADS_TO}) AS carted,
+           bool_or(event_type = ANY($6::text[]) AND occurred_at <= search_at + {_LEADS_TO}) AS bought
     FROM relevant
     WHERE search_no > 0 AND search_at < {_bound("$2::int8", "infinity")}
     GROUP BY user_id, search_no, search_at
@@ -260,6 +261,7 @@ async def search_outcomes(
         list(click_types),
         list(cart_types),
         list(purchase_types),
+        LEADS_TO_US,
     )
     return [SearchOutcome(*r) for r in records]
 
