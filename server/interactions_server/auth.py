@@ -13,6 +13,7 @@ time, with every entry; the scope each RPC needs comes from the schema
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import hmac
@@ -277,8 +278,11 @@ def _guarded(handler: grpc.RpcMethodHandler, outcome: Caller | Refusal) -> grpc.
         if inspect.isawaitable(responses):  # a handler that writes with context.write()
             await responses
             return
-        async for response in responses:
-            yield response
+        # aclosing: a cancelled call closes the handler's generator now (its
+        # cleanup, e.g. an export's cursor, runs before the call ends).
+        async with contextlib.aclosing(responses) as closing:
+            async for response in closing:
+                yield response
 
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,
