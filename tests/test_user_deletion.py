@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from interactions_client import InteractionsClient, NotFoundError
+from interactions_client.v1 import admin_service_pb2, admin_service_pb2_grpc
 from interactions_client.v1 import interaction_service_pb2 as isv
 from interactions_client.v1.event_pb2 import Event, EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
@@ -259,3 +260,14 @@ async def test_analytics_are_blind_to_a_deleted_user(server: App, admin: Interac
     with pytest.raises(NotFoundError):
         await admin.get_session("u1", "s1")
     assert (await admin.get_user_activity("u2")).login_count == 1  # the other user is untouched
+
+
+@pytest.mark.parametrize("user_id", ["", "   ", "u" * 129, "a\x00b"])
+@pytest.mark.parametrize("dry_run", [True, False])
+async def test_a_bad_user_id_is_invalid_argument(channel: grpc.aio.Channel, user_id: str, dry_run: bool) -> None:
+    """The same id check as the analytics reads (interactions_server.ids)."""
+    stub = admin_service_pb2_grpc.AdminServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.DeleteUserData(admin_service_pb2.DeleteUserDataRequest(user_id=user_id, dry_run=dry_run))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+    assert "user_id" in field_violations(refused.value)

@@ -21,7 +21,6 @@ import asyncpg
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from interactions_client import limits
 from interactions_client.rules import CUSTOM, RULES, STANDARD
 from interactions_client.v1 import analytics_service_pb2 as pb
 from interactions_client.v1 import analytics_service_pb2_grpc
@@ -30,6 +29,7 @@ from interactions_server import analytics_protos as protos
 from interactions_server import analytics_storage as storage
 from interactions_server import analytics_tokens as tokens
 from interactions_server.errors import InvalidArgument, NotFound
+from interactions_server.ids import check_id
 from interactions_server.user_state import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["AnalyticsService"].full_name
@@ -140,8 +140,8 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
     # --- per user ----------------------------------------------------------------------
 
     async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.GetSessionResponse:
-        user_id = _id(request.user_id, "user_id")
-        session_id = _id(request.session_id, "session_id")
+        user_id = check_id(request.user_id, "user_id")
+        session_id = check_id(request.session_id, "session_id")
         summary = protos.sessions(user_id, await storage.session_events(self._pool, user_id, [session_id]))
         session = summary.get(session_id)
         if session is None:
@@ -152,7 +152,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         return pb.GetSessionResponse(session=session)
 
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
-        user_id = _id(request.user_id, "user_id")
+        user_id = check_id(request.user_id, "user_id")
         page_size = _bounded(request.page_size, "page_size", DEFAULT_PAGE_SIZE)
         before = tokens.decode_sessions(request.page_token) if request.page_token else None
         # One row more than the page tells whether there is a next page.
@@ -167,7 +167,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         return response
 
     async def GetUserActivity(self, request: pb.GetUserActivityRequest, context: Any) -> pb.GetUserActivityResponse:
-        user_id = _id(request.user_id, "user_id")
+        user_id = check_id(request.user_id, "user_id")
         per_type, session_count = await storage.user_activity(self._pool, user_id)
         if not per_type:
             raise NotFound(f"user {user_id!r} has no event")
@@ -187,7 +187,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         return response
 
     async def ListUserEvents(self, request: pb.ListUserEventsRequest, context: Any) -> pb.ListUserEventsResponse:
-        user_id = _id(request.user_id, "user_id")
+        user_id = check_id(request.user_id, "user_id")
         window = _window(request)
         types = _type_filter(request.event_types)
         page_size = _bounded(request.page_size, "page_size", DEFAULT_PAGE_SIZE)
@@ -236,18 +236,6 @@ def _bounded(value: int, field: str, default: int) -> int:
     if not 0 <= value <= MAX_PAGE_SIZE:
         raise _invalid(field, f"must be from 0 (the default, {default}) to {MAX_PAGE_SIZE:,}")
     return value or default
-
-
-def _id(value: str, field: str) -> str:
-    """Checked like the write path checks ids; NOT_FOUND / empty answers are
-    for valid ids that match nothing."""
-    if not value or value.isspace():
-        raise _invalid(field, "is required")
-    if len(value) > limits.MAX_ID_LENGTH:
-        raise _invalid(field, f"is {len(value)} characters long; the limit is {limits.MAX_ID_LENGTH}")
-    if "\x00" in value:
-        raise _invalid(field, "must not contain NUL characters")
-    return value
 
 
 def _type_filter(event_types: Sequence[int]) -> storage.TypeFilter:
