@@ -315,6 +315,28 @@ async def test_training_resumed_in_the_middle_gives_the_same_rows(
     assert_same_training(training_tuples(received + resumed), training_tuples(whole))
 
 
+async def test_training_weights_decay_to_zero_without_errors(stub: Any, channel: grpc.aio.Channel) -> None:
+    """Thousands of half-lives (a 1 s half-life over hours-old events, or an
+    as_of in year 9999) underflow 0.5 ** n: the weight is 0, not an error."""
+    now = int(time.time()) * 1_000_000
+    events = [
+        event_at(T.EVENT_TYPE_PURCHASE, user_id="old", product_id="p", when=now - 2 * HOUR),
+        event_at(T.EVENT_TYPE_VIEW, user_id="old", product_id="p", when=now - HOUR),
+    ]
+    await send(channel, events, random.Random(1))
+    second = Duration(seconds=1)
+    for request in (
+        pb.ExportTrainingDataRequest(half_life=second),
+        pb.ExportTrainingDataRequest(half_life=second, end_time=ts(now + HOUR)),
+        pb.ExportTrainingDataRequest(half_life=Duration(seconds=3600), end_time=Timestamp(seconds=253_402_300_799)),
+    ):
+        ((user, product, weight, count, last, counts),) = training_tuples(
+            await collect(stub.ExportTrainingData(request))
+        )
+        assert (user, product, weight, count, last) == ("old", "p", 0.0, 2, now - HOUR)
+        assert counts == {"purchase": 1, "view": 1}
+
+
 # --- ExportEvents -------------------------------------------------------------------
 
 

@@ -116,6 +116,13 @@ class TrainingRow(NamedTuple):
     type_counts: list[int]
 
 
+# The decay is 0.5 ** halvings; past about 1,074 halvings power() fails on
+# underflow (and on overflow below -1,024), so an event more than
+# _MAX_HALVINGS half-lives old weighs 0 and the (rare: after as_of) event more
+# than that many half-lives ahead counts as exactly that many.
+_HALVINGS = f"((extract(epoch FROM {_TS.format('$5::int8')} - e.occurred_at))::float8 / $6::float8)"
+_MAX_HALVINGS = 1000
+
 # Per (user, product, type) first, so that the per-type counts come out as
 # two parallel arrays; the decay factor is 1 when no half-life is given. The
 # keys are "C" from the start, so that one sort serves both the grouping and
@@ -124,8 +131,9 @@ _TRAINING = f"""
 SELECT user_id, product_id, sum(weight), sum(n)::int8, max(last_us), array_agg(event_type), array_agg(n)
 FROM (
     SELECT e.user_id COLLATE "C" AS user_id, e.product_id COLLATE "C" AS product_id, e.event_type, count(*) AS n, {_US.format("max(e.occurred_at)")} AS last_us,
-           sum(w.weight * CASE WHEN $6::float8 IS NULL THEN 1.0::float8 ELSE power(0.5::float8,
-               (extract(epoch FROM {_TS.format("$5::int8")} - e.occurred_at))::float8 / $6::float8) END) AS weight
+           sum(w.weight * CASE WHEN $6::float8 IS NULL THEN 1.0::float8
+                               WHEN {_HALVINGS} > {_MAX_HALVINGS} THEN 0.0::float8
+                               ELSE power(0.5::float8, greatest({_HALVINGS}, -{_MAX_HALVINGS})) END) AS weight
     FROM events AS e JOIN unnest($3::text[], $4::float8[]) AS w(event_type, weight) ON e.event_type = w.event_type
     WHERE e.product_id IS NOT NULL AND {_window_sql(1, "e.occurred_at")}
       AND ($7::text IS NULL OR (e.user_id COLLATE "C", e.product_id COLLATE "C") > ($7::text, $8::text))
