@@ -337,6 +337,44 @@ async def test_training_weights_decay_to_zero_without_errors(stub: Any, channel:
         assert counts == {"purchase": 1, "view": 1}
 
 
+async def test_without_end_time_as_of_ends_the_window(
+    stub: Any, channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event after as_of (future-dated, or logged before a resumed call)
+    is in neither the first call nor the resumed one."""
+    monkeypatch.setattr(analytics, "ROWS_PER_RESPONSE", 1)
+    now = int(time.time()) * 1_000_000
+    await send(
+        channel,
+        [
+            event_at(T.EVENT_TYPE_VIEW, user_id="a", product_id="p", when=now - HOUR),
+            event_at(T.EVENT_TYPE_VIEW, user_id="b", product_id="p", when=now - HOUR),
+            event_at(T.EVENT_TYPE_VIEW, user_id="b", product_id="p", when=now + 4 * MINUTE),  # future-dated
+        ],
+        random.Random(1),
+    )
+    request = pb.ExportTrainingDataRequest(half_life=Duration(seconds=3600))
+    call = stub.ExportTrainingData(request)
+    first = await call.read()
+    call.cancel()
+    as_of = micros(first.as_of)
+    assert as_of < now + 4 * MINUTE
+    # Logged after the first call, dated just after its as_of: not in the resumed call.
+    await send(
+        channel,
+        [
+            event_at(T.EVENT_TYPE_VIEW, user_id="c", product_id="p", when=as_of + 1),
+            event_at(T.EVENT_TYPE_VIEW, user_id="b", product_id="q", when=as_of + 2),
+        ],
+        random.Random(1),
+    )
+    request.resume_token = first.resume_token
+    rows = training_tuples([first, *await collect(stub.ExportTrainingData(request))])
+    assert [(r[0], r[1], r[3], r[4]) for r in rows] == [("a", "p", 1, now - HOUR), ("b", "p", 1, now - HOUR)]
+    for r in rows:
+        assert r[2] == pytest.approx(WEIGHTS["view"] * 0.5 ** ((as_of - (now - HOUR)) / 1e6 / 3600), rel=1e-9)
+
+
 # --- ExportEvents -------------------------------------------------------------------
 
 

@@ -66,6 +66,11 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             as_of_us, after = tokens.decode_training(request.resume_token)
         else:
             as_of_us = window.end_us if window.end_us is not None else int(time.time() * 1_000_000)
+        if window.end_us is None:
+            # as_of ends the window: no event after it (future-dated, or logged
+            # before a resumed call) is weighed, and a resumed call sees what
+            # the first one saw.
+            window = window._replace(end_us=as_of_us)
         as_of = protos.timestamp(as_of_us)
         first = True
         # aclosing: a call cancelled mid-export ends the cursor's prefetch

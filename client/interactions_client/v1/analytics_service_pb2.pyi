@@ -71,7 +71,8 @@ class ExportTrainingDataResponse(_message.Message):
     @_builtins.property
     def as_of(self) -> _timestamp_pb2.Timestamp:
         """The time decay is measured from: end_time, or the export's start when
-        end_time is absent. Set on the first response of a call.
+        end_time is absent (then as_of is also the window's exclusive end, kept
+        by a resumed call). Set on the first response of a call.
         """
 
     def __init__(
@@ -125,7 +126,8 @@ class TrainingRow(_message.Message):
     product_id: _builtins.str
     weight: _builtins.float
     """Sum over the pair's events whose type has an ml_weight of
-    ml_weight * 0.5^((as_of - occurred_at) / half_life).
+    ml_weight * 0.5^((as_of - occurred_at) / half_life); 0 for an event
+    more than 1,000 half-lives before as_of.
     """
     event_count: _builtins.int
     """The pair's events counted in the weight."""
