@@ -185,6 +185,10 @@ def make_events(rng: random.Random, now_us: int) -> list[Event]:
     for _ in range(3):
         add(T.EVENT_TYPE_VIEW, "twins", twin_at, product_id="p1", session_id="tw")
     add(T.EVENT_TYPE_SEARCH, "twins", twin_at, search={"query": "Twin"}, session_id="tw")
+    # A click in the same instant as its search: led to by it, whatever the ids.
+    for n in range(20):
+        add(T.EVENT_TYPE_SEARCH, f"quick-{n}", twin_at + n, search={"query": "Same instant"})
+        add(T.EVENT_TYPE_CLICK, f"quick-{n}", twin_at + n, product_id="p2")
     return out
 
 
@@ -426,7 +430,7 @@ def reference_searches(log: Log, start: int | None, end: int | None, limit: int)
         by_user[e.user_id].append(e)
     stats: dict[str, dict[str, Any]] = {}
     for evs in by_user.values():
-        evs.sort(key=key)
+        evs.sort(key=lambda e: (micros(e.occurred_at), e.event_type != T.EVENT_TYPE_SEARCH, e.event_id))
         for i, s in enumerate(evs):
             at = micros(s.occurred_at)
             if (
@@ -486,6 +490,7 @@ async def test_top_search_queries_matches_reference(stub: Any, log: Log) -> None
             assert search_tuples(response) == reference_searches(log, start, end, limit or 20)
     everything = search_tuples(await stub.TopSearchQueries(pb.TopSearchQueriesRequest()))
     assert {q[0] for q in everything} >= {"laptop", "gaming mouse", "twin"}  # the variants merged
+    assert [q[1:4] for q in everything if q[0] == "same instant"] == [(20, 20, 1.0)]
 
 
 async def test_what_a_search_leads_to(stub: Any, channel: grpc.aio.Channel) -> None:

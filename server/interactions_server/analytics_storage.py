@@ -218,7 +218,7 @@ class SearchOutcome(NamedTuple):
 
 
 # Every event of a relevant type in [start, end + LEADS_TO_US), per user in
-# (occurred_at, event_id) order. A running count of searches numbers each
+# (occurred_at, searches first, event_id) order. A running count of searches numbers each
 # search's group: the search and what follows it up to the user's next search.
 # The running max of search times is the group's search time. Groups of
 # searches outside [start, end) are dropped; searches after the window are
@@ -234,7 +234,9 @@ WITH relevant AS (
       AND occurred_at >= {_bound("$1::int8", "-infinity")}
       AND occurred_at < {_bound("$2::int8", "infinity")} + {_LEADS_TO}
     -- "C": partitions need equality only, and byte order sorts fastest
-    WINDOW w AS (PARTITION BY user_id COLLATE "C" ORDER BY occurred_at, event_id ROWS UNBOUNDED PRECEDING)
+    -- searches first at the same instant: an event logged with its search's time follows it
+    WINDOW w AS (PARTITION BY user_id COLLATE "C" ORDER BY occurred_at, event_type <> 'search', event_id
+                 ROWS UNBOUNDED PRECEDING)
 ), outcomes AS (
     SELECT user_id, search_at,
            max(details #>> '{{search,query}}') FILTER (WHERE event_type = 'search') AS query,

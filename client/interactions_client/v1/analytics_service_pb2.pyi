@@ -299,7 +299,9 @@ Global___TopSearchQueriesResponse: _TypeAlias = TopSearchQueriesResponse  # noqa
 class SearchQueryStats(_message.Message):
     """A search leads to an event of the same user that comes after it, within
     30 minutes, and before that user's next search. Each rate is the share of
-    the query's searches that led to at least one such event.
+    the query's searches that led to at least one such event. At the same
+    occurred_at, searches come first: an event at the very instant of a search
+    comes after it (then the order is by event_id).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
