@@ -638,10 +638,25 @@ def day(e: Event) -> str:
     return datetime.fromtimestamp(micros(e.occurred_at) / 1e6, UTC).strftime("%Y-%m-%d")
 
 
+def window_days(evs: list[Event], start: int | None, end: int | None) -> list[str]:
+    """Every UTC day of [start, end); an absent bound: the first (last) event's day."""
+    if start is not None and start == end:
+        return []
+    times = sorted(micros(e.occurred_at) for e in evs)
+    first = start if start is not None else times[0] if times else None
+    last = end - 1 if end is not None else times[-1] if times else None
+    if first is None or last is None:
+        return []
+    first_day, last_day = first // DAY, last // DAY
+    return [datetime.fromtimestamp(d * DAY / 1e6, UTC).strftime("%Y-%m-%d") for d in range(first_day, last_day + 1)]
+
+
 async def test_active_users_match_reference(stub: Any, log: Log) -> None:
-    for start, end in windows(log):
+    # Also: days without events before, between and after the log's.
+    for start, end in [*windows(log), (log.start_us - 3 * DAY, log.end_us + 2 * DAY)]:
         evs = log.in_window(start, end)
-        days = sorted({day(e) for e in evs})
+        days = window_days(evs, start, end)
+        assert set(days) >= {day(e) for e in evs}
         got = await stub.CountActiveUsers(window_request(pb.CountActiveUsersRequest, start, end))
         assert got.active_users == len({e.user_id for e in evs})
         assert got.logged_in_users == len({e.user_id for e in evs if e.event_type == T.EVENT_TYPE_LOGIN})

@@ -36,6 +36,7 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["AnalyticsService"].full_name
 
 DEFAULT_SEARCH_LIMIT = 20
 MAX_SESSION_EVENTS = 1_000  # a GetSession timeline
+MAX_DAYS = 36_600  # of a CountActiveUsers window (100 years): each day is listed
 ROWS_PER_RESPONSE = 1_000  # of an export
 BYTES_PER_RESPONSE = 1 << 20  # about: an export response is sent before it grows past this
 
@@ -47,6 +48,7 @@ POOL_SETTINGS = {"work_mem": "64MB"}
 # Timestamp's valid range (0001-01-01 to 9999-12-31), in seconds.
 _MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
 _STANDARD_NAMES = sorted(STANDARD)
+_DAY_US = 86_400_000_000
 
 
 class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
@@ -133,6 +135,10 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
 
     async def CountActiveUsers(self, request: pb.CountActiveUsersRequest, context: Any) -> pb.CountActiveUsersResponse:
         window = _window(request)
+        if window.start_us is not None and window.end_us is not None and window.end_us > window.start_us:
+            days = (window.end_us - 1) // _DAY_US - window.start_us // _DAY_US + 1
+            if days > MAX_DAYS:
+                raise _invalid("end_time", f"the window has {days:,} days; CountActiveUsers lists at most {MAX_DAYS:,}")
         rows = await storage.active_users(self._analytics_pool, window)
         response = pb.CountActiveUsersResponse()
         for row in rows:

@@ -283,22 +283,33 @@ class ActiveUsers(NamedTuple):
 
 
 # Distinct (day, user) pairs first, by hashing: far fewer rows to count
-# distinct over than the window's events, and no sort of the events.
+# distinct over than the window's events, and no sort of the events. The
+# days listed are the window's, from its start's day to the day of its last
+# instant (end - 1 µs), zero-user days too; an absent bound is replaced by the
+# day of the window's first (last) event.
 _ACTIVE_USERS = f"""
 WITH user_days AS (
     SELECT (occurred_at AT TIME ZONE 'UTC')::date AS day, user_id, bool_or(event_type = 'login') AS logged_in
     FROM events WHERE {_window_sql(1)}
     GROUP BY 1, 2
+), per_day AS (
+    SELECT day, count(*) AS active, count(*) FILTER (WHERE logged_in) AS logged_in FROM user_days GROUP BY day
+), span AS (
+    SELECT coalesce(({_TS.format("$1::int8")} AT TIME ZONE 'UTC')::date, (SELECT min(day) FROM per_day)) AS first,
+           coalesce(({_TS.format("($2::int8 - 1)")} AT TIME ZONE 'UTC')::date, (SELECT max(day) FROM per_day)) AS last
+), days AS (
+    SELECT first + n AS day FROM span, generate_series(0, last - first) AS n
+    WHERE NOT coalesce($1::int8 >= $2::int8, false)  -- an empty window has no day
 )
-SELECT to_char(day, 'YYYY-MM-DD'), count(DISTINCT user_id), count(DISTINCT user_id) FILTER (WHERE logged_in)
-FROM user_days
-GROUP BY GROUPING SETS ((day), ())
-ORDER BY day NULLS FIRST
+SELECT NULL::text, count(DISTINCT user_id), count(DISTINCT user_id) FILTER (WHERE logged_in) FROM user_days
+UNION ALL
+SELECT to_char(day, 'YYYY-MM-DD'), coalesce(active, 0), coalesce(logged_in, 0) FROM days LEFT JOIN per_day USING (day)
+ORDER BY 1 NULLS FIRST
 """
 
 
 async def active_users(pool: asyncpg.Pool, window: Window) -> list[ActiveUsers]:
-    """The whole window's counts first (day None), then each day with events."""
+    """The whole window's counts first (day None), then each of its days."""
     return [ActiveUsers(*r) for r in await pool.fetch(_ACTIVE_USERS, window.start_us, window.end_us)]
 
 

@@ -669,7 +669,11 @@ class CountActiveUsersResponse(_message.Message):
     """Distinct users with a login in the window."""
     @_builtins.property
     def daily(self) -> _containers.RepeatedCompositeFieldContainer[Global___DailyActiveUsers]:
-        """One per UTC day of the window that has events, oldest first."""
+        """One per UTC day of the window, oldest first, including days with no
+        user (zeros): from start_time's day to the day of end_time minus 1 µs;
+        an absent bound is the day of the window's first (last) event. A bounded
+        window may span at most 36,600 days.
+        """
 
     def __init__(
         self,
