@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -40,10 +40,9 @@ MAX_DAYS = 36_600  # of a CountActiveUsers window (100 years): each day is liste
 ROWS_PER_RESPONSE = 1_000  # of an export
 BYTES_PER_RESPONSE = 1 << 20  # about: an export response is sent before it grows past this
 
-# The analytics pool's sessions: window queries sort and hash a window's
-# events; 64 MB each (at most analytics_pool_max_size of them) keeps a 7-day
-# window of a 1M-event log in memory instead of spilling to disk.
-POOL_SETTINGS = {"work_mem": "64MB"}
+# The analytics transactions set their work_mem themselves (analytics_storage.
+# use_work_mem): pgbouncer refuses it as a connection setting. (kept empty; removed at merge)
+POOL_SETTINGS: dict[str, str] = {}
 
 # Timestamp's valid range (0001-01-01 to 9999-12-31), in seconds.
 _MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
@@ -78,8 +77,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         # aclosing: a call cancelled mid-export ends the cursor's prefetch
         # before the transaction rolls back on the same connection.
         async with (
-            self._analytics_pool.acquire() as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
+            _snapshot(self._analytics_pool, analytics=True) as conn,
             contextlib.aclosing(
                 storage.training_rows(conn, window, protos.ML_WEIGHTS, as_of_us, half_life, after, ROWS_PER_RESPONSE)
             ) as chunks,
@@ -110,8 +108,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             else None
         )
         async with (
-            self._analytics_pool.acquire() as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
+            _snapshot(self._analytics_pool, analytics=True) as conn,
             contextlib.aclosing(storage.export_events(conn, window, types, after, ROWS_PER_RESPONSE)) as chunks,
         ):
             async for chunk in chunks:
@@ -128,9 +125,10 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
     async def TopSearchQueries(self, request: pb.TopSearchQueriesRequest, context: Any) -> pb.TopSearchQueriesResponse:
         window = _window(request)
         limit = _bounded(request.limit, "limit", DEFAULT_SEARCH_LIMIT)
-        outcomes = await storage.search_outcomes(
-            self._analytics_pool, window, protos.CLICK_TYPES, protos.CART_TYPES, protos.PURCHASE_TYPES
-        )
+        async with _snapshot(self._analytics_pool, analytics=True) as conn:
+            outcomes = await storage.search_outcomes(
+                conn, window, protos.CLICK_TYPES, protos.CART_TYPES, protos.PURCHASE_TYPES
+            )
         return pb.TopSearchQueriesResponse(queries=protos.top_queries(outcomes, limit))
 
     async def CountActiveUsers(self, request: pb.CountActiveUsersRequest, context: Any) -> pb.CountActiveUsersResponse:
@@ -139,7 +137,8 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             days = (window.end_us - 1) // _DAY_US - window.start_us // _DAY_US + 1
             if days > MAX_DAYS:
                 raise _invalid("end_time", f"the window has {days:,} days; CountActiveUsers lists at most {MAX_DAYS:,}")
-        rows = await storage.active_users(self._analytics_pool, window)
+        async with _snapshot(self._analytics_pool, analytics=True) as conn:
+            rows = await storage.active_users(conn, window)
         response = pb.CountActiveUsersResponse()
         for row in rows:
             if row.day is None:
@@ -212,6 +211,16 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         if len(rows) > page_size:
             response.next_page_token = tokens.encode(tokens.USER_EVENTS, page[-1].occurred_us, page[-1].event_id)
         return response
+
+
+@contextlib.asynccontextmanager
+async def _snapshot(pool: asyncpg.Pool, *, analytics: bool = False) -> AsyncIterator[asyncpg.Connection]:
+    """A connection in a READ ONLY REPEATABLE READ transaction: every query of
+    an RPC sees one snapshot. `analytics`: with the analytics work_mem."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        if analytics:
+            await storage.use_work_mem(conn)
+        yield conn
 
 
 # --- request checks: each bad field is INVALID_ARGUMENT naming it -------------------

@@ -86,6 +86,18 @@ def _types_sql(first_param: int) -> str:
     )
 
 
+# The analytics transactions' work_mem: window queries sort and hash a window's
+# events; 64 MB (for each of at most analytics_pool_max_size transactions)
+# keeps a 7-day window of a 1M-event log in memory instead of spilling to
+# disk. Per transaction, not per session: pgbouncer refuses session settings.
+WORK_MEM = "64MB"
+
+
+async def use_work_mem(conn: asyncpg.Connection) -> None:
+    """Sets the analytics work_mem for the rest of `conn`'s transaction."""
+    await conn.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
+
+
 # --- exports ---------------------------------------------------------------------
 
 
@@ -256,14 +268,14 @@ GROUP BY query, user_id
 
 
 async def search_outcomes(
-    pool: asyncpg.Pool,
+    conn: asyncpg.Connection,
     window: Window,
     click_types: Sequence[str],
     cart_types: Sequence[str],
     purchase_types: Sequence[str],
 ) -> list[SearchOutcome]:
     relevant = ["search", *click_types, *cart_types, *purchase_types]
-    records = await pool.fetch(
+    records = await conn.fetch(
         _SEARCH_OUTCOMES,
         window.start_us,
         window.end_us,
@@ -308,9 +320,9 @@ ORDER BY 1 NULLS FIRST
 """
 
 
-async def active_users(pool: asyncpg.Pool, window: Window) -> list[ActiveUsers]:
+async def active_users(conn: asyncpg.Connection, window: Window) -> list[ActiveUsers]:
     """The whole window's counts first (day None), then each of its days."""
-    return [ActiveUsers(*r) for r in await pool.fetch(_ACTIVE_USERS, window.start_us, window.end_us)]
+    return [ActiveUsers(*r) for r in await conn.fetch(_ACTIVE_USERS, window.start_us, window.end_us)]
 
 
 # --- per user ----------------------------------------------------------------------
