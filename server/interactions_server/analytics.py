@@ -1,7 +1,9 @@
 """interactions.v1.AnalyticsService: what the logged events are for.
 
 Per-user reads run on the server's main pool (they are short index range
-scans, like the UserStateService). Exports and window aggregates run on a
+scans, like the UserStateService); an RPC that runs several queries runs them
+in one READ ONLY REPEATABLE READ transaction, so that a deletion between them
+cannot make them disagree. Exports and window aggregates run on a
 separate small pool, so that long exports never hold the connections ingest
 needs. Exports stream from a server-side cursor inside a READ ONLY
 REPEATABLE READ transaction: one snapshot for the whole call, a bounded
@@ -152,11 +154,12 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
     async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.GetSessionResponse:
         user_id = check_id(request.user_id, "user_id")
         session_id = check_id(request.session_id, "session_id")
-        summary = protos.sessions(user_id, await storage.session_events(self._pool, user_id, [session_id]))
-        session = summary.get(session_id)
-        if session is None:
-            raise NotFound(f"user {user_id!r} has no event in session {session_id!r}")
-        timeline = await storage.session_timeline(self._pool, user_id, session_id, MAX_SESSION_EVENTS)
+        async with _snapshot(self._pool) as conn:  # the summary and the timeline agree
+            summary = protos.sessions(user_id, await storage.session_events(conn, user_id, [session_id]))
+            session = summary.get(session_id)
+            if session is None:
+                raise NotFound(f"user {user_id!r} has no event in session {session_id!r}")
+            timeline = await storage.session_timeline(conn, user_id, session_id, MAX_SESSION_EVENTS)
         protos.add_events(session.events, timeline)
         session.truncated = session.event_count > len(timeline)
         return pb.GetSessionResponse(session=session)
@@ -166,11 +169,12 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         page_size = _bounded(request.page_size, "page_size", DEFAULT_PAGE_SIZE)
         before = tokens.decode_sessions(request.page_token) if request.page_token else None
         # One row more than the page tells whether there is a next page.
-        starts = await storage.sessions_page(self._pool, user_id, before, page_size + 1)
-        page = starts[:page_size]
-        summaries = protos.sessions(
-            user_id, await storage.session_events(self._pool, user_id, [s.session_id for s in page])
-        )
+        async with _snapshot(self._pool) as conn:  # a session of the page is still there for its summary
+            starts = await storage.sessions_page(conn, user_id, before, page_size + 1)
+            page = starts[:page_size]
+            summaries = protos.sessions(
+                user_id, await storage.session_events(conn, user_id, [s.session_id for s in page])
+            )
         response = pb.ListSessionsResponse(sessions=[summaries[s.session_id] for s in page])
         if len(starts) > page_size:
             response.next_page_token = tokens.encode(tokens.SESSIONS, page[-1].started_us, page[-1].session_id)
@@ -178,7 +182,8 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
 
     async def GetUserActivity(self, request: pb.GetUserActivityRequest, context: Any) -> pb.GetUserActivityResponse:
         user_id = check_id(request.user_id, "user_id")
-        per_type, session_count = await storage.user_activity(self._pool, user_id)
+        async with _snapshot(self._pool) as conn:
+            per_type, session_count = await storage.user_activity(conn, user_id)
         if not per_type:
             raise NotFound(f"user {user_id!r} has no event")
         response = pb.GetUserActivityResponse(
@@ -204,7 +209,8 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         before = (
             tokens.decode_position(request.page_token, "page_token", tokens.USER_EVENTS) if request.page_token else None
         )
-        rows = await storage.user_events(self._pool, user_id, window, types, before, page_size + 1)
+        async with self._pool.acquire() as conn:  # one statement: its own snapshot
+            rows = await storage.user_events(conn, user_id, window, types, before, page_size + 1)
         page = rows[:page_size]
         response = pb.ListUserEventsResponse()
         protos.add_events(response.events, page)

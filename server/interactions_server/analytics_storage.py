@@ -339,10 +339,15 @@ LIMIT $9
 
 
 async def user_events(
-    pool: asyncpg.Pool, user_id: str, window: Window, types: TypeFilter, before: tuple[int, str] | None, limit: int
+    conn: asyncpg.Connection,
+    user_id: str,
+    window: Window,
+    types: TypeFilter,
+    before: tuple[int, str] | None,
+    limit: int,
 ) -> list[EventRow]:
     """A user's events newest first, after the page that ended at `before`."""
-    records = await pool.fetch(
+    records = await conn.fetch(
         _USER_EVENTS,
         user_id,
         window.start_us,
@@ -362,18 +367,18 @@ class TypeActivity(NamedTuple):
     last_us: int
 
 
-async def user_activity(pool: asyncpg.Pool, user_id: str) -> tuple[list[TypeActivity], int]:
+async def user_activity(conn: asyncpg.Connection, user_id: str) -> tuple[list[TypeActivity], int]:
     """A user's events per type (count, first and last occurred_at) and how
-    many distinct sessions they carry."""
-    async with pool.acquire() as conn:
-        records = await conn.fetch(
-            f"""
-            SELECT event_type, count(*), {_US.format("min(occurred_at)")}, {_US.format("max(occurred_at)")}
-            FROM events WHERE user_id = $1 GROUP BY event_type
-            """,
-            user_id,
-        )
-        sessions: int = await conn.fetchval("SELECT count(DISTINCT session_id) FROM events WHERE user_id = $1", user_id)
+    many distinct sessions they carry (`conn` in a REPEATABLE READ transaction,
+    so that both statements see one snapshot)."""
+    records = await conn.fetch(
+        f"""
+        SELECT event_type, count(*), {_US.format("min(occurred_at)")}, {_US.format("max(occurred_at)")}
+        FROM events WHERE user_id = $1 GROUP BY event_type
+        """,
+        user_id,
+    )
+    sessions: int = await conn.fetchval("SELECT count(DISTINCT session_id) FROM events WHERE user_id = $1", user_id)
     return [TypeActivity(*r) for r in records], sessions
 
 
@@ -394,9 +399,9 @@ ORDER BY session_id, occurred_at, event_id
 """
 
 
-async def session_events(pool: asyncpg.Pool, user_id: str, session_ids: Sequence[str]) -> list[SessionEvent]:
+async def session_events(conn: asyncpg.Connection, user_id: str, session_ids: Sequence[str]) -> list[SessionEvent]:
     """The events of some sessions of a user, per session in (occurred_at, event_id) order."""
-    return [SessionEvent(*r) for r in await pool.fetch(_SESSION_EVENTS, user_id, list(session_ids))]
+    return [SessionEvent(*r) for r in await conn.fetch(_SESSION_EVENTS, user_id, list(session_ids))]
 
 
 _SESSION_TIMELINE = f"""
@@ -407,8 +412,8 @@ LIMIT $3
 """
 
 
-async def session_timeline(pool: asyncpg.Pool, user_id: str, session_id: str, limit: int) -> list[EventRow]:
-    return [EventRow(*r) for r in await pool.fetch(_SESSION_TIMELINE, user_id, session_id, limit)]
+async def session_timeline(conn: asyncpg.Connection, user_id: str, session_id: str, limit: int) -> list[EventRow]:
+    return [EventRow(*r) for r in await conn.fetch(_SESSION_TIMELINE, user_id, session_id, limit)]
 
 
 class SessionStart(NamedTuple):
@@ -428,10 +433,10 @@ LIMIT $4
 
 
 async def sessions_page(
-    pool: asyncpg.Pool, user_id: str, before: tuple[int, str] | None, limit: int
+    conn: asyncpg.Connection, user_id: str, before: tuple[int, str] | None, limit: int
 ) -> list[SessionStart]:
     """A user's sessions, newest start first, after the page that ended at `before`."""
-    records = await pool.fetch(
+    records = await conn.fetch(
         _SESSIONS_PAGE, user_id, before[0] if before else None, before[1] if before else None, limit
     )
     return [SessionStart(*r) for r in records]
