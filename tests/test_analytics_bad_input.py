@@ -133,3 +133,11 @@ async def test_valid_edges_are_accepted(stub: Stub) -> None:
     assert (counts.active_users, list(counts.daily)) == (0, [])
     responses = [r async for r in stub.ExportEvents(pb.ExportEventsRequest(start_time=LATE, end_time=LATE))]
     assert responses == []
+
+
+async def test_count_active_users_lists_at_most_a_century_of_days(stub: Stub) -> None:
+    """Each day of a bounded window is listed (zero-user days too), so its length is bounded."""
+    century = pb.CountActiveUsersRequest(start_time=Timestamp(seconds=0), end_time=Timestamp(seconds=36_600 * 86_400))
+    assert len((await stub.CountActiveUsers(century)).daily) == 36_600
+    too_long = pb.CountActiveUsersRequest(start_time=Timestamp(seconds=0), end_time=Timestamp(seconds=36_601 * 86_400))
+    assert "end_time" in await rejected(stub, "CountActiveUsers", too_long)

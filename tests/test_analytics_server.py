@@ -28,7 +28,7 @@ from interactions_client.rules import RULES, STANDARD, stored_name
 from interactions_client.v1 import analytics_service_pb2 as pb
 from interactions_client.v1 import analytics_service_pb2_grpc, interaction_service_pb2, interaction_service_pb2_grpc
 from interactions_client.v1.event_pb2 import Event, EventType
-from interactions_server import analytics
+from interactions_server import analytics, analytics_storage
 from tests.events import valid_event
 
 T = EventType
@@ -185,6 +185,10 @@ def make_events(rng: random.Random, now_us: int) -> list[Event]:
     for _ in range(3):
         add(T.EVENT_TYPE_VIEW, "twins", twin_at, product_id="p1", session_id="tw")
     add(T.EVENT_TYPE_SEARCH, "twins", twin_at, search={"query": "Twin"}, session_id="tw")
+    # A click in the same instant as its search: led to by it, whatever the ids.
+    for n in range(20):
+        add(T.EVENT_TYPE_SEARCH, f"quick-{n}", twin_at + n, search={"query": "Same instant"})
+        add(T.EVENT_TYPE_CLICK, f"quick-{n}", twin_at + n, product_id="p2")
     return out
 
 
@@ -315,6 +319,66 @@ async def test_training_resumed_in_the_middle_gives_the_same_rows(
     assert_same_training(training_tuples(received + resumed), training_tuples(whole))
 
 
+async def test_training_weights_decay_to_zero_without_errors(stub: Any, channel: grpc.aio.Channel) -> None:
+    """Thousands of half-lives (a 1 s half-life over hours-old events, or an
+    as_of in year 9999) underflow 0.5 ** n: the weight is 0, not an error."""
+    now = int(time.time()) * 1_000_000
+    events = [
+        event_at(T.EVENT_TYPE_PURCHASE, user_id="old", product_id="p", when=now - 2 * HOUR),
+        event_at(T.EVENT_TYPE_VIEW, user_id="old", product_id="p", when=now - HOUR),
+    ]
+    await send(channel, events, random.Random(1))
+    second = Duration(seconds=1)
+    for request in (
+        pb.ExportTrainingDataRequest(half_life=second),
+        pb.ExportTrainingDataRequest(half_life=second, end_time=ts(now + HOUR)),
+        pb.ExportTrainingDataRequest(half_life=Duration(seconds=3600), end_time=Timestamp(seconds=253_402_300_799)),
+    ):
+        ((user, product, weight, count, last, counts),) = training_tuples(
+            await collect(stub.ExportTrainingData(request))
+        )
+        assert (user, product, weight, count, last) == ("old", "p", 0.0, 2, now - HOUR)
+        assert counts == {"purchase": 1, "view": 1}
+
+
+async def test_without_end_time_as_of_ends_the_window(
+    stub: Any, channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event after as_of (future-dated, or logged before a resumed call)
+    is in neither the first call nor the resumed one."""
+    monkeypatch.setattr(analytics, "ROWS_PER_RESPONSE", 1)
+    now = int(time.time()) * 1_000_000
+    await send(
+        channel,
+        [
+            event_at(T.EVENT_TYPE_VIEW, user_id="a", product_id="p", when=now - HOUR),
+            event_at(T.EVENT_TYPE_VIEW, user_id="b", product_id="p", when=now - HOUR),
+            event_at(T.EVENT_TYPE_VIEW, user_id="b", product_id="p", when=now + 4 * MINUTE),  # future-dated
+        ],
+        random.Random(1),
+    )
+    request = pb.ExportTrainingDataRequest(half_life=Duration(seconds=3600))
+    call = stub.ExportTrainingData(request)
+    first = await call.read()
+    call.cancel()
+    as_of = micros(first.as_of)
+    assert as_of < now + 4 * MINUTE
+    # Logged after the first call, dated just after its as_of: not in the resumed call.
+    await send(
+        channel,
+        [
+            event_at(T.EVENT_TYPE_VIEW, user_id="c", product_id="p", when=as_of + 1),
+            event_at(T.EVENT_TYPE_VIEW, user_id="b", product_id="q", when=as_of + 2),
+        ],
+        random.Random(1),
+    )
+    request.resume_token = first.resume_token
+    rows = training_tuples([first, *await collect(stub.ExportTrainingData(request))])
+    assert [(r[0], r[1], r[3], r[4]) for r in rows] == [("a", "p", 1, now - HOUR), ("b", "p", 1, now - HOUR)]
+    for r in rows:
+        assert r[2] == pytest.approx(WEIGHTS["view"] * 0.5 ** ((as_of - (now - HOUR)) / 1e6 / 3600), rel=1e-9)
+
+
 # --- ExportEvents -------------------------------------------------------------------
 
 
@@ -366,7 +430,7 @@ def reference_searches(log: Log, start: int | None, end: int | None, limit: int)
         by_user[e.user_id].append(e)
     stats: dict[str, dict[str, Any]] = {}
     for evs in by_user.values():
-        evs.sort(key=key)
+        evs.sort(key=lambda e: (micros(e.occurred_at), e.event_type != T.EVENT_TYPE_SEARCH, e.event_id))
         for i, s in enumerate(evs):
             at = micros(s.occurred_at)
             if (
@@ -426,6 +490,7 @@ async def test_top_search_queries_matches_reference(stub: Any, log: Log) -> None
             assert search_tuples(response) == reference_searches(log, start, end, limit or 20)
     everything = search_tuples(await stub.TopSearchQueries(pb.TopSearchQueriesRequest()))
     assert {q[0] for q in everything} >= {"laptop", "gaming mouse", "twin"}  # the variants merged
+    assert [q[1:4] for q in everything if q[0] == "same instant"] == [(20, 20, 1.0)]
 
 
 async def test_what_a_search_leads_to(stub: Any, channel: grpc.aio.Channel) -> None:
@@ -450,6 +515,22 @@ async def test_what_a_search_leads_to(stub: Any, channel: grpc.aio.Channel) -> N
     window = window_request(pb.TopSearchQueriesRequest, t0, t0 + 1)
     (first,) = (await stub.TopSearchQueries(window)).queries
     assert (first.searches, first.click_through_rate, first.no_result_rate) == (1, 1.0, 1.0)
+
+
+async def test_the_lead_time_is_analytics_storage_constant(
+    stub: Any, channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SQL takes LEADS_TO_US as a parameter: one source for the 30 minutes."""
+    assert analytics_storage.LEADS_TO_US == LEADS_TO
+    monkeypatch.setattr(analytics_storage, "LEADS_TO_US", 5 * MINUTE)
+    t0 = (int(time.time()) - 3 * 3600) * 1_000_000
+    events = [
+        event_at(T.EVENT_TYPE_SEARCH, user_id="u", when=t0, search={"query": "lamp"}),
+        event_at(T.EVENT_TYPE_CLICK, user_id="u", when=t0 + 10 * MINUTE),  # within 30 min, not within 5
+    ]
+    await send(channel, events, random.Random(1))
+    (lamp,) = (await stub.TopSearchQueries(pb.TopSearchQueriesRequest())).queries
+    assert (lamp.searches, lamp.click_through_rate) == (1, 0.0)
 
 
 # --- sessions, activity, active users, user events -------------------------------------
@@ -557,10 +638,25 @@ def day(e: Event) -> str:
     return datetime.fromtimestamp(micros(e.occurred_at) / 1e6, UTC).strftime("%Y-%m-%d")
 
 
+def window_days(evs: list[Event], start: int | None, end: int | None) -> list[str]:
+    """Every UTC day of [start, end); an absent bound: the first (last) event's day."""
+    if start is not None and start == end:
+        return []
+    times = sorted(micros(e.occurred_at) for e in evs)
+    first = start if start is not None else times[0] if times else None
+    last = end - 1 if end is not None else times[-1] if times else None
+    if first is None or last is None:
+        return []
+    first_day, last_day = first // DAY, last // DAY
+    return [datetime.fromtimestamp(d * DAY / 1e6, UTC).strftime("%Y-%m-%d") for d in range(first_day, last_day + 1)]
+
+
 async def test_active_users_match_reference(stub: Any, log: Log) -> None:
-    for start, end in windows(log):
+    # Also: days without events before, between and after the log's.
+    for start, end in [*windows(log), (log.start_us - 3 * DAY, log.end_us + 2 * DAY)]:
         evs = log.in_window(start, end)
-        days = sorted({day(e) for e in evs})
+        days = window_days(evs, start, end)
+        assert set(days) >= {day(e) for e in evs}
         got = await stub.CountActiveUsers(window_request(pb.CountActiveUsersRequest, start, end))
         assert got.active_users == len({e.user_id for e in evs})
         assert got.logged_in_users == len({e.user_id for e in evs if e.event_type == T.EVENT_TYPE_LOGIN})

@@ -29,16 +29,19 @@ from interactions_client import (
     UnauthenticatedError,
 )
 from interactions_client.access import ADMIN, ANY_TOKEN, GRANTABLE_SCOPES, MissingScopeError, required_scopes
+from interactions_client.v1 import analytics_service_pb2 as analytics_pb
 from interactions_client.v1 import interaction_service_pb2 as isv
+from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
 from interactions_client.v1.event_pb2 import EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
-from interactions_server import auth
+from interactions_server import analytics, auth
 from interactions_server.ingest import Ingestor
 from interactions_server.server import App, StartupError
 from tests.events import valid_event
 from tests.support import StartServer, cli, field_violations
 from tests.test_cli import cli as client_cli
 
+VIEW = EventType.EVENT_TYPE_VIEW
 # name -> (secret, scopes, event_types)
 TOKENS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "writer": ("writer-secret", ["events:write"], None),
@@ -545,3 +548,43 @@ def test_the_security_flags_and_their_environment_variables(monkeypatch: pytest.
     assert not args.reflection
     flags = build_parser().parse_args(["--tls-cert", "a", "--tls-key", "b", "--auth-tokens", "c", "--no-reflection"])
     assert (flags.tls_cert, flags.auth_tokens, flags.reflection) == (Path("a"), Path("c"), False)
+
+
+async def test_a_reload_ends_the_open_streams_of_a_revoked_token(
+    secured: App, secured_channel: grpc.aio.Channel, tokens_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revoked token's open StreamEvents gets UNAUTHENTICATED at its next
+    batch, which is not written; its open export ends before its next response."""
+    monkeypatch.setattr(analytics, "ROWS_PER_RESPONSE", 1)
+    stream = InteractionServiceStub(secured_channel).StreamEvents(metadata=bearer("writer"))
+    for sequence in (1, 2):
+        events = [valid_event(VIEW, user_id="before") for _ in range(1_000)]
+        await stream.write(isv.StreamEventsRequest(sequence=sequence, events=events))
+        assert (await stream.read()).accepted_count == 1_000
+    # More responses than flow control lets the server send ahead of the reader.
+    analyst = AnalyticsServiceStub(secured_channel)
+    export = analyst.ExportEvents(analytics_pb.ExportEventsRequest(), metadata=bearer("analyst"))
+    assert len((await export.read()).events) == 1
+    # Another token's stream goes on.
+    web = InteractionServiceStub(secured_channel).StreamEvents(metadata=bearer("web"))
+
+    write_tokens(tokens_file, {k: v for k, v in TOKENS.items() if k not in ("writer", "analyst")})
+    assert secured.reload_tokens()
+
+    await stream.write(isv.StreamEventsRequest(sequence=2, events=[valid_event(VIEW, user_id="after")]))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await stream.read()
+    assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    exported = 1
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        while True:  # the responses sent before the reload, then the end
+            response = await export.read()
+            assert response is not grpc.aio.EOF, "the export ran to its end"
+            exported += 1
+    assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert exported < 2_000
+    await web.write(isv.StreamEventsRequest(sequence=1, events=[valid_event(VIEW, user_id="web")]))
+    assert (await web.read()).accepted_count == 1
+    await web.done_writing()
+    users = await secured.pool.fetch("SELECT DISTINCT user_id FROM events ORDER BY 1")
+    assert [r[0] for r in users] == ["before", "web"]

@@ -11,15 +11,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 
 from interactions_client import InteractionsClient, NotFoundError
+from interactions_client.v1 import admin_service_pb2, admin_service_pb2_grpc
 from interactions_client.v1 import interaction_service_pb2 as isv
 from interactions_client.v1.event_pb2 import Event, EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
+from interactions_server import analytics_storage
 from interactions_server.server import App
 from tests.events import valid_event
 from tests.support import eventually, field_violations
@@ -259,3 +262,48 @@ async def test_analytics_are_blind_to_a_deleted_user(server: App, admin: Interac
     with pytest.raises(NotFoundError):
         await admin.get_session("u1", "s1")
     assert (await admin.get_user_activity("u2")).login_count == 1  # the other user is untouched
+
+
+@pytest.mark.parametrize("user_id", ["", "   ", "u" * 129, "a\x00b"])
+@pytest.mark.parametrize("dry_run", [True, False])
+async def test_a_bad_user_id_is_invalid_argument(channel: grpc.aio.Channel, user_id: str, dry_run: bool) -> None:
+    """The same id check as the analytics reads (interactions_server.ids)."""
+    stub = admin_service_pb2_grpc.AdminServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.DeleteUserData(admin_service_pb2.DeleteUserDataRequest(user_id=user_id, dry_run=dry_run))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+    assert "user_id" in field_violations(refused.value)
+
+
+async def test_a_deletion_between_the_queries_of_a_read_is_not_seen(
+    server: App, admin: InteractionsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ListSessions and GetSession run two queries; a deletion committed
+    between them must not make them disagree (a KeyError, INTERNAL): both
+    read one snapshot, taken by the first."""
+    for user in ("gone", "gone too"):
+        events = [valid_event(EventType.EVENT_TYPE_LOGIN, user_id=user, session_id=f"s{i}") for i in range(3)]
+        assert (await admin.log_many(events)).accepted == 3
+    deleted: list[int] = []
+
+    def deleting_after(query: Any, user: str) -> Any:
+        async def query_then_delete(*args: Any) -> Any:
+            rows = await query(*args)
+            if not deleted:  # on another connection, committed before the read's next query
+                deleted.append((await admin.delete_user_data(user)).events_deleted)
+            return rows
+
+        return query_then_delete
+
+    monkeypatch.setattr(analytics_storage, "sessions_page", deleting_after(analytics_storage.sessions_page, "gone"))
+    sessions = [s async for s in admin.list_sessions("gone")]
+    assert deleted == [3]
+    assert sorted(s.session_id for s in sessions) == ["s0", "s1", "s2"]
+
+    deleted.clear()
+    monkeypatch.setattr(
+        analytics_storage, "session_events", deleting_after(analytics_storage.session_events, "gone too")
+    )
+    session = await admin.get_session("gone too", "s1")
+    assert deleted == [3]
+    assert session.event_count == len(session.events) == 1

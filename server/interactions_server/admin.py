@@ -12,7 +12,7 @@ from interactions_client.v1 import admin_service_pb2 as pb
 from interactions_client.v1 import admin_service_pb2_grpc
 from interactions_server import deletion_storage
 from interactions_server.auth import current_caller
-from interactions_server.user_state import _user_id as validated_user_id  # the same rules as the state reads
+from interactions_server.ids import check_id
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
 
@@ -24,7 +24,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         self._pool = pool
 
     async def DeleteUserData(self, request: pb.DeleteUserDataRequest, context: Any) -> pb.DeleteUserDataResponse:
-        user_id = validated_user_id(request.user_id)
+        user_id = check_id(request.user_id, "user_id")
         if request.dry_run:
             counts = await deletion_storage.count_user_data(self._pool, user_id)
         else:

@@ -1,7 +1,9 @@
 """interactions.v1.AnalyticsService: what the logged events are for.
 
 Per-user reads run on the server's main pool (they are short index range
-scans, like the UserStateService). Exports and window aggregates run on a
+scans, like the UserStateService); an RPC that runs several queries runs them
+in one READ ONLY REPEATABLE READ transaction, so that a deletion between them
+cannot make them disagree. Exports and window aggregates run on a
 separate small pool, so that long exports never hold the connections ingest
 needs. Exports stream from a server-side cursor inside a READ ONLY
 REPEATABLE READ transaction: one snapshot for the whole call, a bounded
@@ -14,14 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from interactions_client import limits
 from interactions_client.rules import CUSTOM, RULES, STANDARD
 from interactions_client.v1 import analytics_service_pb2 as pb
 from interactions_client.v1 import analytics_service_pb2_grpc
@@ -30,24 +31,25 @@ from interactions_server import analytics_protos as protos
 from interactions_server import analytics_storage as storage
 from interactions_server import analytics_tokens as tokens
 from interactions_server.errors import InvalidArgument, NotFound
+from interactions_server.ids import check_id
+from interactions_server.user_state import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["AnalyticsService"].full_name
 
-DEFAULT_PAGE_SIZE = 100
 DEFAULT_SEARCH_LIMIT = 20
-MAX_PAGE_SIZE = 1_000
 MAX_SESSION_EVENTS = 1_000  # a GetSession timeline
+MAX_DAYS = 36_600  # of a CountActiveUsers window (100 years): each day is listed
 ROWS_PER_RESPONSE = 1_000  # of an export
 BYTES_PER_RESPONSE = 1 << 20  # about: an export response is sent before it grows past this
 
-# The analytics pool's sessions: window queries sort and hash a window's
-# events; 64 MB each (at most analytics_pool_max_size of them) keeps a 7-day
-# window of a 1M-event log in memory instead of spilling to disk.
-POOL_SETTINGS = {"work_mem": "64MB"}
+# The analytics transactions set their work_mem themselves (analytics_storage.
+# use_work_mem): pgbouncer refuses it as a connection setting. (kept empty; removed at merge)
+POOL_SETTINGS: dict[str, str] = {}
 
 # Timestamp's valid range (0001-01-01 to 9999-12-31), in seconds.
 _MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
 _STANDARD_NAMES = sorted(STANDARD)
+_DAY_US = 86_400_000_000
 
 
 class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
@@ -67,13 +69,17 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             as_of_us, after = tokens.decode_training(request.resume_token)
         else:
             as_of_us = window.end_us if window.end_us is not None else int(time.time() * 1_000_000)
+        if window.end_us is None:
+            # as_of ends the window: no event after it (future-dated, or logged
+            # before a resumed call) is weighed, and a resumed call sees what
+            # the first one saw.
+            window = window._replace(end_us=as_of_us)
         as_of = protos.timestamp(as_of_us)
         first = True
         # aclosing: a call cancelled mid-export ends the cursor's prefetch
         # before the transaction rolls back on the same connection.
         async with (
-            self._analytics_pool.acquire() as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
+            _snapshot(self._analytics_pool, analytics=True) as conn,
             contextlib.aclosing(
                 storage.training_rows(conn, window, protos.ML_WEIGHTS, as_of_us, half_life, after, ROWS_PER_RESPONSE)
             ) as chunks,
@@ -104,8 +110,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             else None
         )
         async with (
-            self._analytics_pool.acquire() as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
+            _snapshot(self._analytics_pool, analytics=True) as conn,
             contextlib.aclosing(storage.export_events(conn, window, types, after, ROWS_PER_RESPONSE)) as chunks,
         ):
             async for chunk in chunks:
@@ -122,14 +127,20 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
     async def TopSearchQueries(self, request: pb.TopSearchQueriesRequest, context: Any) -> pb.TopSearchQueriesResponse:
         window = _window(request)
         limit = _bounded(request.limit, "limit", DEFAULT_SEARCH_LIMIT)
-        outcomes = await storage.search_outcomes(
-            self._analytics_pool, window, protos.CLICK_TYPES, protos.CART_TYPES, protos.PURCHASE_TYPES
-        )
+        async with _snapshot(self._analytics_pool, analytics=True) as conn:
+            outcomes = await storage.search_outcomes(
+                conn, window, protos.CLICK_TYPES, protos.CART_TYPES, protos.PURCHASE_TYPES
+            )
         return pb.TopSearchQueriesResponse(queries=protos.top_queries(outcomes, limit))
 
     async def CountActiveUsers(self, request: pb.CountActiveUsersRequest, context: Any) -> pb.CountActiveUsersResponse:
         window = _window(request)
-        rows = await storage.active_users(self._analytics_pool, window)
+        if window.start_us is not None and window.end_us is not None and window.end_us > window.start_us:
+            days = (window.end_us - 1) // _DAY_US - window.start_us // _DAY_US + 1
+            if days > MAX_DAYS:
+                raise _invalid("end_time", f"the window has {days:,} days; CountActiveUsers lists at most {MAX_DAYS:,}")
+        async with _snapshot(self._analytics_pool, analytics=True) as conn:
+            rows = await storage.active_users(conn, window)
         response = pb.CountActiveUsersResponse()
         for row in rows:
             if row.day is None:
@@ -141,35 +152,38 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
     # --- per user ----------------------------------------------------------------------
 
     async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.GetSessionResponse:
-        user_id = _id(request.user_id, "user_id")
-        session_id = _id(request.session_id, "session_id")
-        summary = protos.sessions(user_id, await storage.session_events(self._pool, user_id, [session_id]))
-        session = summary.get(session_id)
-        if session is None:
-            raise NotFound(f"user {user_id!r} has no event in session {session_id!r}")
-        timeline = await storage.session_timeline(self._pool, user_id, session_id, MAX_SESSION_EVENTS)
+        user_id = check_id(request.user_id, "user_id")
+        session_id = check_id(request.session_id, "session_id")
+        async with _snapshot(self._pool) as conn:  # the summary and the timeline agree
+            summary = protos.sessions(user_id, await storage.session_events(conn, user_id, [session_id]))
+            session = summary.get(session_id)
+            if session is None:
+                raise NotFound(f"user {user_id!r} has no event in session {session_id!r}")
+            timeline = await storage.session_timeline(conn, user_id, session_id, MAX_SESSION_EVENTS)
         protos.add_events(session.events, timeline)
         session.truncated = session.event_count > len(timeline)
         return pb.GetSessionResponse(session=session)
 
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
-        user_id = _id(request.user_id, "user_id")
+        user_id = check_id(request.user_id, "user_id")
         page_size = _bounded(request.page_size, "page_size", DEFAULT_PAGE_SIZE)
         before = tokens.decode_sessions(request.page_token) if request.page_token else None
         # One row more than the page tells whether there is a next page.
-        starts = await storage.sessions_page(self._pool, user_id, before, page_size + 1)
-        page = starts[:page_size]
-        summaries = protos.sessions(
-            user_id, await storage.session_events(self._pool, user_id, [s.session_id for s in page])
-        )
+        async with _snapshot(self._pool) as conn:  # a session of the page is still there for its summary
+            starts = await storage.sessions_page(conn, user_id, before, page_size + 1)
+            page = starts[:page_size]
+            summaries = protos.sessions(
+                user_id, await storage.session_events(conn, user_id, [s.session_id for s in page])
+            )
         response = pb.ListSessionsResponse(sessions=[summaries[s.session_id] for s in page])
         if len(starts) > page_size:
             response.next_page_token = tokens.encode(tokens.SESSIONS, page[-1].started_us, page[-1].session_id)
         return response
 
     async def GetUserActivity(self, request: pb.GetUserActivityRequest, context: Any) -> pb.GetUserActivityResponse:
-        user_id = _id(request.user_id, "user_id")
-        per_type, session_count = await storage.user_activity(self._pool, user_id)
+        user_id = check_id(request.user_id, "user_id")
+        async with _snapshot(self._pool) as conn:
+            per_type, session_count = await storage.user_activity(conn, user_id)
         if not per_type:
             raise NotFound(f"user {user_id!r} has no event")
         response = pb.GetUserActivityResponse(
@@ -188,20 +202,31 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         return response
 
     async def ListUserEvents(self, request: pb.ListUserEventsRequest, context: Any) -> pb.ListUserEventsResponse:
-        user_id = _id(request.user_id, "user_id")
+        user_id = check_id(request.user_id, "user_id")
         window = _window(request)
         types = _type_filter(request.event_types)
         page_size = _bounded(request.page_size, "page_size", DEFAULT_PAGE_SIZE)
         before = (
             tokens.decode_position(request.page_token, "page_token", tokens.USER_EVENTS) if request.page_token else None
         )
-        rows = await storage.user_events(self._pool, user_id, window, types, before, page_size + 1)
+        async with self._pool.acquire() as conn:  # one statement: its own snapshot
+            rows = await storage.user_events(conn, user_id, window, types, before, page_size + 1)
         page = rows[:page_size]
         response = pb.ListUserEventsResponse()
         protos.add_events(response.events, page)
         if len(rows) > page_size:
             response.next_page_token = tokens.encode(tokens.USER_EVENTS, page[-1].occurred_us, page[-1].event_id)
         return response
+
+
+@contextlib.asynccontextmanager
+async def _snapshot(pool: asyncpg.Pool, *, analytics: bool = False) -> AsyncIterator[asyncpg.Connection]:
+    """A connection in a READ ONLY REPEATABLE READ transaction: every query of
+    an RPC sees one snapshot. `analytics`: with the analytics work_mem."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        if analytics:
+            await storage.use_work_mem(conn)
+        yield conn
 
 
 # --- request checks: each bad field is INVALID_ARGUMENT naming it -------------------
@@ -237,18 +262,6 @@ def _bounded(value: int, field: str, default: int) -> int:
     if not 0 <= value <= MAX_PAGE_SIZE:
         raise _invalid(field, f"must be from 0 (the default, {default}) to {MAX_PAGE_SIZE:,}")
     return value or default
-
-
-def _id(value: str, field: str) -> str:
-    """Checked like the write path checks ids; NOT_FOUND / empty answers are
-    for valid ids that match nothing."""
-    if not value or value.isspace():
-        raise _invalid(field, "is required")
-    if len(value) > limits.MAX_ID_LENGTH:
-        raise _invalid(field, f"is {len(value)} characters long; the limit is {limits.MAX_ID_LENGTH}")
-    if "\x00" in value:
-        raise _invalid(field, "must not contain NUL characters")
-    return value
 
 
 def _type_filter(event_types: Sequence[int]) -> storage.TypeFilter:

@@ -86,6 +86,18 @@ def _types_sql(first_param: int) -> str:
     )
 
 
+# The analytics transactions' work_mem: window queries sort and hash a window's
+# events; 64 MB (for each of at most analytics_pool_max_size transactions)
+# keeps a 7-day window of a 1M-event log in memory instead of spilling to
+# disk. Per transaction, not per session: pgbouncer refuses session settings.
+WORK_MEM = "64MB"
+
+
+async def use_work_mem(conn: asyncpg.Connection) -> None:
+    """Sets the analytics work_mem for the rest of `conn`'s transaction."""
+    await conn.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
+
+
 # --- exports ---------------------------------------------------------------------
 
 
@@ -116,6 +128,13 @@ class TrainingRow(NamedTuple):
     type_counts: list[int]
 
 
+# The decay is 0.5 ** halvings; past about 1,074 halvings power() fails on
+# underflow (and on overflow below -1,024), so an event more than
+# _MAX_HALVINGS half-lives old weighs 0 and the (rare: after as_of) event more
+# than that many half-lives ahead counts as exactly that many.
+_HALVINGS = f"((extract(epoch FROM {_TS.format('$5::int8')} - e.occurred_at))::float8 / $6::float8)"
+_MAX_HALVINGS = 1000
+
 # Per (user, product, type) first, so that the per-type counts come out as
 # two parallel arrays; the decay factor is 1 when no half-life is given. The
 # keys are "C" from the start, so that one sort serves both the grouping and
@@ -124,8 +143,9 @@ _TRAINING = f"""
 SELECT user_id, product_id, sum(weight), sum(n)::int8, max(last_us), array_agg(event_type), array_agg(n)
 FROM (
     SELECT e.user_id COLLATE "C" AS user_id, e.product_id COLLATE "C" AS product_id, e.event_type, count(*) AS n, {_US.format("max(e.occurred_at)")} AS last_us,
-           sum(w.weight * CASE WHEN $6::float8 IS NULL THEN 1.0::float8 ELSE power(0.5::float8,
-               (extract(epoch FROM {_TS.format("$5::int8")} - e.occurred_at))::float8 / $6::float8) END) AS weight
+           sum(w.weight * CASE WHEN $6::float8 IS NULL THEN 1.0::float8
+                               WHEN {_HALVINGS} > {_MAX_HALVINGS} THEN 0.0::float8
+                               ELSE power(0.5::float8, greatest({_HALVINGS}, -{_MAX_HALVINGS})) END) AS weight
     FROM events AS e JOIN unnest($3::text[], $4::float8[]) AS w(event_type, weight) ON e.event_type = w.event_type
     WHERE e.product_id IS NOT NULL AND {_window_sql(1, "e.occurred_at")}
       AND ($7::text IS NULL OR (e.user_id COLLATE "C", e.product_id COLLATE "C") > ($7::text, $8::text))
@@ -209,12 +229,13 @@ class SearchOutcome(NamedTuple):
     no_results: int  # of those, the ones where it was 0
 
 
-# Every event of a relevant type in [start, end + 30 min), per user in
-# (occurred_at, event_id) order. A running count of searches numbers each
+# Every event of a relevant type in [start, end + LEADS_TO_US), per user in
+# (occurred_at, searches first, event_id) order. A running count of searches numbers each
 # search's group: the search and what follows it up to the user's next search.
 # The running max of search times is the group's search time. Groups of
 # searches outside [start, end) are dropped; searches after the window are
 # read only to end the groups of the window's last searches.
+_LEADS_TO = "($7::int8 * interval '1 microsecond')"  # LEADS_TO_US, a parameter
 _SEARCH_OUTCOMES = f"""
 WITH relevant AS (
     SELECT user_id, occurred_at, event_type, details,
@@ -223,16 +244,18 @@ WITH relevant AS (
     FROM events
     WHERE event_type = ANY($3::text[])
       AND occurred_at >= {_bound("$1::int8", "-infinity")}
-      AND occurred_at < {_bound("$2::int8", "infinity")} + interval '30 minutes'
+      AND occurred_at < {_bound("$2::int8", "infinity")} + {_LEADS_TO}
     -- "C": partitions need equality only, and byte order sorts fastest
-    WINDOW w AS (PARTITION BY user_id COLLATE "C" ORDER BY occurred_at, event_id ROWS UNBOUNDED PRECEDING)
+    -- searches first at the same instant: an event logged with its search's time follows it
+    WINDOW w AS (PARTITION BY user_id COLLATE "C" ORDER BY occurred_at, event_type <> 'search', event_id
+                 ROWS UNBOUNDED PRECEDING)
 ), outcomes AS (
     SELECT user_id, search_at,
            max(details #>> '{{search,query}}') FILTER (WHERE event_type = 'search') AS query,
            max((details #>> '{{search,result_count}}')::int4) FILTER (WHERE event_type = 'search') AS result_count,
-           bool_or(event_type = ANY($4::text[]) AND occurred_at <= search_at + interval '30 minutes') AS clicked,
-           bool_or(event_type = ANY($5::text[]) AND occurred_at <= search_at + interval '30 minutes') AS carted,
-           bool_or(event_type = ANY($6::text[]) AND occurred_at <= search_at + interval '30 minutes') AS bought
+           bool_or(event_type = ANY($4::text[]) AND occurred_at <= search_at + {_LEADS_TO}) AS clicked,
+           bool_or(event_type = ANY($5::text[]) AND occurred_at <= search_at + {_LEADS_TO}) AS carted,
+           bool_or(event_type = ANY($6::text[]) AND occurred_at <= search_at + {_LEADS_TO}) AS bought
     FROM relevant
     WHERE search_no > 0 AND search_at < {_bound("$2::int8", "infinity")}
     GROUP BY user_id, search_no, search_at
@@ -245,14 +268,14 @@ GROUP BY query, user_id
 
 
 async def search_outcomes(
-    pool: asyncpg.Pool,
+    conn: asyncpg.Connection,
     window: Window,
     click_types: Sequence[str],
     cart_types: Sequence[str],
     purchase_types: Sequence[str],
 ) -> list[SearchOutcome]:
     relevant = ["search", *click_types, *cart_types, *purchase_types]
-    records = await pool.fetch(
+    records = await conn.fetch(
         _SEARCH_OUTCOMES,
         window.start_us,
         window.end_us,
@@ -260,6 +283,7 @@ async def search_outcomes(
         list(click_types),
         list(cart_types),
         list(purchase_types),
+        LEADS_TO_US,
     )
     return [SearchOutcome(*r) for r in records]
 
@@ -271,23 +295,34 @@ class ActiveUsers(NamedTuple):
 
 
 # Distinct (day, user) pairs first, by hashing: far fewer rows to count
-# distinct over than the window's events, and no sort of the events.
+# distinct over than the window's events, and no sort of the events. The
+# days listed are the window's, from its start's day to the day of its last
+# instant (end - 1 µs), zero-user days too; an absent bound is replaced by the
+# day of the window's first (last) event.
 _ACTIVE_USERS = f"""
 WITH user_days AS (
     SELECT (occurred_at AT TIME ZONE 'UTC')::date AS day, user_id, bool_or(event_type = 'login') AS logged_in
     FROM events WHERE {_window_sql(1)}
     GROUP BY 1, 2
+), per_day AS (
+    SELECT day, count(*) AS active, count(*) FILTER (WHERE logged_in) AS logged_in FROM user_days GROUP BY day
+), span AS (
+    SELECT coalesce(({_TS.format("$1::int8")} AT TIME ZONE 'UTC')::date, (SELECT min(day) FROM per_day)) AS first,
+           coalesce(({_TS.format("($2::int8 - 1)")} AT TIME ZONE 'UTC')::date, (SELECT max(day) FROM per_day)) AS last
+), days AS (
+    SELECT first + n AS day FROM span, generate_series(0, last - first) AS n
+    WHERE NOT coalesce($1::int8 >= $2::int8, false)  -- an empty window has no day
 )
-SELECT to_char(day, 'YYYY-MM-DD'), count(DISTINCT user_id), count(DISTINCT user_id) FILTER (WHERE logged_in)
-FROM user_days
-GROUP BY GROUPING SETS ((day), ())
-ORDER BY day NULLS FIRST
+SELECT NULL::text, count(DISTINCT user_id), count(DISTINCT user_id) FILTER (WHERE logged_in) FROM user_days
+UNION ALL
+SELECT to_char(day, 'YYYY-MM-DD'), coalesce(active, 0), coalesce(logged_in, 0) FROM days LEFT JOIN per_day USING (day)
+ORDER BY 1 NULLS FIRST
 """
 
 
-async def active_users(pool: asyncpg.Pool, window: Window) -> list[ActiveUsers]:
-    """The whole window's counts first (day None), then each day with events."""
-    return [ActiveUsers(*r) for r in await pool.fetch(_ACTIVE_USERS, window.start_us, window.end_us)]
+async def active_users(conn: asyncpg.Connection, window: Window) -> list[ActiveUsers]:
+    """The whole window's counts first (day None), then each of its days."""
+    return [ActiveUsers(*r) for r in await conn.fetch(_ACTIVE_USERS, window.start_us, window.end_us)]
 
 
 # --- per user ----------------------------------------------------------------------
@@ -304,10 +339,15 @@ LIMIT $9
 
 
 async def user_events(
-    pool: asyncpg.Pool, user_id: str, window: Window, types: TypeFilter, before: tuple[int, str] | None, limit: int
+    conn: asyncpg.Connection,
+    user_id: str,
+    window: Window,
+    types: TypeFilter,
+    before: tuple[int, str] | None,
+    limit: int,
 ) -> list[EventRow]:
     """A user's events newest first, after the page that ended at `before`."""
-    records = await pool.fetch(
+    records = await conn.fetch(
         _USER_EVENTS,
         user_id,
         window.start_us,
@@ -327,18 +367,18 @@ class TypeActivity(NamedTuple):
     last_us: int
 
 
-async def user_activity(pool: asyncpg.Pool, user_id: str) -> tuple[list[TypeActivity], int]:
+async def user_activity(conn: asyncpg.Connection, user_id: str) -> tuple[list[TypeActivity], int]:
     """A user's events per type (count, first and last occurred_at) and how
-    many distinct sessions they carry."""
-    async with pool.acquire() as conn:
-        records = await conn.fetch(
-            f"""
-            SELECT event_type, count(*), {_US.format("min(occurred_at)")}, {_US.format("max(occurred_at)")}
-            FROM events WHERE user_id = $1 GROUP BY event_type
-            """,
-            user_id,
-        )
-        sessions: int = await conn.fetchval("SELECT count(DISTINCT session_id) FROM events WHERE user_id = $1", user_id)
+    many distinct sessions they carry (`conn` in a REPEATABLE READ transaction,
+    so that both statements see one snapshot)."""
+    records = await conn.fetch(
+        f"""
+        SELECT event_type, count(*), {_US.format("min(occurred_at)")}, {_US.format("max(occurred_at)")}
+        FROM events WHERE user_id = $1 GROUP BY event_type
+        """,
+        user_id,
+    )
+    sessions: int = await conn.fetchval("SELECT count(DISTINCT session_id) FROM events WHERE user_id = $1", user_id)
     return [TypeActivity(*r) for r in records], sessions
 
 
@@ -359,9 +399,9 @@ ORDER BY session_id, occurred_at, event_id
 """
 
 
-async def session_events(pool: asyncpg.Pool, user_id: str, session_ids: Sequence[str]) -> list[SessionEvent]:
+async def session_events(conn: asyncpg.Connection, user_id: str, session_ids: Sequence[str]) -> list[SessionEvent]:
     """The events of some sessions of a user, per session in (occurred_at, event_id) order."""
-    return [SessionEvent(*r) for r in await pool.fetch(_SESSION_EVENTS, user_id, list(session_ids))]
+    return [SessionEvent(*r) for r in await conn.fetch(_SESSION_EVENTS, user_id, list(session_ids))]
 
 
 _SESSION_TIMELINE = f"""
@@ -372,8 +412,8 @@ LIMIT $3
 """
 
 
-async def session_timeline(pool: asyncpg.Pool, user_id: str, session_id: str, limit: int) -> list[EventRow]:
-    return [EventRow(*r) for r in await pool.fetch(_SESSION_TIMELINE, user_id, session_id, limit)]
+async def session_timeline(conn: asyncpg.Connection, user_id: str, session_id: str, limit: int) -> list[EventRow]:
+    return [EventRow(*r) for r in await conn.fetch(_SESSION_TIMELINE, user_id, session_id, limit)]
 
 
 class SessionStart(NamedTuple):
@@ -393,10 +433,10 @@ LIMIT $4
 
 
 async def sessions_page(
-    pool: asyncpg.Pool, user_id: str, before: tuple[int, str] | None, limit: int
+    conn: asyncpg.Connection, user_id: str, before: tuple[int, str] | None, limit: int
 ) -> list[SessionStart]:
     """A user's sessions, newest start first, after the page that ended at `before`."""
-    records = await pool.fetch(
+    records = await conn.fetch(
         _SESSIONS_PAGE, user_id, before[0] if before else None, before[1] if before else None, limit
     )
     return [SessionStart(*r) for r in records]

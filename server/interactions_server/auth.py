@@ -13,6 +13,7 @@ time, with every entry; the scope each RPC needs comes from the schema
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import hmac
@@ -22,7 +23,7 @@ import secrets
 import sys
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,12 @@ class Token:
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who makes the current call: a token's name and the event types it may log."""
+    """Who makes the current call: a token's name and the event types it may
+    log; and its token's digest, to find it again after a reload."""
 
     name: str
     event_types: frozenset[str] | None
+    digest: bytes = field(default=b"", repr=False)
 
 
 # Set for the duration of each authenticated call. grpc.aio runs every call
@@ -183,6 +186,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has n
         self.tokens_file = tokens_file
         self._required: dict[str, str] = {}
         self._tokens = load_tokens(tokens_file)
+        self._generation = 0  # reloads so far: a call rechecks its caller only after one
 
     def require(self, required: Mapping[str, str]) -> None:
         """The scope of each served method path (set before the server starts)."""
@@ -201,6 +205,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has n
             _log.error("tokens file not reloaded, the previous tokens stay in force: %s", exc)
             return False
         self._tokens = tokens
+        self._generation += 1
         _log.info("tokens file reloaded: %d token(s): %s", len(tokens), ", ".join(t.name for t in tokens))
         return True
 
@@ -227,7 +232,37 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has n
         if not token.holds(scope):
             _log.info("refused %s to token %s: needs scope %s", method, token.name, scope)
             return grpc.StatusCode.PERMISSION_DENIED, f"token {token.name!r} lacks the scope {scope!r} for {method}"
-        return Caller(token.name, token.event_types)
+        return Caller(token.name, token.event_types, token.digest)
+
+    def recheck(self, method: str, caller: Caller) -> Refusal | None:
+        """Why an accepted call may no longer go on under the current tokens
+        (its token removed or its scope taken away by a reload), else None."""
+        token = None
+        for candidate in self._tokens:  # as in authenticate: no early exit
+            if hmac.compare_digest(caller.digest, candidate.digest):
+                token = candidate
+        if token is None:
+            _log.info("token %s revoked: ending its open call of %s", caller.name, method)
+            return grpc.StatusCode.UNAUTHENTICATED, "the bearer token was revoked"
+        scope = self._required.get(method) or _unlisted_scope(method)
+        if not token.holds(scope):
+            _log.info("token %s lost the scope %s: ending its open call of %s", token.name, scope, method)
+            return grpc.StatusCode.PERMISSION_DENIED, f"token {token.name!r} lacks the scope {scope!r} for {method}"
+        return None
+
+    def _revocation_check(self, method: str, caller: Caller) -> Callable[[], Refusal | None]:
+        """For an accepted call: whether it may go on, rechecked only after a reload."""
+        seen = self._generation
+        refusal: Refusal | None = None
+
+        def revoked() -> Refusal | None:
+            nonlocal seen, refusal
+            if refusal is None and seen != self._generation:
+                seen = self._generation
+                refusal = self.recheck(method, caller)
+            return refusal
+
+        return revoked
 
     async def intercept_service(
         self,
@@ -238,7 +273,9 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has n
         method: str = handler_call_details.method
         if handler is None or _service(method) in OPEN_SERVICES:
             return handler
-        return _guarded(handler, self.check(method, handler_call_details.invocation_metadata))
+        outcome = self.check(method, handler_call_details.invocation_metadata)
+        revoked = self._revocation_check(method, outcome) if isinstance(outcome, Caller) else _never
+        return _guarded(handler, outcome, revoked)
 
 
 def _service(method: str) -> str:
@@ -249,10 +286,30 @@ def _unlisted_scope(method: str) -> str:
     return ANY_TOKEN if _service(method) in ANY_TOKEN_SERVICES else ADMIN
 
 
-def _guarded(handler: grpc.RpcMethodHandler, outcome: Caller | Refusal) -> grpc.RpcMethodHandler:
+def _never() -> Refusal | None:
+    return None
+
+
+class _Revoked(grpc.aio.AbortError):  # type: ignore[misc]  # grpc has no type hints
+    """Raised into the servicer from its request stream when the caller's token
+    is revoked: an AbortError, so that the status interceptor lets it through
+    (after the servicer answered what it had already accepted), and _guarded
+    ends the call with the refusal."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal[1])
+        self.refusal = refusal
+
+
+def _guarded(
+    handler: grpc.RpcMethodHandler, outcome: Caller | Refusal, revoked: Callable[[], Refusal | None]
+) -> grpc.RpcMethodHandler:
     """`handler` behind the auth outcome, as a handler of the same streaming
     shape: a refused call ends before the servicer runs (for a client stream,
-    before any request is read); an accepted one runs with its Caller set."""
+    before any request is read); an accepted one runs with its Caller set.
+    A token revoked (or a scope taken away) by a reload also ends the calls
+    it has open: a request stream before its next message reaches the
+    servicer, a response stream before its next response."""
     streaming = (handler.request_streaming, handler.response_streaming)
     behavior = {
         (False, False): handler.unary_unary,
@@ -267,18 +324,40 @@ def _guarded(handler: grpc.RpcMethodHandler, outcome: Caller | Refusal) -> grpc.
         else:
             _CALLER.set(outcome)
 
+    async def rechecked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            if (refusal := revoked()) is not None:
+                raise _Revoked(refusal)
+            yield request
+
+    def requests_of(request: Any) -> Any:
+        return rechecked(request) if handler.request_streaming else request
+
     async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await admit(context)
-        return await behavior(request, context)
+        try:
+            return await behavior(requests_of(request), context)
+        except _Revoked as exc:
+            await context.abort(*exc.refusal)
 
     async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         await admit(context)
-        responses = behavior(request, context)
-        if inspect.isawaitable(responses):  # a handler that writes with context.write()
-            await responses
-            return
-        async for response in responses:
-            yield response
+        responses = behavior(requests_of(request), context)
+        try:
+            if inspect.isawaitable(responses):  # a handler that writes with context.write()
+                await responses
+                return
+            # aclosing: a cancelled call closes the handler's generator now (its
+            # cleanup, e.g. an export's cursor, runs before the call ends).
+            async with contextlib.aclosing(responses) as closing:
+                async for response in closing:
+                    # A request stream is checked per request: its answers to
+                    # requests already accepted still go out.
+                    if not handler.request_streaming and (refusal := revoked()) is not None:
+                        await context.abort(*refusal)
+                    yield response
+        except _Revoked as exc:
+            await context.abort(*exc.refusal)
 
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,

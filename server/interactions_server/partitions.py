@@ -4,6 +4,12 @@ Current events must never land in the default partition: a row there for a
 month would stop that month's partition from being created. So the server
 creates the partitions for the months around now at start-up and then every
 few hours (idempotent, and safe with several replicas doing it).
+
+Creating a partition locks the whole event log (ACCESS EXCLUSIVE on
+`events`), so it waits for every open read of it, such as a long export, and
+every insert queues behind that wait. So the DDL runs under a short
+lock_timeout and, when the lock is not free, gives up and retries a minute
+later: months are created well ahead, so a late try costs nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ _log = logging.getLogger(__name__)
 
 MONTHS_BACK = 1
 MONTHS_AHEAD = 2
+LOCK_TIMEOUT = "1s"  # the longest the DDL may hold up the inserts queued behind it
+RETRY_INTERVAL = 60.0  # seconds, after the lock was not free
 
 
 class PartitionKeeper:
@@ -28,10 +36,11 @@ class PartitionKeeper:
         self._pool = pool
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._lock_busy = False  # logged once per run of failed tries
 
     async def start(self) -> None:
-        await self._ensure()
-        self._task = asyncio.create_task(self._run(), name="partition-keeper")
+        done = await self.ensure()
+        self._task = asyncio.create_task(self._run(done), name="partition-keeper")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -39,16 +48,35 @@ class PartitionKeeper:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def _ensure(self) -> None:
-        created = await storage.ensure_event_partitions(self._pool, MONTHS_BACK, MONTHS_AHEAD)
+    async def ensure(self) -> bool:
+        """Creates the missing partitions; False when the event log's lock was
+        not free within LOCK_TIMEOUT (nothing created, try again later)."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                created = await storage.ensure_event_partitions(conn, MONTHS_BACK, MONTHS_AHEAD)
+        except asyncpg.LockNotAvailableError:
+            if not self._lock_busy:
+                _log.warning(
+                    "event log partitions not created yet: the event log is locked by a long "
+                    "transaction (an export?); retrying every %.0f s",
+                    RETRY_INTERVAL,
+                )
+                self._lock_busy = True
+            return False
+        if self._lock_busy:
+            _log.info("event log partitions checked after waiting for the lock")
+            self._lock_busy = False
         if created:
             _log.info("created %d monthly partition(s) of the event log", created)
+        return True
 
-    async def _run(self) -> None:
+    async def _run(self, done: bool) -> None:
         while True:
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(self._interval if done else RETRY_INTERVAL)
             try:
-                await self._ensure()
+                done = await self.ensure()
             except Exception as exc:  # retried at the next interval; health reports the database
+                done = True
                 if not is_database_unavailable(exc):
                     _log.exception("could not create event log partitions")

@@ -71,7 +71,8 @@ class ExportTrainingDataResponse(_message.Message):
     @_builtins.property
     def as_of(self) -> _timestamp_pb2.Timestamp:
         """The time decay is measured from: end_time, or the export's start when
-        end_time is absent. Set on the first response of a call.
+        end_time is absent (then as_of is also the window's exclusive end, kept
+        by a resumed call). Set on the first response of a call.
         """
 
     def __init__(
@@ -125,7 +126,8 @@ class TrainingRow(_message.Message):
     product_id: _builtins.str
     weight: _builtins.float
     """Sum over the pair's events whose type has an ml_weight of
-    ml_weight * 0.5^((as_of - occurred_at) / half_life).
+    ml_weight * 0.5^((as_of - occurred_at) / half_life); 0 for an event
+    more than 1,000 half-lives before as_of.
     """
     event_count: _builtins.int
     """The pair's events counted in the weight."""
@@ -297,7 +299,9 @@ Global___TopSearchQueriesResponse: _TypeAlias = TopSearchQueriesResponse  # noqa
 class SearchQueryStats(_message.Message):
     """A search leads to an event of the same user that comes after it, within
     30 minutes, and before that user's next search. Each rate is the share of
-    the query's searches that led to at least one such event.
+    the query's searches that led to at least one such event. At the same
+    occurred_at, searches come first: an event at the very instant of a search
+    comes after it (then the order is by event_id).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -665,7 +669,11 @@ class CountActiveUsersResponse(_message.Message):
     """Distinct users with a login in the window."""
     @_builtins.property
     def daily(self) -> _containers.RepeatedCompositeFieldContainer[Global___DailyActiveUsers]:
-        """One per UTC day of the window that has events, oldest first."""
+        """One per UTC day of the window, oldest first, including days with no
+        user (zeros): from start_time's day to the day of end_time minus 1 µs;
+        an absent bound is the day of the window's first (last) event. A bounded
+        window may span at most 36,600 days.
+        """
 
     def __init__(
         self,
