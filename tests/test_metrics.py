@@ -25,7 +25,8 @@ from interactions_server import metrics
 from interactions_server.server import App
 from tests.events import valid_event
 from tests.metrics_support import Samples, delta, scrape, total, value
-from tests.support import cli, eventually
+from tests.support import StartServer, cli, eventually
+from tests.test_auth import TOKENS, bearer, write_tokens
 from tests.test_workers import LISTENING, channels, connection_owners, serving, worker_pids
 
 VIEW, PURCHASE, CUSTOM = EventType.EVENT_TYPE_VIEW, EventType.EVENT_TYPE_PURCHASE, EventType.EVENT_TYPE_CUSTOM
@@ -229,3 +230,26 @@ def _multiproc_dir(worker_pid: int) -> Path:
     with open(f"/proc/{worker_pid}/environ", "rb") as environ:
         variables = dict(item.split(b"=", 1) for item in environ.read().split(b"\0") if b"=" in item)
     return Path(variables[metrics.MULTIPROC_ENV.encode()].decode())
+
+
+async def test_with_tokens_the_client_label_is_the_token_name(
+    start_server: StartServer, tmp_path: Path, metrics_url: str
+) -> None:
+    tokens = tmp_path / "tokens.toml"
+    write_tokens(tokens, {"writer": TOKENS["writer"]})
+    secured = await start_server(auth_tokens=tokens)
+    before = await scrape(metrics_url)
+    async with grpc.aio.insecure_channel(secured.address) as channel:
+        stub = InteractionServiceStub(channel)
+        await stub.LogEvent(pb.LogEventRequest(event=valid_event(VIEW)), metadata=bearer("writer"))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.LogEvent(pb.LogEventRequest(event=valid_event(VIEW)), metadata=bearer("nobody"))
+    after = await scrape(metrics_url)
+    assert (
+        delta(after, before, "interactions_events_total", event_type="view", outcome="accepted", client="writer") == 1
+    )
+    labels = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "LogEvent"}
+    assert delta(after, before, "grpc_server_handled_total", grpc_code="OK", client="writer", **labels) == 1
+    # A refused call has no client: the label never carries what a caller merely claimed.
+    assert delta(after, before, "grpc_server_handled_total", grpc_code="Unauthenticated", client="", **labels) == 1
+    assert "writer-secret" not in str(after) and TOKENS["writer"][0] not in str(after)

@@ -42,9 +42,6 @@ MAX_DAYS = 36_600  # of a CountActiveUsers window (100 years): each day is liste
 ROWS_PER_RESPONSE = 1_000  # of an export
 BYTES_PER_RESPONSE = 1 << 20  # about: an export response is sent before it grows past this
 
-# The analytics transactions set their work_mem themselves (analytics_storage.
-# use_work_mem): pgbouncer refuses it as a connection setting. (kept empty; removed at merge)
-POOL_SETTINGS: dict[str, str] = {}
 
 # Timestamp's valid range (0001-01-01 to 9999-12-31), in seconds.
 _MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799

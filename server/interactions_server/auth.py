@@ -33,6 +33,7 @@ import grpc.aio
 from interactions_client.access import ADMIN, ANY_TOKEN, GRANTABLE_SCOPES
 from interactions_client.rules import RULES
 from interactions_client.v1.event_pb2 import Event, FieldViolation
+from interactions_server import metrics
 
 _log = logging.getLogger(__name__)
 
@@ -323,6 +324,7 @@ def _guarded(
             await context.abort(*outcome)  # raises
         else:
             _CALLER.set(outcome)
+            metrics.current_client.set(outcome.name)  # the `client` label and log field: the token's name
 
     async def rechecked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async for request in requests:

@@ -259,7 +259,6 @@ class Server:
             max_size=config.analytics_pool_max_size,
             reset=_end_transaction,
             statement_cache_size=config.statement_cache_size,
-            server_settings=analytics.POOL_SETTINGS,
         )
         self._health = DatabaseHealth(
             self.dsn,

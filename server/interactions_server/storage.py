@@ -299,9 +299,9 @@ async def fetch_purchases(
 # --- maintenance ---------------------------------------------------------------
 
 
-async def ensure_event_partitions(pool: asyncpg.Pool, months_back: int, months_ahead: int) -> int:
+async def ensure_event_partitions(conn: asyncpg.Pool | asyncpg.Connection, months_back: int, months_ahead: int) -> int:
     """Creates the missing monthly partitions of the event log around now; returns how many."""
-    created: int = await pool.fetchval(
+    created: int = await conn.fetchval(
         """
         SELECT ensure_event_partitions(
             (now() - make_interval(months => $1))::date, (now() + make_interval(months => $2))::date)

@@ -12,12 +12,12 @@ import asyncpg
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from interactions_client import limits
 from interactions_client.v1 import user_state_service_pb2 as pb
 from interactions_client.v1 import user_state_service_pb2_grpc
 from interactions_client.v1.event_pb2 import FieldViolation
 from interactions_server import storage
 from interactions_server.errors import InvalidArgument
+from interactions_server.ids import check_id
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["UserStateService"].full_name
 DEFAULT_PAGE_SIZE = 100
@@ -36,7 +36,7 @@ class UserStateService(user_state_service_pb2_grpc.UserStateServiceServicer):
         self._pool = pool
 
     async def GetCart(self, request: pb.GetCartRequest, context: grpc.aio.ServicerContext) -> pb.GetCartResponse:
-        rows = await storage.fetch_cart(self._pool, _user_id(request.user_id))
+        rows = await storage.fetch_cart(self._pool, check_id(request.user_id, "user_id"))
         return pb.GetCartResponse(
             items=[
                 pb.CartItem(product_id=r.product_id, quantity=r.quantity, updated_at=_timestamp(r.updated_at))
@@ -47,7 +47,7 @@ class UserStateService(user_state_service_pb2_grpc.UserStateServiceServicer):
     async def GetWishlist(
         self, request: pb.GetWishlistRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetWishlistResponse:
-        rows = await storage.fetch_wishlist(self._pool, _user_id(request.user_id))
+        rows = await storage.fetch_wishlist(self._pool, check_id(request.user_id, "user_id"))
         return pb.GetWishlistResponse(
             items=[pb.WishlistItem(product_id=r.product_id, added_at=_timestamp(r.added_at)) for r in rows]
         )
@@ -55,7 +55,7 @@ class UserStateService(user_state_service_pb2_grpc.UserStateServiceServicer):
     async def ListPurchases(
         self, request: pb.ListPurchasesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListPurchasesResponse:
-        user_id = _user_id(request.user_id)
+        user_id = check_id(request.user_id, "user_id")
         page_size = _page_size(request.page_size)
         after = decode_page_token(request.page_token) if request.page_token else None
         # One row more than the page tells whether there is a next page.
@@ -95,17 +95,6 @@ def decode_page_token(token: str) -> tuple[datetime, str]:
             pass
     violation = FieldViolation(field="page_token", description="is not a token from a previous response")
     raise InvalidArgument([violation], "invalid page token")
-
-
-def _user_id(user_id: str) -> str:
-    if not user_id or user_id.isspace():
-        raise InvalidArgument([FieldViolation(field="user_id", description="is required")])
-    if len(user_id) > limits.MAX_ID_LENGTH:
-        description = f"is {len(user_id)} characters long; the limit is {limits.MAX_ID_LENGTH}"
-        raise InvalidArgument([FieldViolation(field="user_id", description=description)])
-    if "\x00" in user_id:  # PostgreSQL text cannot hold it
-        raise InvalidArgument([FieldViolation(field="user_id", description="must not contain NUL characters")])
-    return user_id
 
 
 def _page_size(page_size: int) -> int:
