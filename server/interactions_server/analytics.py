@@ -115,7 +115,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
                 while start < len(chunk):  # a chunk of large events makes several responses
                     response = pb.ExportEventsResponse()
                     start = protos.add_exported_events(response.events, chunk, start, BYTES_PER_RESPONSE)
-                    last = chunk[start - 1]
+                    last = storage.EventRow(*chunk[start - 1])
                     response.resume_token = tokens.encode(tokens.EVENTS, last.occurred_us, last.event_id)
                     yield response
 

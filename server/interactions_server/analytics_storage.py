@@ -196,9 +196,12 @@ ORDER BY occurred_at, event_id
 
 async def export_events(
     conn: asyncpg.Connection, window: Window, types: TypeFilter, after: tuple[int, str] | None, chunk: int
-) -> AsyncGenerator[list[EventRow], None]:
+) -> AsyncGenerator[list[asyncpg.Record], None]:
     """The log in (occurred_at, event_id) order, `chunk` rows at a time, from
-    a server-side cursor (`conn` must be in a transaction)."""
+    a server-side cursor (`conn` must be in a transaction). The records have
+    EventRow's fields in its order but are not made EventRows (`EventRow(*r)`
+    where needed): building one per exported event took a tenth of the
+    server's time per event."""
     cursor = await conn.cursor(
         EXPORT_EVENTS,
         window.start_us,
@@ -209,7 +212,7 @@ async def export_events(
     )
     async with contextlib.aclosing(_prefetched(cursor, chunk)) as chunks:
         async for records in chunks:
-            yield [EventRow(*r) for r in records]
+            yield records
 
 
 # --- window aggregates --------------------------------------------------------------
