@@ -67,6 +67,7 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),  # tolerate client pings every 10 s
 )
+MAX_PENDING_CALLS = 100_000  # beyond this many calls queued in core at once, core cancels the excess
 # The largest valid request (message_size.py: 1,000 events at every bound,
 # 4-byte characters): about 225 MiB. The byte budget, not this, bounds memory.
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
@@ -76,6 +77,13 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # with the bandwidth-delay estimate: a stream that is not reading (byte
     # budget full) then has little more than one window buffered in gRPC.
     ("grpc.http2.bdp_probe", 0),
+    # Calls that arrived but that grpc.aio has not yet taken (it takes them
+    # one at a time) wait in core's pending queue; past 1,000 (core's default)
+    # core drops them at random and the client sees CANCELLED, a code it does
+    # not retry. Under a burst the queue must hold them until the concurrency
+    # limit refuses them with RESOURCE_EXHAUSTED.
+    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
     ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
 )
 
