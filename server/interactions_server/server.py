@@ -209,6 +209,7 @@ class Server:
         self._servicers: list[object] = []
         self._server: grpc.aio.Server | None = None
         self._summary = logs.SummaryTask(config.log_summary_interval)
+        self._trimmer: asyncio.Task[None] | None = None  # hands memory freed after a burst back
         self._stopped = False
 
     @property
@@ -299,6 +300,7 @@ class Server:
         await self._health.start()
         await server.start()
         self._summary.start()
+        self._trimmer = asyncio.create_task(malloc.trim_after_bursts(), name="malloc-trim")
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: health goes NOT_SERVING (open Watches end), no
@@ -327,6 +329,9 @@ class Server:
                     _log.warning("database connections did not close in time; terminating them")
                     pool.terminate()
         await self._summary.stop()
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+            await asyncio.gather(self._trimmer, return_exceptions=True)
 
 
 def _token_auth(config: ServerConfig) -> TokenAuth | None:
