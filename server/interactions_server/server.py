@@ -67,6 +67,7 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),  # tolerate client pings every 10 s
 )
+MAX_PENDING_CALLS = 100_000  # beyond this many calls queued in core at once, core cancels the excess
 # The largest valid request (message_size.py: 1,000 events at every bound,
 # 4-byte characters): about 225 MiB. The byte budget, not this, bounds memory.
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
@@ -76,6 +77,13 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # with the bandwidth-delay estimate: a stream that is not reading (byte
     # budget full) then has little more than one window buffered in gRPC.
     ("grpc.http2.bdp_probe", 0),
+    # Calls that arrived but that grpc.aio has not yet taken (it takes them
+    # one at a time) wait in core's pending queue; past 1,000 (core's default)
+    # core drops them at random and the client sees CANCELLED, a code it does
+    # not retry. Under a burst the queue must hold them until the concurrency
+    # limit refuses them with RESOURCE_EXHAUSTED.
+    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
     ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
 )
 
@@ -201,6 +209,7 @@ class Server:
         self._servicers: list[object] = []
         self._server: grpc.aio.Server | None = None
         self._summary = logs.SummaryTask(config.log_summary_interval)
+        self._trimmer: asyncio.Task[None] | None = None  # hands memory freed after a burst back
         self._stopped = False
 
     @property
@@ -291,6 +300,7 @@ class Server:
         await self._health.start()
         await server.start()
         self._summary.start()
+        self._trimmer = asyncio.create_task(malloc.trim_after_bursts(), name="malloc-trim")
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: health goes NOT_SERVING (open Watches end), no
@@ -319,6 +329,9 @@ class Server:
                     _log.warning("database connections did not close in time; terminating them")
                     pool.terminate()
         await self._summary.stop()
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+            await asyncio.gather(self._trimmer, return_exceptions=True)
 
 
 def _token_auth(config: ServerConfig) -> TokenAuth | None:

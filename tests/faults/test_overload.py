@@ -27,7 +27,6 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import psutil
-import pytest
 
 from interactions_client.v1 import interaction_service_pb2 as pb
 from interactions_client.v1.event_pb2 import Event
@@ -157,14 +156,6 @@ async def abandon_stream(stub: InteractionServiceStub, events: list[Event], ledg
     return code
 
 
-# Known failure, kept as the contract states it (issue 10 stays open on it):
-# under a 2,000-call burst grpc.aio itself answers about 10% of the calls
-# CANCELLED before any interceptor or handler runs (a bare grpc.aio server
-# with a sleeping handler does the same), and RSS settles at 1.15-1.31x its
-# start instead of within 20%. docs/reliability.md has the figures.
-@pytest.mark.xfail(
-    reason="grpc.aio answers CANCELLED to part of a 2,000-call burst; RSS settles above 1.2x", strict=False
-)
 async def test_overload_is_refused_and_leaves_nothing_behind(postgres: OwnPostgres) -> None:
     rnd = random.Random(5)
     ledger = Ledger()
