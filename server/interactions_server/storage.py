@@ -20,20 +20,24 @@ _US_TO_TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
 _TS_TO_US = "(extract(epoch FROM {}) * 1000000)::int8"
 
 
-class EventRow(NamedTuple):
-    """One row of the event log, in the column order of INSERT_EVENTS."""
+class EventColumns(NamedTuple):
+    """A batch of event-log rows as one list per column, in the parameter order of INSERT_EVENTS."""
 
-    user_id: str
-    event_id: str
-    event_type: str
-    session_id: str | None
-    product_id: str | None
-    event_value: int
-    occurred_us: int
-    details: str | None  # JSON text
-    attributes: str | None  # JSON text
-    syncs_state: bool
-    fingerprint: int  # of the event's content as sent (stored in event_keys)
+    user_id: list[str]
+    event_id: list[str]
+    event_type: list[str]
+    session_id: list[str | None]
+    product_id: list[str | None]
+    event_value: list[int]
+    occurred_us: list[int]
+    details: list[str | None]  # JSON text
+    attributes: list[str | None]  # JSON text
+    syncs_state: list[bool]
+    fingerprint: list[int]  # of the event's content as sent (stored in event_keys)
+
+    @classmethod
+    def empty(cls) -> EventColumns:
+        return cls([], [], [], [], [], [], [], [], [], [], [])
 
 
 INSERT_EVENTS = f"""
@@ -88,7 +92,7 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
 
 
 async def insert_events(
-    conn: asyncpg.Connection, rows: Sequence[EventRow], deadline: float | None = None
+    conn: asyncpg.Connection, columns: EventColumns, deadline: float | None = None
 ) -> InsertOutcome:
     """Logs the rows whose (user_id, event_id) is new, except those refused by
     a deletion watermark (in one statement); returns those keys, the known
@@ -96,7 +100,7 @@ async def insert_events(
     keys must be unique within the batch. Past `deadline` (epoch seconds, by
     PostgreSQL's clock) the statement fails instead (QueryCanceledError)."""
     outcome = InsertOutcome(set(), set(), {})
-    for user_id, event_id, conflict, deleted_through in await conn.fetch(INSERT_EVENTS, *_columns(rows, 11), deadline):
+    for user_id, event_id, conflict, deleted_through in await conn.fetch(INSERT_EVENTS, *columns, deadline):
         if deleted_through is not None:
             outcome.refused[(user_id, event_id)] = deleted_through
         else:
