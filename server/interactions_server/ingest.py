@@ -110,6 +110,7 @@ class Ingestor:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._sync: dict[int, SyncHandler] = build_registry()
+        self._locked_targets = frozenset(t for t, handler in self._sync.items() if handler.needs_key_lock)
 
     async def write(
         self, events: Sequence[Event], time_limit: float | None = None, *, allowed_types: frozenset[str] | None = None
@@ -126,6 +127,7 @@ class Ingestor:
         columns = storage.EventColumns.empty()
         users, ids, types, sessions, products, values, occurred, details, attributes, syncs, prints_column = columns
         syncing: dict[int, list[SyncEvent]] = {}
+        locked: set[tuple[str, str]] = set()  # keys of the events whose sync needs the key's lock
         row_index: dict[tuple[str, str], int] = {}  # first occurrence of each key in the batch
         prints: dict[tuple[str, str], int] = {}  # fingerprint of each key's first occurrence
         repeats: list[tuple[int, tuple[str, str]]] = []  # later occurrences with the same content
@@ -178,6 +180,8 @@ class Ingestor:
                 if target is None:
                     target = syncing[rule.sync] = []
                 target.append(SyncEvent(user_id, product_id or "", event_id, occurred_us, value, session_id, rule))
+                if rule.sync in self._locked_targets:
+                    locked.add((user_id, product_id or ""))
         if not users:
             return result
 
@@ -187,7 +191,7 @@ class Ingestor:
         # and are bounded by a statement_timeout.
         deadline = None if time_limit is None else now + time_limit
         try:
-            inserted = await self._insert(columns, syncing, time_limit, deadline)
+            inserted = await self._insert(columns, syncing, locked, time_limit, deadline)
         except asyncpg.exceptions.QueryCanceledError as exc:
             if deadline is not None and time.time() >= deadline - _DEADLINE_SLACK:
                 raise DeadlineExceeded("the call's deadline passed; nothing was written") from exc
@@ -229,6 +233,7 @@ class Ingestor:
         self,
         columns: storage.EventColumns,
         syncing: dict[int, list[SyncEvent]],
+        locked: set[tuple[str, str]],
         time_limit: float | None,
         deadline: float | None,
     ) -> storage.InsertOutcome:
@@ -236,24 +241,19 @@ class Ingestor:
             # One statement is its own transaction: no BEGIN / COMMIT round trips.
             async with db.acquire(self._pool) as conn:
                 return await storage.insert_events(conn, columns, deadline)
-        async with db.transaction(self._pool, time_limit) as conn:
-            inserted = await storage.insert_events(conn, columns, deadline)
+        # The insert statement also takes the sync keys' locks; the deadline is
+        # checked once more just before COMMIT (in COMMIT's round trip).
+        async with db.transaction(self._pool, time_limit, deadline) as conn:
+            inserted = await storage.insert_events(conn, columns, deadline, locked)
             await self._sync_new(conn, syncing, inserted.new)
-            if deadline is not None:
-                await storage.check_deadline(conn, deadline)  # just before COMMIT
         return inserted
 
     async def _sync_new(
         self, conn: asyncpg.Connection, by_target: dict[int, list[SyncEvent]], new_keys: set[tuple[str, str]]
     ) -> None:
-        """Runs the sync handlers on the events that were new to the log."""
-        new = {
-            target: fresh
-            for target, candidates in by_target.items()
-            if (fresh := [e for e in candidates if (e.user_id, e.event_id) in new_keys])
-        }
-        locked = {(e.user_id, e.product_id) for t, evs in new.items() if self._sync[t].needs_key_lock for e in evs}
-        if locked:
-            await storage.lock_keys(conn, locked)
-        for target in sorted(new):
-            await self._sync[target](conn, new[target])
+        """Runs the sync handlers on the events that were new to the log (their
+        keys' locks are held since the insert)."""
+        for target in sorted(by_target):
+            fresh = [e for e in by_target[target] if (e.user_id, e.event_id) in new_keys]
+            if fresh:
+                await self._sync[target](conn, fresh)

@@ -46,7 +46,9 @@ WITH batch AS (
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                 $6::int8[], $7::int8[], $8::text[], $9::text[], $10::bool[], $11::int8[])
          AS r(u, e, t, s, p, v, o, d, a, y, f)
-    WHERE (SELECT deadline_guard($12::float8))  -- once, before anything is written
+    -- Once, before anything is written: the deadline, then the state-sync
+    -- key locks (migrations/0005_sync_key_locks.sql) of the events that sync.
+    WHERE (SELECT deadline_guard($12::float8)) AND (SELECT lock_sync_keys($13::text[], $14::text[]))
 ), deleted AS MATERIALIZED (
     -- Users whose data was deleted (migrations/0003_user_deletion.sql, which
     -- explains the lock this takes): their events up to the watermark are refused.
@@ -92,15 +94,22 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
 
 
 async def insert_events(
-    conn: asyncpg.Connection, columns: EventColumns, deadline: float | None = None
+    conn: asyncpg.Connection,
+    columns: EventColumns,
+    deadline: float | None = None,
+    lock_keys: Collection[tuple[str, str]] = (),
 ) -> InsertOutcome:
     """Logs the rows whose (user_id, event_id) is new, except those refused by
     a deletion watermark (in one statement); returns those keys, the known
     keys whose stored fingerprint differs, and the refused keys. The rows'
     keys must be unique within the batch. Past `deadline` (epoch seconds, by
-    PostgreSQL's clock) the statement fails instead (QueryCanceledError)."""
+    PostgreSQL's clock) the statement fails instead (QueryCanceledError).
+    `lock_keys`: the (user_id, product_id) keys whose state-sync locks the
+    transaction takes first (what lock_keys does, without a round trip)."""
     outcome = InsertOutcome(set(), set(), {})
-    for user_id, event_id, conflict, deleted_through in await conn.fetch(INSERT_EVENTS, *columns, deadline):
+    for user_id, event_id, conflict, deleted_through in await conn.fetch(
+        INSERT_EVENTS, *columns, deadline, [k[0] for k in lock_keys], [k[1] for k in lock_keys]
+    ):
         if deleted_through is not None:
             outcome.refused[(user_id, event_id)] = deleted_through
         else:
@@ -111,26 +120,6 @@ async def insert_events(
 async def check_deadline(conn: asyncpg.Connection, deadline: float) -> None:
     """Fails (QueryCanceledError) when PostgreSQL's clock is past `deadline` (epoch seconds)."""
     await conn.execute("SELECT deadline_guard($1::float8)", deadline)
-
-
-async def lock_keys(conn: asyncpg.Connection, keys: Collection[tuple[str, str]]) -> None:
-    """Serialises state sync per (user_id, product_id) across transactions and processes.
-
-    Transaction-scoped advisory locks, taken in one consistent order so that
-    concurrent batches cannot deadlock, and held until commit. Per key rather
-    than per user: a hot user's batches only wait for each other where they
-    touch the same product.
-    """
-    users, products = [k[0] for k in keys], [k[1] for k in keys]
-    await conn.execute(
-        """
-        SELECT pg_advisory_xact_lock(7301, k)
-        FROM (SELECT DISTINCT hashtext(u || '/' || p) AS k
-              FROM unnest($1::text[], $2::text[]) AS r(u, p) ORDER BY k) AS keys
-        """,
-        users,
-        products,
-    )
 
 
 # --- per-(user, product) state: cart_lines and wishlist_lines -------------
