@@ -25,7 +25,7 @@ from interactions_client.validation import validate
 from interactions_server import db, metrics, storage
 from interactions_server.auth import event_type_violation
 from interactions_server.errors import DeadlineExceeded
-from interactions_server.sync import SyncEvent, SyncHandler, build_registry
+from interactions_server.sync import SyncEvent, SyncHandler, build_registry, sync_new
 
 # Field names of each details payload, read once from the schema.
 # (name, has presence): an `optional` field is stored only when it was set.
@@ -253,7 +253,10 @@ class Ingestor:
     ) -> None:
         """Runs the sync handlers on the events that were new to the log (their
         keys' locks are held since the insert)."""
-        for target in sorted(by_target):
-            fresh = [e for e in by_target[target] if (e.user_id, e.event_id) in new_keys]
-            if fresh:
-                await self._sync[target](conn, fresh)
+        new = {
+            target: fresh
+            for target, candidates in by_target.items()
+            if (fresh := [e for e in candidates if (e.user_id, e.event_id) in new_keys])
+        }
+        if new:
+            await sync_new(conn, self._sync, new)

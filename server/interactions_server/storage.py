@@ -7,7 +7,7 @@ so that PostgreSQL does the conversions in C (see docs/performance.md).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -126,7 +126,7 @@ async def check_deadline(conn: asyncpg.Connection, deadline: float) -> None:
 
 
 class StateLine(NamedTuple):
-    """A line of cart_lines or wishlist_lines, in the column order of upsert_lines."""
+    """A line of cart_lines or wishlist_lines, in the column order of write_state."""
 
     user_id: str
     product_id: str
@@ -143,36 +143,76 @@ _STATE_VALUE: dict[str, tuple[str, str, str]] = {
 }
 
 
-async def fetch_lines(conn: asyncpg.Connection, table: str, keys: Sequence[tuple[str, str]]) -> list[StateLine]:
-    """The current lines of `keys` in a state table."""
-    records = await conn.fetch(
-        f"""
-        SELECT l.user_id, l.product_id, {_STATE_VALUE[table][1]}, {_TS_TO_US.format("l.updated_at")},
-               l.last_event_id::text
-        FROM unnest($1::text[], $2::text[]) AS k(u, p)
-        JOIN {table} AS l ON l.user_id = k.u AND l.product_id = k.p
-        """,
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-    )
-    return [StateLine(*r) for r in records]
+_STATE_TABLES = tuple(_STATE_VALUE)
 
 
-async def upsert_lines(conn: asyncpg.Connection, table: str, lines: Sequence[StateLine]) -> None:
-    """Writes the new state of each line, in key order (no deadlocks)."""
-    value, _, value_in = _STATE_VALUE[table]
-    await conn.execute(
-        f"""
-        INSERT INTO {table} AS l (user_id, product_id, {value}, updated_at, last_event_id)
-        SELECT u, p, {value_in}, {_US_TO_TS.format("t")}, e::uuid
-        FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[]) AS r(u, p, v, t, e)
-        ORDER BY u, p
-        ON CONFLICT (user_id, product_id) DO UPDATE
-        SET {value} = excluded.{value}, updated_at = excluded.updated_at,
-            last_event_id = excluded.last_event_id
-        """,
-        *_columns(sorted(lines), 5),
+# The current lines of given keys in every state table, tagged with the table's index.
+_FETCH_STATE_LINES = "\nUNION ALL\n".join(
+    f"""SELECT {n} AS t, l.user_id, l.product_id, ({value_out})::int8, {_TS_TO_US.format("l.updated_at")}, l.last_event_id::text
+FROM unnest(${2 * n + 1}::text[], ${2 * n + 2}::text[]) AS k(u, p)
+JOIN {table} AS l ON l.user_id = k.u AND l.product_id = k.p"""
+    for n, (table, (_, value_out, _)) in enumerate(_STATE_VALUE.items())
+)
+
+
+async def fetch_state_lines(
+    conn: asyncpg.Connection, keys: Mapping[str, Sequence[tuple[str, str]]]
+) -> dict[str, dict[tuple[str, str], StateLine]]:
+    """The current lines of the given keys of each state table (by table name), in one statement."""
+    if not any(keys.values()):
+        return {}
+    params: list[list[str]] = []
+    for table in _STATE_TABLES:
+        table_keys = keys.get(table, ())
+        params += [[k[0] for k in table_keys], [k[1] for k in table_keys]]
+    lines: dict[str, dict[tuple[str, str], StateLine]] = {table: {} for table in _STATE_TABLES}
+    for t, *line in await conn.fetch(_FETCH_STATE_LINES, *params):
+        state_line = StateLine(*line)
+        lines[_STATE_TABLES[t]][(state_line.user_id, state_line.product_id)] = state_line
+    return lines
+
+
+# Writes the new state of each line of every state table, and appends the
+# purchases: one statement, each table's rows in key order (no deadlocks).
+_WRITE_STATE = (
+    "WITH "
+    + ",\n".join(
+        f"""{table}_written AS (
+    INSERT INTO {table} AS l (user_id, product_id, {value}, updated_at, last_event_id)
+    SELECT u, p, {value_in}, {_US_TO_TS.format("t")}, e::uuid
+    FROM unnest(${n * 5 + 1}::text[], ${n * 5 + 2}::text[], ${n * 5 + 3}::int8[], ${n * 5 + 4}::int8[],
+                ${n * 5 + 5}::text[]) AS r(u, p, v, t, e)
+    ORDER BY u, p
+    ON CONFLICT (user_id, product_id) DO UPDATE
+    SET {value} = excluded.{value}, updated_at = excluded.updated_at,
+        last_event_id = excluded.last_event_id
+)"""
+        for n, (table, (value, _, value_in)) in enumerate(_STATE_VALUE.items())
     )
+    + f""",
+purchases_written AS (
+    INSERT INTO purchase_history (user_id, purchased_at, event_id, product_id, session_id)
+    SELECT u, {_US_TO_TS.format("t")}, e::uuid, p, s
+    FROM unnest(${len(_STATE_VALUE) * 5 + 1}::text[], ${len(_STATE_VALUE) * 5 + 2}::int8[],
+                ${len(_STATE_VALUE) * 5 + 3}::text[], ${len(_STATE_VALUE) * 5 + 4}::text[],
+                ${len(_STATE_VALUE) * 5 + 5}::text[]) AS r(u, t, e, p, s)
+    ORDER BY u, t, e
+    ON CONFLICT DO NOTHING
+)
+SELECT"""
+)
+
+
+async def write_state(
+    conn: asyncpg.Connection, lines: Mapping[str, Sequence[StateLine]], purchases: Sequence[PurchaseRow]
+) -> None:
+    """Writes the new state lines of each state table (by table name) and the new purchases, in one statement."""
+    if not purchases and not any(lines.values()):
+        return
+    params: list[list[Any]] = []
+    for table in _STATE_TABLES:
+        params += _columns(sorted(lines.get(table, ())), 5)
+    await conn.execute(_WRITE_STATE, *params, *_columns(purchases, 5))
 
 
 class KeyEvent(NamedTuple):
@@ -210,26 +250,13 @@ async def fetch_key_events(
 
 
 class PurchaseRow(NamedTuple):
-    """A row of purchase_history, in the column order of insert_purchases."""
+    """A row of purchase_history, in the column order of write_state."""
 
     user_id: str
     purchased_us: int
     event_id: str
     product_id: str
     session_id: str | None
-
-
-async def insert_purchases(conn: asyncpg.Connection, rows: Sequence[PurchaseRow]) -> None:
-    await conn.execute(
-        f"""
-        INSERT INTO purchase_history (user_id, purchased_at, event_id, product_id, session_id)
-        SELECT u, {_US_TO_TS.format("t")}, e::uuid, p, s
-        FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[]) AS r(u, t, e, p, s)
-        ORDER BY u, t, e
-        ON CONFLICT DO NOTHING
-        """,
-        *_columns(rows, 5),
-    )
 
 
 # --- reads -------------------------------------------------------------------
