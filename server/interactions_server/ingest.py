@@ -9,7 +9,6 @@ transaction, so a duplicate is harmless and an acknowledgement means committed.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -25,15 +24,8 @@ from interactions_client.validation import validate
 from interactions_server import db, metrics, storage
 from interactions_server.auth import event_type_violation
 from interactions_server.errors import DeadlineExceeded
+from interactions_server.event_json import attributes_json, details_json
 from interactions_server.sync import SyncEvent, SyncHandler, build_registry, sync_new
-
-# Field names of each details payload, read once from the schema.
-# (name, has presence): an `optional` field is stored only when it was set.
-_DETAIL_FIELDS: dict[str, tuple[tuple[str, bool], ...]] = {
-    f.name: tuple((sub.name, sub.has_presence) for sub in f.message_type.fields)  # type: ignore[union-attr]
-    for f in Event.DESCRIPTOR.oneofs_by_name["details"].fields
-}
-
 
 CONFLICT_DESCRIPTION = "already used for a different event"
 # A cancelled statement this close to the deadline was cancelled by it
@@ -88,19 +80,6 @@ _TYPES: dict[int, _TypeInfo] = {
     number: _TypeInfo(None if rule is CUSTOM else rule.name, rule.default_value, rule, rule.syncs)
     for number, rule in RULES.items()
 }
-
-
-def _details_json(event: Event, member: str) -> str:
-    payload = getattr(event, member)
-    return json.dumps(
-        {
-            member: {
-                name: getattr(payload, name)
-                for name, optional in _DETAIL_FIELDS[member]
-                if not optional or payload.HasField(name)
-            }
-        }
-    )
 
 
 class Ingestor:
@@ -170,8 +149,8 @@ class Ingestor:
             products.append(product_id)
             values.append(value)
             occurred.append(occurred_us)
-            details.append(None if member is None else _details_json(event, member))
-            attributes.append(json.dumps(dict(event.attributes)) if event.attributes else None)
+            details.append(None if member is None else details_json(event, member))
+            attributes.append(attributes_json(event.attributes) if event.attributes else None)
             syncs.append(info.syncs)
             prints_column.append(print_)
             if info.syncs:
