@@ -160,13 +160,14 @@ async def sync_new(
     transaction (the keys' locks held): one statement reads the current lines
     of every keyed table, one writes every table's new state (plus a read of
     the log per table with out-of-order keys)."""
-    folds = [(h, events) for t, events in by_target.items() if isinstance(h := registry[t], KeyedFold) and events]
-    purchases = [
-        row
-        for t, events in by_target.items()
-        if isinstance(h := registry[t], AppendPurchases)
-        for row in h.rows(events)
-    ]
+    folds: list[tuple[KeyedFold, Sequence[SyncEvent]]] = []
+    purchases: list[storage.PurchaseRow] = []
+    for target, events in by_target.items():
+        handler = registry[target]
+        if isinstance(handler, KeyedFold):
+            folds.append((handler, events))
+        else:
+            purchases += handler.rows(events)
     current = await storage.fetch_state_lines(
         conn, {fold.table: sorted({(e.user_id, e.product_id) for e in events}) for fold, events in folds}
     )
