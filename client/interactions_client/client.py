@@ -182,7 +182,7 @@ class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], Analytics
         """The bulk streamer (streamer.py): `async with client.stream() as s: await s.send(event)`.
 
         validate: pre-validate each event (default: the client's `validate`).
-        False saves the client most of its CPU per event (streamer.py); the
+        False saves the client about half its CPU per event (streamer.py); the
         server validates anyway, and a bad event comes back in the rejections.
         """
         return EventStreamer(
