@@ -168,8 +168,9 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         "connections": args.connections,
         "busy_events": args.busy_events,
         "busy_calls": args.busy_calls,
-        "prevalidate": args.prevalidate if not args.prevalidate else None,
-        "pg_defaults": args.pg_defaults or None,
+        # The two switches override only when given (None: the config's own value).
+        "prevalidate": None if args.prevalidate else False,
+        "pg_defaults": True if args.pg_defaults else None,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if config.profile_dir is not None and args.repeat is None:

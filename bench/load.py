@@ -25,6 +25,7 @@ from typing import Any
 
 from bench.workload import check_valid, stream_events
 from interactions_client import InteractionsClient, InteractionsError
+from interactions_client.results import Rejection
 from interactions_client.v1.event_pb2 import Event
 
 # gRPC shares one connection between channels of a process that have the
@@ -198,11 +199,15 @@ async def _run_streams(
 async def _stream(
     client: InteractionsClient, events: Iterable[Event], batch_size: int | None
 ) -> tuple[int, int, int, int, int, list[str]]:
-    options = {} if batch_size is None else {"batch_size": batch_size}
     errors: list[str] = []
-    streamer = client.stream(
-        raise_on_failure=False, on_rejected=lambda r: errors.append(f"rejected: {r.violations}"), **options
-    )
+
+    def rejected(rejection: Rejection) -> None:
+        errors.append(f"rejected: {rejection.violations}")
+
+    if batch_size is None:  # the streamer's own default
+        streamer = client.stream(raise_on_failure=False, on_rejected=rejected)
+    else:
+        streamer = client.stream(raise_on_failure=False, on_rejected=rejected, batch_size=batch_size)
     async with streamer:
         for event in events:
             await streamer.send(event)
