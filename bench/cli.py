@@ -117,10 +117,30 @@ def build_parser() -> argparse.ArgumentParser:
         f"are spread over them, so that --workers N gets work on every worker (default {defaults.connections})",
     )
     parser.add_argument(
+        "--busy-events", type=_positive, help=f"(k): events of the bulk stream (default {defaults.busy_events:,})"
+    )
+    parser.add_argument(
+        "--busy-calls",
+        type=_positive,
+        help=f"(k): LogEvent calls at {defaults.busy_rate:,.0f}/s, only those during the stream count "
+        f"(default {defaults.busy_calls:,})",
+    )
+    parser.add_argument(
+        "--no-prevalidate",
+        dest="prevalidate",
+        action="store_false",
+        help="bulk streams from a client made with validate=False (the server validates anyway)",
+    )
+    parser.add_argument(
+        "--pg-defaults",
+        action="store_true",
+        help="PostgreSQL's own defaults instead of the settings the embedded server sizes for the machine",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         metavar="DIR",
-        help="sample the server with py-spy during (b) and (d); raw profiles and summaries go to DIR",
+        help="sample the server with py-spy during (b), (d) and (k); raw profiles and summaries go to DIR",
     )
     return parser
 
@@ -146,6 +166,11 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         "profile_dir": args.profile,
         "workers": args.workers,
         "connections": args.connections,
+        "busy_events": args.busy_events,
+        "busy_calls": args.busy_calls,
+        # The two switches override only when given (None: the config's own value).
+        "prevalidate": None if args.prevalidate else False,
+        "pg_defaults": True if args.pg_defaults else None,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if config.profile_dir is not None and args.repeat is None:
@@ -178,9 +203,11 @@ async def run(config: BenchConfig) -> Results:
         callers=config.callers,
         workers=config.workers,
         connections=config.connections,
+        prevalidate=config.prevalidate,
+        pg_defaults=config.pg_defaults,
     )
     log_dir = Path(tempfile.mkdtemp(prefix="interactions-bench-logs-"))
-    db = EmbeddedDatabase()
+    db = EmbeddedDatabase(pg_defaults=config.pg_defaults)
     server: ServiceProcess | None = None
     try:
         _progress("starting the embedded PostgreSQL")
@@ -218,6 +245,8 @@ async def _measure(bench: measures.Bench, results: Results) -> None:
     if "d" in only:
         results.unary = await measures.unary(bench)
         results.latency = await measures.latency(bench, results.unary.rate)
+    if "k" in only:
+        results.busy = await measures.busy_latency(bench)
     if "e" in only:
         results.memory = await measures.memory(bench)
     if "g" in only:

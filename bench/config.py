@@ -16,6 +16,7 @@ MEASURES: dict[str, str] = {
     "h": "ExportEvents through the shipped client vs COPY TO STDOUT of the same rows",
     "i": "ExportTrainingData over the analytics log: seconds and server RSS",
     "j": "TopSearchQueries and CountActiveUsers over 7 days of the analytics log: latency",
+    "k": "LogEvent latency at 200 calls/s while a bulk stream runs at full speed",
 }
 
 
@@ -39,9 +40,14 @@ class BenchConfig:
     # load process reaches the same worker. Above 1, each stream also gets a
     # connection of its own, and the unary callers are spread over them.
     connections: int = 1
+    busy_events: int = 200_000  # (k): the bulk stream, about 10 s at full speed
+    busy_calls: int = 2_000  # (k): LogEvent calls at busy_rate, as long as the stream or longer
+    busy_rate: float = 200.0  # (k): calls/s
+    prevalidate: bool = True  # the bulk streams' client pre-validates (the shipped default)
+    pg_defaults: bool = False  # PostgreSQL's own defaults instead of the embedded server's machine settings
     seed: int = 5
     repeat: int = 2  # runs of each throughput measure; the fastest counts (noise only slows a run down)
-    profile_dir: Path | None = None  # py-spy the server during (b) and (d) into this directory
+    profile_dir: Path | None = None  # py-spy the server during (b), (d) and (k) into this directory
     quick: bool = False
 
     def quick_sizes(self) -> BenchConfig:
@@ -54,6 +60,8 @@ class BenchConfig:
             memory_events=10_000,
             preload=20_000,
             analytics_events=20_000,
+            busy_events=20_000,
+            busy_calls=200,
             repeat=1,
             quick=True,
         )

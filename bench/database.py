@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from bench.workload import MIX, PRODUCTS, SYNCING_TYPES, USERS
+from interactions_server.embedded_db import start_tuned
 
 CEILING_TABLE = "ceiling"
 CEILING_KEYS_TABLE = "ceiling_keys"
@@ -37,7 +38,8 @@ COPY_BATCH = 1_000
 class EmbeddedDatabase:
     """PostgreSQL 16 from the pgserver wheel, in a temporary directory removed at stop()."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, pg_defaults: bool = False) -> None:
+        self.pg_defaults = pg_defaults  # PostgreSQL's own defaults rather than embedded_db's machine settings
         # Not under a 0700 temp root owned by someone else: as root, pgserver runs postgres as its own user.
         self.directory = Path(tempfile.mkdtemp(prefix="interactions-bench-"))
         self.pgdata = self.directory / "pg"
@@ -49,7 +51,8 @@ class EmbeddedDatabase:
             warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset (harmless)
             from pgserver.postgres_server import get_server
 
-        self._server = get_server(self.pgdata, cleanup_mode="stop")
+        # The settings interactions-server gives its own embedded database (the README's default).
+        self._server = get_server(self.pgdata, cleanup_mode="stop") if self.pg_defaults else start_tuned(self.pgdata)
         self.url = str(self._server.get_uri())
         return self.url
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from bench.workload import check_valid, stream_events
 from interactions_client import InteractionsClient, InteractionsError
+from interactions_client.results import Rejection
 from interactions_client.v1.event_pb2 import Event
 
 # gRPC shares one connection between channels of a process that have the
@@ -46,6 +47,7 @@ class StreamJob:
     lazy: bool = False  # make events while sending (long runs) instead of before the go
     batch_size: int | None = None  # None: the streamer's default
     own_connections: bool = False  # a TCP connection per stream rather than one shared by the process
+    validate: bool = True  # the client pre-validates each event (InteractionsClient's default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,7 @@ class LoadResult:
     errors: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)  # open loop: from the scheduled start, seconds
     service_times: list[float] = field(default_factory=list)  # open loop: from the actual send, seconds
+    due_times: list[float] = field(default_factory=list)  # open loop: each answered call's scheduled start
 
 
 @dataclass(slots=True)
@@ -132,12 +135,14 @@ class LoadOutcome:
 # --- the child side ------------------------------------------------------------
 
 
-def _child_main(job: Job, ready: Any, go: multiprocessing.synchronize.Event, results: Any, timeout: float) -> None:
+def _child_main(
+    job: Job, position: int, ready: Any, go: multiprocessing.synchronize.Event, results: Any, timeout: float
+) -> None:
     try:
         result = asyncio.run(_run_job(job, ready, go, timeout))
-        results.put(result)
+        results.put((position, result))
     except BaseException:
-        results.put(traceback.format_exc())
+        results.put((position, traceback.format_exc()))
         ready.put("failed")
 
 
@@ -168,7 +173,7 @@ async def _run_streams(
 
     workloads = [events_of(stream) for stream in job.streams]
     options = OWN_CONNECTION if job.own_connections else ()
-    clients = [InteractionsClient(job.target, options=options) for _ in job.streams]
+    clients = [InteractionsClient(job.target, options=options, validate=job.validate) for _ in job.streams]
     try:
         for client in clients:  # connect before the clock starts
             await client.health()
@@ -194,11 +199,15 @@ async def _run_streams(
 async def _stream(
     client: InteractionsClient, events: Iterable[Event], batch_size: int | None
 ) -> tuple[int, int, int, int, int, list[str]]:
-    options = {} if batch_size is None else {"batch_size": batch_size}
     errors: list[str] = []
-    streamer = client.stream(
-        raise_on_failure=False, on_rejected=lambda r: errors.append(f"rejected: {r.violations}"), **options
-    )
+
+    def rejected(rejection: Rejection) -> None:
+        errors.append(f"rejected: {rejection.violations}")
+
+    if batch_size is None:  # the streamer's own default
+        streamer = client.stream(raise_on_failure=False, on_rejected=rejected)
+    else:
+        streamer = client.stream(raise_on_failure=False, on_rejected=rejected, batch_size=batch_size)
     async with streamer:
         for event in events:
             await streamer.send(event)
@@ -266,6 +275,7 @@ async def _open_loop(clients: list[InteractionsClient], events: list[Event], rat
             done = time.monotonic()
             result.latencies.append(done - due)
             result.service_times.append(done - sent)
+            result.due_times.append(due)
 
     start = time.monotonic()
     calls: list[asyncio.Task[None]] = []
@@ -293,8 +303,10 @@ class LoadRun:
         self._results = context.Queue()
         self._go = context.Event()
         self._processes = [
-            context.Process(target=_child_main, args=(job, self._ready, self._go, self._results, timeout), daemon=True)
-            for job in jobs
+            context.Process(
+                target=_child_main, args=(job, position, self._ready, self._go, self._results, timeout), daemon=True
+            )
+            for position, job in enumerate(jobs)
         ]
 
     async def __aenter__(self) -> LoadRun:
@@ -302,19 +314,19 @@ class LoadRun:
             process.start()
         for _ in self._processes:
             if await self._get(self._ready) != "ready":
-                raise RuntimeError(f"a load process failed before the start:\n{await self._get(self._results)}")
+                raise RuntimeError(f"a load process failed before the start:\n{(await self._get(self._results))[1]}")
         return self
 
     async def go(self) -> LoadOutcome:
         go_time = time.monotonic()
         self._go.set()
-        results: list[LoadResult] = []
+        by_job: dict[int, LoadResult] = {}
         for _ in self._processes:
-            result = await self._get(self._results)
+            position, result = await self._get(self._results)
             if not isinstance(result, LoadResult):
                 raise RuntimeError(f"a load process failed:\n{result}")
-            results.append(result)
-        return LoadOutcome(results, go_time)
+            by_job[position] = result
+        return LoadOutcome([by_job[i] for i in range(len(self.jobs))], go_time)  # in the order of the jobs
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

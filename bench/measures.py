@@ -22,6 +22,7 @@ Progress = Callable[[str], None]
 
 # Seeds per measure: the ceiling copies exactly the events of (b).
 SEED_BULK, SEED_UNARY_CEILING, SEED_UNARY, SEED_LATENCY, SEED_MEMORY, SEED_GROWTH, SEED_FANOUT, SEED_WARMUP = range(8)
+SEED_BUSY_BULK, SEED_BUSY_UNARY = 8, 9
 
 
 @dataclass(slots=True)
@@ -172,6 +173,7 @@ async def stream_run(
             lazy,
             bench.config.batch_size,
             own_connections=bench.config.connections > 1,
+            validate=bench.config.prevalidate,
         )
         for group in split(streams, processes)
     ]
@@ -368,6 +370,102 @@ async def latency(bench: Bench, max_rate: float) -> Latency:
         percentile(service, 0.99),
         result,
     )
+
+
+# --- (k) --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class BusyLatency:
+    """(k): LogEvent at a steady rate while one bulk stream runs at full speed,
+    each from a load process of its own. Only the calls scheduled while the
+    stream ran count."""
+
+    rate: float  # calls/s offered
+    calls: int  # answered calls scheduled while the stream ran (the percentiles' sample)
+    p50: float  # seconds, from the scheduled start of each call
+    p99: float
+    max: float
+    service_p99: float  # seconds, from the actual send
+    bulk: Throughput  # the stream during it
+    unary: Throughput  # every call of the run (its problems void the figure)
+
+
+async def busy_latency(bench: Bench) -> BusyLatency:
+    config = bench.config
+    base_time = time.time()
+    stream = StreamJob(
+        bench.server.target,
+        bench.seed(SEED_BUSY_BULK),
+        (0,),
+        1,
+        config.busy_events,
+        base_time,
+        batch_size=config.batch_size,
+        own_connections=config.connections > 1,
+        validate=config.prevalidate,
+    )
+    unary = UnaryJob(
+        bench.server.target,
+        bench.seed(SEED_BUSY_UNARY),
+        0,
+        1,
+        config.busy_calls,
+        1,
+        base_time,
+        config.busy_rate,
+        connections=config.connections,
+    )
+    bench.progress(
+        f"(k) {config.busy_calls:,} LogEvent calls at {config.busy_rate:,.0f} calls/s "
+        f"during a {config.busy_events:,}-event stream"
+    )
+    async with LoadRun([stream, unary], timeout=bench.load_timeout(config.busy_events)) as run:
+        await database.reset_log(bench.url)
+        meter = bench.meter()
+        wal = await database.wal_position(bench.url)
+        async with Profiler(bench, "k-busy"):
+            meter.start()
+            outcome = await run.go()
+            cpu = meter.stop(outcome.cpu_seconds)
+        written = await database.wal_position(bench.url) - wal
+    streamed, called = outcome.results
+    bulk = Throughput(
+        streamed.events,
+        max(streamed.finished - streamed.started, 1e-9),
+        cpu,
+        streamed.rejected + streamed.failed + streamed.duplicate,
+        streamed.errors[:3],
+    )
+    bulk.wal_bytes = written
+    calls = Throughput(
+        called.events,
+        max(called.finished - called.started, 1e-9),
+        cpu,
+        called.rejected + called.failed + called.duplicate,
+        called.errors[:3],
+    )
+    during = [
+        (latency, service)
+        for due, latency, service in zip(called.due_times, called.latencies, called.service_times, strict=True)
+        if streamed.started <= due <= streamed.finished
+    ]
+    latencies = sorted(latency for latency, _ in during)
+    service = sorted(s for _, s in during)
+    result = BusyLatency(
+        config.busy_rate,
+        len(during),
+        percentile(latencies, 0.5),
+        percentile(latencies, 0.99),
+        latencies[-1] if latencies else float("nan"),
+        percentile(service, 0.99),
+        bulk,
+        calls,
+    )
+    bench.progress(
+        f"(k) p99 {result.p99 * 1000:.1f} ms over {result.calls} calls; the stream ran at {bulk.rate:,.0f} events/s"
+    )
+    return result
 
 
 # --- profiling ---------------------------------------------------------------------

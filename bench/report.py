@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.analytics import AnalyticsResults, QueryLatency
-from bench.measures import Latency, Memory, Profile, Throughput
+from bench.measures import BusyLatency, Latency, Memory, Profile, Throughput
 
 MB = 1024.0  # kB per MB
 RSS_LIMIT_MB = 250.0
@@ -32,16 +32,19 @@ class Results:
     preload_seconds: float = 0.0
     fanout: dict[int, Throughput] = field(default_factory=dict)  # (g)
     analytics: AnalyticsResults | None = None  # (h), (i), (j)
+    busy: BusyLatency | None = None  # (k)
     profiles: dict[str, Profile] = field(default_factory=dict)
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
     skipped: dict[str, str] = field(default_factory=dict)  # measure -> why
     code: str = ""  # the commit measured, and whether the working tree differed
-    profiled: bool = False  # py-spy and pg_stat_activity sampling ran during (b) and (d)
+    profiled: bool = False  # py-spy and pg_stat_activity sampling ran during (b), (d) and (k)
     repeat: int = 1  # runs of each throughput measure, the best kept
     callers: int = 64  # concurrent unary callers
     workers: int = 1  # the server's --workers
     connections: int = 1  # client connections per load process
+    prevalidate: bool = True  # the bulk streams' client pre-validated
+    pg_defaults: bool = False  # PostgreSQL ran with its own defaults, not the embedded server's machine settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +225,8 @@ def rows(results: Results) -> list[Row]:
         out.append(Row("g", label, f"{g.rate:,.0f} events/s", text, void=_void(g), noise=_noise(a, g)))
     if results.analytics is not None:
         out.extend(analytics_rows(results.analytics))
+    if (k := results.busy) is not None:
+        out.extend(busy_rows(k, b))
     for key, why in results.skipped.items():
         out.append(Row(key, f"({key}) skipped", why))
     return out
@@ -289,6 +294,28 @@ def analytics_rows(results: AnalyticsResults) -> list[Row]:
     return out
 
 
+def busy_rows(k: BusyLatency, b: Throughput | None) -> list[Row]:
+    where = f"at {k.rate:,.0f} calls/s during a bulk stream"
+    void, noise = _void(k.bulk, k.unary), _noise(k.bulk)
+    enough = k.calls >= 100  # fewer: the stream was too short for a p99 (give --busy-events more)
+    sample = f"{k.calls:,} calls" if enough else f"only {k.calls} calls: too few"
+    text, _ = _ratio(k.bulk.rate, b, "(b)")
+    return [
+        Row("k", f"(k) LogEvent p50 {where}", _ms(k.p50), void=void, noise=noise),
+        Row(
+            "k",
+            f"(k) LogEvent p99 {where}",
+            f"{_ms(k.p99)} ({sample})",
+            target="<= 20 ms (aim 10)",
+            met=k.p99 <= 0.020 if enough else None,
+            void=void,
+            noise=noise,
+        ),
+        Row("k", f"(k) LogEvent max {where}", _ms(k.max), void=void, noise=noise),
+        Row("k", "(k) the bulk stream meanwhile", f"{k.bulk.rate:,.0f} events/s", text, void=void, noise=noise),
+    ]
+
+
 def cpu_rows(results: Results) -> list[tuple[str, Throughput]]:
     named: list[tuple[str, Throughput | None]] = [
         ("(a) DB ceiling", results.ceiling),
@@ -300,6 +327,7 @@ def cpu_rows(results: Results) -> list[tuple[str, Throughput]]:
         ("(f) bulk, preloaded", results.growth),
         *((f"(g) {s} stream(s)", g) for s, g in results.fanout.items()),
         *_analytics_cpu(results.analytics),
+        ("(k) bulk + LogEvent", results.busy.bulk if results.busy else None),
     ]
     return [(name, r) for name, r in named if r is not None]
 
@@ -348,10 +376,13 @@ def render(results: Results) -> str:
         {1, 2, 3, 4, 5, 6, 7, 8},
     )
     voids = [f"VOID {r.measure}: {r.void}" for r in rows(results) if r.void]
-    profiled = "PROFILED run: py-spy and pg_stat_activity sampling slowed (b) and (d).\n" if results.profiled else ""
+    profiled = (
+        "PROFILED run: py-spy and pg_stat_activity sampling slowed (b), (d) and (k).\n" if results.profiled else ""
+    )
     machine = (
         f"{profiled}code: {results.code}; server --workers {results.workers}, {results.connections} client "
-        f"connection(s) per load process; throughputs: best of {results.repeat} run(s); "
+        f"connection(s) per load process; streamer pre-validation {'on' if results.prevalidate else 'OFF'}; "
+        f"PostgreSQL {'own defaults' if results.pg_defaults else 'sized for the machine (embedded_db)'}; throughputs: best of {results.repeat} run(s); "
         f"machine: {os.cpu_count()} cores; load average {results.load_before[0]:.2f} before, "
         f"{results.load_after[0]:.2f} after. CPU in cores (CPU s / wall s): irq = interrupt and softirq time (loopback "
         "networking), other = processes outside the benchmark, steal = taken by the hypervisor for other machines; "
@@ -385,6 +416,8 @@ def to_json(results: Results) -> dict[str, Any]:
         "repeat": results.repeat,
         "workers": results.workers,
         "connections": results.connections,
+        "prevalidate": results.prevalidate,
+        "pg_defaults": results.pg_defaults,
         "machine": {"cpu_count": os.cpu_count(), "load_before": results.load_before, "load_after": results.load_after},
         "rows": [{**asdict(r), "status": r.met_text} for r in rows(results)],
         "a_ceiling": throughput(results.ceiling),
@@ -403,6 +436,13 @@ def to_json(results: Results) -> dict[str, Any]:
         },
         "g_fanout": {str(s): throughput(g) for s, g in results.fanout.items()},
         "hij_analytics": None if results.analytics is None else asdict(results.analytics),
+        "k_busy_latency": None
+        if results.busy is None
+        else {
+            **{k: v for k, v in asdict(results.busy).items() if k not in ("bulk", "unary")},
+            "bulk": throughput(results.busy.bulk),
+            "unary": throughput(results.busy.unary),
+        },
         "profiles": {name: asdict(p) for name, p in results.profiles.items()},
         "skipped": results.skipped,
     }

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The start of the table row of every measure, (a) to (j).
+# The start of the table row of every measure, (a) to (k).
 MEASURE_ROWS = (
     "(a) DB ceiling",
     "(b) bulk StreamEvents",
@@ -35,6 +35,10 @@ MEASURE_ROWS = (
     "(i) server RSS during the export",
     "(j) TopSearchQueries",
     "(j) CountActiveUsers",
+    "(k) LogEvent p50 at 200 calls/s during a bulk stream",
+    "(k) LogEvent p99 at 200 calls/s during a bulk stream",
+    "(k) LogEvent max at 200 calls/s during a bulk stream",
+    "(k) the bulk stream meanwhile",
 )
 
 

@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import grpc
 import pytest
 
@@ -18,7 +19,7 @@ from interactions_client.v1.interaction_service_pb2_grpc import InteractionServi
 from interactions_client.v1.user_state_service_pb2_grpc import UserStateServiceStub
 from interactions_server.server import App
 from tests.events import valid_event
-from tests.support import field_violations
+from tests.support import eventually, field_violations
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -268,3 +269,34 @@ async def test_ids_are_compared_case_insensitively(interaction_stub: Interaction
     await log(interaction_stub, e)
     e.event_id = e.event_id.lower()
     assert (await log(interaction_stub, e)).duplicate_count == 1
+
+
+async def test_a_batch_waiting_for_a_state_keys_lock_folds_onto_what_its_holder_committed(
+    interaction_stub: InteractionServiceStub, user_state_stub: UserStateServiceStub, database_url: str
+) -> None:
+    """The insert statement takes the state keys' locks, and the lines are read
+    by a later statement: a batch that waited for another transaction's lock
+    folds onto the line that transaction committed (no lost update)."""
+    holder = await asyncpg.connect(database_url)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT pg_advisory_xact_lock(7301, hashtext('u1/p1'))")
+            write = asyncio.create_task(log(interaction_stub, event("add_to_cart", "p1", 2, at=5)))
+            await eventually(lambda: waiting_for_key_lock(holder))
+            assert not write.done()
+            # What another batch's sync of an earlier event of the key would commit.
+            await holder.execute(
+                "INSERT INTO cart_lines VALUES ('u1', 'p1', 10, $1, $2)", NOW - timedelta(hours=2), uuid.uuid4()
+            )
+        assert (await write).accepted_count == 1
+    finally:
+        await holder.close()
+    assert await cart(user_state_stub) == {"p1": 12}
+
+
+async def waiting_for_key_lock(connection: asyncpg.Connection) -> bool:
+    waiting: int = await connection.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 7301"
+        " AND objid::int4 = hashtext('u1/p1') AND NOT granted"
+    )
+    return waiting > 0

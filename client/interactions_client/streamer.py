@@ -33,6 +33,13 @@ Totals, once the context has exited, satisfy
   They may or may not have been committed; resending them is safe.
 - resent: event transmissions repeated after a reconnect.
 - reconnects: streams opened after the first one.
+
+Pre-validation (`validate`, on by default) rejects a bad event locally,
+before it takes a place in a batch. It is most of the client's CPU per event
+(about 2.5 of 4.4 us here; batching and serialising are the rest); the server
+validates every event anyway, so a bulk path that wants the CPU back passes
+`validate=False` to `client.stream()`: a bad event is then reported by the
+server, in `rejections`/`on_rejected` with `local=False`, and counts the same.
 """
 
 from __future__ import annotations

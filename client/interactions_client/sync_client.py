@@ -133,8 +133,13 @@ class SyncInteractionsClient(EventMethods[LogResult], SyncAnalyticsMethods):
         retry_timeout: float = 60.0,
         on_rejected: RejectionCallback | None = None,
         raise_on_failure: bool = True,
+        validate: bool | None = None,
     ) -> SyncEventStreamer:
-        """The bulk streamer, thread-backed: `with client.stream() as s: s.send(event)`."""
+        """The bulk streamer, thread-backed: `with client.stream() as s: s.send(event)`.
+
+        validate: pre-validate each event (default: the client's `validate`);
+        False for bulk paths, where the server validates anyway (streamer.py).
+        """
         return SyncEventStreamer(
             self.target,
             tls=self._tls,
@@ -144,7 +149,7 @@ class SyncInteractionsClient(EventMethods[LogResult], SyncAnalyticsMethods):
             linger=linger,
             max_in_flight=max_in_flight,
             retry_timeout=retry_timeout,
-            validate=self.validate,
+            validate=self.validate if validate is None else validate,
             on_rejected=on_rejected,
             raise_on_failure=raise_on_failure,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 
 from interactions_client import limits
 from interactions_client.rules import CUSTOM, RULES, STANDARD, SyncTarget, TypeRule, ValueRule
@@ -72,12 +73,16 @@ def validate(event: Event, *, now: float | None = None) -> list[FieldViolation]:
     `now` (epoch seconds) bounds occurred_at; it defaults to the current time.
     """
     out: list[FieldViolation] = []
-    if event.event_id and not _UUID.fullmatch(event.event_id):
+    event_id = event.event_id
+    if event_id and not _UUID.fullmatch(event_id):
         out.append(violation("event_id", "must be a UUID such as 123e4567-e89b-12d3-a456-426614174000"))
-    _text(out, "user_id", event.user_id, limits.MAX_ID_LENGTH, required=True)
+    user_id = event.user_id
+    # The common case (a short, non-blank id without NUL) without a call.
+    if not user_id or len(user_id) > limits.MAX_ID_LENGTH or "\x00" in user_id or user_id.isspace():
+        _text(out, "user_id", user_id, limits.MAX_ID_LENGTH, required=True)
 
-    rule = RULES.get(event.event_type)
-    if rule is None:
+    check = _TYPE_CHECKS.get(event.event_type)
+    if check is None:
         if event.event_type == 0:
             out.append(violation("event_type", "is required"))
         else:
@@ -85,7 +90,7 @@ def validate(event: Event, *, now: float | None = None) -> list[FieldViolation]:
         _text(out, "session_id", event.session_id, limits.MAX_ID_LENGTH, required=False)
         _text(out, "product_id", event.product_id, limits.MAX_ID_LENGTH, required=False)
     else:
-        _check_type(out, event, rule)
+        check(out, event)
 
     if event.HasField("occurred_at"):
         _check_time(out, event, time.time() if now is None else now)
@@ -94,56 +99,90 @@ def validate(event: Event, *, now: float | None = None) -> list[FieldViolation]:
     return out
 
 
-def _check_type(out: list[FieldViolation], event: Event, rule: TypeRule) -> None:
-    name = rule.name
-    if rule is CUSTOM:
-        custom = event.custom_type
-        if not custom:
-            out.append(violation("custom_type", "is required for EVENT_TYPE_CUSTOM"))
-        elif len(custom) > limits.MAX_CUSTOM_TYPE_LENGTH or not _SNAKE.fullmatch(custom):
-            out.append(
-                violation(
-                    "custom_type", f"must be lower snake case, at most {limits.MAX_CUSTOM_TYPE_LENGTH} characters"
+_TypeCheck = Callable[[list[FieldViolation], Event], None]
+
+
+def _type_check(rule: TypeRule) -> _TypeCheck:
+    """The checks of one event type, with everything that depends only on its
+    rule worked out once (at import), so that the per-event work is a few
+    attribute reads and comparisons."""
+    is_custom = rule is CUSTOM
+    session_required = rule.session_required
+    product_allowed = rule.product_allowed
+    product_required = rule.product_required
+    lowest, highest, meaning = _VALUE_RANGES[rule.value]
+    purchase_hint = (
+        " (one purchase); the price does not belong in event_value, put it in attributes"
+        if rule.sync == SyncTarget.SYNC_TARGET_PURCHASE_HISTORY
+        else ""
+    )
+    value_required = rule.default_value is None
+    details = rule.details
+    details_required = rule.details_required
+    takes = f"take only {details} details" if details else "take no details"
+    detail_text = _DETAIL_TEXT[details] if details else ()
+    max_id = limits.MAX_ID_LENGTH
+
+    def check(out: list[FieldViolation], event: Event) -> None:
+        name = rule.name
+        if is_custom:
+            custom = event.custom_type
+            if not custom:
+                out.append(violation("custom_type", "is required for EVENT_TYPE_CUSTOM"))
+            elif len(custom) > limits.MAX_CUSTOM_TYPE_LENGTH or not _SNAKE.fullmatch(custom):
+                out.append(
+                    violation(
+                        "custom_type",
+                        f"must be lower snake case, at most {limits.MAX_CUSTOM_TYPE_LENGTH} characters",
+                    )
                 )
-            )
-        elif custom in STANDARD:
-            out.append(violation("custom_type", f"{custom!r} is a standard type; use its EventType value"))
-        name = custom or name
-    elif event.custom_type:
-        out.append(violation("custom_type", "is only for EVENT_TYPE_CUSTOM events"))
+            elif custom in STANDARD:
+                out.append(violation("custom_type", f"{custom!r} is a standard type; use its EventType value"))
+            name = custom or name
+        elif event.custom_type:
+            out.append(violation("custom_type", "is only for EVENT_TYPE_CUSTOM events"))
 
-    _text(out, "session_id", event.session_id, limits.MAX_ID_LENGTH, required=rule.session_required)
-    if not rule.product_allowed:
-        if event.product_id:
-            out.append(violation("product_id", f"is not allowed for {name} events"))
-    else:
-        _text(out, "product_id", event.product_id, limits.MAX_ID_LENGTH, required=rule.product_required)
+        session_id = event.session_id
+        if not session_id:
+            if session_required:
+                out.append(violation("session_id", "is required"))
+        elif len(session_id) > max_id or "\x00" in session_id or session_id.isspace():
+            _text(out, "session_id", session_id, max_id, required=session_required)
+        product_id = event.product_id
+        if not product_allowed:
+            if product_id:
+                out.append(violation("product_id", f"is not allowed for {name} events"))
+        elif not product_id:
+            if product_required:
+                out.append(violation("product_id", "is required"))
+        elif len(product_id) > max_id or "\x00" in product_id or product_id.isspace():
+            _text(out, "product_id", product_id, max_id, required=product_required)
 
-    if event.HasField("event_value"):
-        lowest, highest, meaning = _VALUE_RANGES[rule.value]
-        value = event.event_value
-        if not lowest <= value <= highest:
-            text = f"{value} is out of range: for {name} it {meaning}"
-            if rule.sync == SyncTarget.SYNC_TARGET_PURCHASE_HISTORY:
-                text += " (one purchase); the price does not belong in event_value, put it in attributes"
-            out.append(violation("event_value", text))
-    elif rule.default_value is None:
-        out.append(violation("event_value", f"is required for {name}: it {_VALUE_RANGES[rule.value][2]}"))
+        if event.HasField("event_value"):
+            value = event.event_value
+            if not lowest <= value <= highest:
+                out.append(violation("event_value", f"{value} is out of range: for {name} it {meaning}{purchase_hint}"))
+        elif value_required:
+            out.append(violation("event_value", f"is required for {name}: it {meaning}"))
 
-    member = event.WhichOneof("details")
-    if member is None:
-        if rule.details_required:
-            out.append(violation(f"{rule.details}", f"is required for {name} events"))
-    elif member != rule.details:
-        takes = f"take only {rule.details} details" if rule.details else "take no details"
-        out.append(violation(member, f"is not allowed for {name} events, which {takes}"))
-    else:
-        payload = getattr(event, member)
-        for field, max_length, required in _DETAIL_TEXT[member]:
-            value_text: str = getattr(payload, field)
-            _text(out, f"{member}.{field}", value_text, max_length, required=required, blank_ok=not required)
-        if member == "cart_action" and not 0 <= payload.quantity <= limits.MAX_QUANTITY:
-            out.append(violation("cart_action.quantity", f"must be from 0 to {limits.MAX_QUANTITY}"))
+        member = event.WhichOneof("details")
+        if member is None:
+            if details_required:
+                out.append(violation(f"{details}", f"is required for {name} events"))
+        elif member != details:
+            out.append(violation(member, f"is not allowed for {name} events, which {takes}"))
+        else:
+            payload = getattr(event, member)
+            for field, max_length, required in detail_text:
+                value_text: str = getattr(payload, field)
+                _text(out, f"{member}.{field}", value_text, max_length, required=required, blank_ok=not required)
+            if member == "cart_action" and not 0 <= payload.quantity <= limits.MAX_QUANTITY:
+                out.append(violation("cart_action.quantity", f"must be from 0 to {limits.MAX_QUANTITY}"))
+
+    return check
+
+
+_TYPE_CHECKS: dict[int, _TypeCheck] = {number: _type_check(rule) for number, rule in RULES.items()}
 
 
 def _check_time(out: list[FieldViolation], event: Event, now: float) -> None:
@@ -165,7 +204,18 @@ def _check_attributes(out: list[FieldViolation], event: Event) -> None:
     attributes = event.attributes
     if len(attributes) > limits.MAX_ATTRIBUTES:
         out.append(violation("attributes", f"has {len(attributes)} entries; the limit is {limits.MAX_ATTRIBUTES}"))
+    max_key, max_value = limits.MAX_ATTRIBUTE_KEY_LENGTH, limits.MAX_ATTRIBUTE_VALUE_LENGTH
     for key, value in attributes.items():
+        # The common case (a short key and value, no NUL, a key not blank) without building the field name.
+        if (
+            key
+            and len(key) <= max_key
+            and len(value) <= max_value
+            and "\x00" not in key
+            and "\x00" not in value
+            and not key.isspace()
+        ):
+            continue
         field = f"attributes[{key[: limits.MAX_ATTRIBUTE_KEY_LENGTH]}]"
         if not key or key.isspace():
             out.append(violation(field, "key must not be blank"))

@@ -53,15 +53,33 @@ async def acquire(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
 
 
 @contextlib.asynccontextmanager
-async def transaction(pool: asyncpg.Pool, time_limit: float | None) -> AsyncIterator[asyncpg.Connection]:
+async def transaction(
+    pool: asyncpg.Pool, time_limit: float | None, deadline: float | None = None
+) -> AsyncIterator[asyncpg.Connection]:
     """A transaction whose every statement is bounded by `time_limit` seconds
     (the caller's remaining deadline; None: unbounded). A timed-out statement
     is cancelled by PostgreSQL itself, so the transaction rolls back even if
-    this process has stopped waiting (or the database was frozen meanwhile)."""
-    async with acquire(pool) as conn, conn.transaction():
-        if time_limit is not None:
-            await conn.execute(f"SET LOCAL statement_timeout = {statement_timeout_ms(time_limit)}")
-        yield conn
+    this process has stopped waiting (or the database was frozen meanwhile).
+    With `deadline` (epoch seconds), COMMIT fails instead once PostgreSQL's
+    clock is past it (QueryCanceledError, nothing committed).
+
+    BEGIN and the timeout, and the deadline check and COMMIT, each go in one
+    round trip (a multi-statement simple query: a failing statement skips the
+    rest). An error reported by PostgreSQL rolls back here; after any other
+    failure, the pool's reset on release does (or the connection is terminated)."""
+    begin = (
+        "BEGIN" if time_limit is None else f"BEGIN; SET LOCAL statement_timeout = {statement_timeout_ms(time_limit)}"
+    )
+    commit = "COMMIT" if deadline is None else f"SELECT deadline_guard({float(deadline)!r}::float8); COMMIT"
+    async with acquire(pool) as conn:
+        await conn.execute(begin)
+        try:
+            yield conn
+            await conn.execute(commit)
+        except asyncpg.PostgresError as exc:
+            if not isinstance(exc, asyncpg.PostgresConnectionError) and conn.is_in_transaction():
+                await conn.execute("ROLLBACK")
+            raise
 
 
 class _QuietPoolRetries(logging.Filter):

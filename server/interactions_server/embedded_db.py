@@ -5,6 +5,12 @@ server listens on a unix socket only, and it is stopped when the service stops.
 One interactions-server at a time owns a data directory: it holds an exclusive
 lock on `<data_dir>/interactions.lock` while it runs (pgserver alone would let
 a second server attach to the first one's PostgreSQL).
+
+PostgreSQL's own defaults (128 MB of shared_buffers, 1 GB of WAL between
+checkpoints) are sized for a tiny machine; `machine_settings` sizes them from
+the memory present instead, into `<pgdata>/interactions.conf`, included from
+postgresql.conf (so an operator's ALTER SYSTEM still wins). Durability is
+never traded: fsync and synchronous_commit keep their defaults (on).
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
+import subprocess
 import warnings
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from interactions_server.startup import StartupError
 
@@ -38,15 +46,12 @@ class EmbeddedPostgres:
         # pgserver asks platformdirs for a runtime dir it does not use here;
         # on machines without XDG_RUNTIME_DIR that only prints a warning.
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-        # Imported lazily: only needed without a database URL.
-        from pgserver.postgres_server import get_server
-
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_data_dir(self.pgdata.parent)
         # pgserver is chatty at INFO (every pg_ctl command line); keep ours only.
         logging.getLogger("pgserver").setLevel(max(logging.WARNING, logging.getLogger().level))
         try:
-            self._server = get_server(self.pgdata, cleanup_mode="stop")
+            self._server = start_tuned(self.pgdata)
             uri: str = self._server.get_uri()
         except BaseException:
             self._unlock()
@@ -111,3 +116,106 @@ def _postmaster_pid(pgdata: Path) -> int | None:
     with contextlib.suppress(OSError, ValueError, IndexError):
         return int((pgdata / "postmaster.pid").read_text().splitlines()[0])
     return None
+
+
+# --- settings for the machine ---------------------------------------------------
+
+MB = 1024 * 1024
+SETTINGS_FILE = "interactions.conf"
+_INCLUDE = f"include_if_exists = '{SETTINGS_FILE}'"
+
+
+class MachineSettings(NamedTuple):
+    """What the embedded PostgreSQL is given, from the memory and disk present."""
+
+    memory_mb: int  # the machine's (or the cgroup's) memory, in MB
+    shared_buffers_mb: int
+    effective_cache_size_mb: int
+    max_wal_size_mb: int
+    checkpoint_timeout_min: int
+    wal_compression: str
+
+    def conf_lines(self) -> list[str]:
+        return [
+            f"shared_buffers = '{self.shared_buffers_mb}MB'",
+            f"effective_cache_size = '{self.effective_cache_size_mb}MB'",
+            f"max_wal_size = '{self.max_wal_size_mb}MB'",
+            f"checkpoint_timeout = '{self.checkpoint_timeout_min}min'",
+            f"wal_compression = '{self.wal_compression}'",
+        ]
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory, or the cgroup's limit when it is lower (a container)."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            memory = min(memory, int(limit))
+    return memory
+
+
+def machine_settings(memory_bytes: int, disk_free_bytes: int) -> MachineSettings:
+    """Sizes from the memory present, within sane bounds:
+    shared_buffers a quarter of memory (128 MB to 8 GB: the log's indexes stay
+    cached; above 8 GB the OS cache serves as well), effective_cache_size three
+    quarters (the planner's guess of what the OS caches), max_wal_size 4 GB
+    (fewer forced checkpoints under bulk load; at most a quarter of the free
+    disk, at least 1 GB), checkpoint_timeout 15 min and compressed full-page
+    images (pglz: less WAL to write for a little CPU; this build has no lz4)."""
+    memory_mb = memory_bytes // MB
+    shared_buffers = max(128, min(8 * 1024, memory_mb // 4))
+    effective_cache = max(shared_buffers, memory_mb * 3 // 4)
+    max_wal = max(1024, min(4 * 1024, disk_free_bytes // MB // 4))
+    return MachineSettings(memory_mb, shared_buffers, effective_cache, max_wal, 15, "pglz")
+
+
+def start_tuned(pgdata: Path) -> Any:
+    """Starts pgserver's PostgreSQL in `pgdata` with `machine_settings`; returns
+    its handle. A fresh data directory (or one running with other sizes) is
+    restarted once, as shared_buffers takes effect only at start."""
+    from pgserver.postgres_server import get_server
+
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    disk_free = shutil.disk_usage(pgdata.parent).free
+    settings = machine_settings(machine_memory_bytes(), disk_free)
+    if (pgdata / "PG_VERSION").exists():
+        _write_settings(pgdata, settings)
+    server = get_server(pgdata, cleanup_mode="stop")
+    if _setting_mb(server, "shared_buffers") != settings.shared_buffers_mb:
+        _write_settings(pgdata, settings)  # initdb ran just now, or it was running with other settings
+        server.cleanup()
+        server = get_server(pgdata, cleanup_mode="stop")
+    _log.info(
+        "embedded PostgreSQL settings for %d MB of memory: %s (fsync and synchronous_commit on)",
+        settings.memory_mb,
+        ", ".join(settings.conf_lines()),
+    )
+    return server
+
+
+def _write_settings(pgdata: Path, settings: MachineSettings) -> None:
+    header = "# Written by interactions-server at each start, from the machine's memory (embedded_db.py).\n"
+    (pgdata / SETTINGS_FILE).write_text(header + "\n".join(settings.conf_lines()) + "\n", encoding="utf-8")
+    conf = pgdata / "postgresql.conf"
+    text = conf.read_text(encoding="utf-8")
+    if _INCLUDE not in text:
+        conf.write_text(f"{text.rstrip()}\n{_INCLUDE}\n", encoding="utf-8")
+
+
+def _setting_mb(server: Any, name: str) -> int | None:
+    """A memory setting of the running PostgreSQL, in MB (None if it cannot be read)."""
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    query = f"SELECT pg_size_bytes(current_setting('{name}')) / {MB}"
+    try:
+        done = subprocess.run(
+            [str(POSTGRES_BIN_PATH / "psql"), "-Atqc", query, server.get_uri()],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return int(done.stdout.strip())
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None

@@ -9,31 +9,23 @@ transaction, so a duplicate is harmless and an acknowledgement means committed.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 import asyncpg
 
-from interactions_client.rules import RULES, stored_name
+from interactions_client.rules import CUSTOM, RULES, TypeRule
 from interactions_client.v1.event_pb2 import Event, FieldViolation
 from interactions_client.validation import validate
 from interactions_server import db, metrics, storage
 from interactions_server.auth import event_type_violation
 from interactions_server.errors import DeadlineExceeded
-from interactions_server.sync import SyncEvent, SyncHandler, build_registry
-
-# Field names of each details payload, read once from the schema.
-# (name, has presence): an `optional` field is stored only when it was set.
-_DETAIL_FIELDS: dict[str, tuple[tuple[str, bool], ...]] = {
-    f.name: tuple((sub.name, sub.has_presence) for sub in f.message_type.fields)  # type: ignore[union-attr]
-    for f in Event.DESCRIPTOR.oneofs_by_name["details"].fields
-}
-
+from interactions_server.event_json import attributes_json, details_json
+from interactions_server.sync import SyncEvent, SyncHandler, build_registry, sync_new
 
 CONFLICT_DESCRIPTION = "already used for a different event"
 # A cancelled statement this close to the deadline was cancelled by it
@@ -75,37 +67,19 @@ class BatchResult:
     duplicate_count: int = 0
 
 
-def _row(event: Event, event_id: str, received_us: int, print_: int) -> storage.EventRow:
-    rule = RULES[event.event_type]
-    ts = event.occurred_at
-    occurred_us = ts.seconds * 1_000_000 + ts.nanos // 1_000 if event.HasField("occurred_at") else received_us
-    value = event.event_value if event.HasField("event_value") else rule.default_value
-    member = event.WhichOneof("details")
-    details = None
-    if member is not None:
-        payload = getattr(event, member)
-        details = json.dumps(
-            {
-                member: {
-                    name: getattr(payload, name)
-                    for name, optional in _DETAIL_FIELDS[member]
-                    if not optional or payload.HasField(name)
-                }
-            }
-        )
-    return storage.EventRow(
-        event.user_id,
-        event_id,
-        stored_name(event),
-        event.session_id or None,
-        event.product_id or None,
-        value,  # type: ignore[arg-type]  # validation guarantees a value or a default
-        occurred_us,
-        details,
-        json.dumps(dict(event.attributes)) if event.attributes else None,
-        rule.syncs,
-        print_,
-    )
+class _TypeInfo(NamedTuple):
+    """What building a row needs of an event's type, worked out once at import."""
+
+    name: str | None  # the stored name; None for EVENT_TYPE_CUSTOM (its custom_type)
+    default_value: int | None
+    rule: TypeRule
+    syncs: bool
+
+
+_TYPES: dict[int, _TypeInfo] = {
+    number: _TypeInfo(None if rule is CUSTOM else rule.name, rule.default_value, rule, rule.syncs)
+    for number, rule in RULES.items()
+}
 
 
 class Ingestor:
@@ -115,6 +89,7 @@ class Ingestor:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._sync: dict[int, SyncHandler] = build_registry()
+        self._locked_targets = frozenset(t for t, handler in self._sync.items() if handler.needs_key_lock)
 
     async def write(
         self, events: Sequence[Event], time_limit: float | None = None, *, allowed_types: frozenset[str] | None = None
@@ -126,7 +101,12 @@ class Ingestor:
         now = time.time()
         received_us = int(now * 1_000_000)
         result = BatchResult(event_ids=[""] * len(events), duplicate=[False] * len(events))
-        rows: list[storage.EventRow] = []
+        # One pass: each valid event goes straight into the statement's columns
+        # (and, if it syncs state, into its target's list), before any transaction opens.
+        columns = storage.EventColumns.empty()
+        users, ids, types, sessions, products, values, occurred, details, attributes, syncs, prints_column = columns
+        syncing: dict[int, list[SyncEvent]] = {}
+        locked: set[tuple[str, str]] = set()  # keys of the events whose sync needs the key's lock
         row_index: dict[tuple[str, str], int] = {}  # first occurrence of each key in the batch
         prints: dict[tuple[str, str], int] = {}  # fingerprint of each key's first occurrence
         repeats: list[tuple[int, tuple[str, str]]] = []  # later occurrences with the same content
@@ -134,12 +114,13 @@ class Ingestor:
             event_id = event.event_id.lower() or str(uuid.uuid4())
             result.event_ids[i] = event_id
             violations = validate(event, now=now)
-            if (not_allowed := event_type_violation(event, allowed_types)) is not None:
+            if allowed_types is not None and (not_allowed := event_type_violation(event, allowed_types)) is not None:
                 violations.append(not_allowed)
             if violations:
                 result.rejected.append(Rejection(i, event.event_id, violations))
                 continue
-            key = (event.user_id, event_id)
+            user_id = event.user_id
+            key = (user_id, event_id)
             print_ = fingerprint(event)
             if key in row_index:
                 if prints[key] == print_:
@@ -149,23 +130,52 @@ class Ingestor:
                 continue
             row_index[key] = i
             prints[key] = print_
-            rows.append(_row(event, event_id, received_us, print_))
-        if not rows:
+
+            info = _TYPES[event.event_type]
+            if event.HasField("occurred_at"):
+                ts = event.occurred_at
+                occurred_us = ts.seconds * 1_000_000 + ts.nanos // 1_000
+            else:
+                occurred_us = received_us
+            # Validation guarantees a value or a default.
+            value: int = event.event_value if event.HasField("event_value") else info.default_value  # type: ignore[assignment]
+            session_id = event.session_id or None
+            product_id = event.product_id or None
+            member = event.WhichOneof("details")
+            users.append(user_id)
+            ids.append(event_id)
+            types.append(info.name or event.custom_type)
+            sessions.append(session_id)
+            products.append(product_id)
+            values.append(value)
+            occurred.append(occurred_us)
+            details.append(None if member is None else details_json(event, member))
+            attributes.append(attributes_json(event.attributes) if event.attributes else None)
+            syncs.append(info.syncs)
+            prints_column.append(print_)
+            if info.syncs:
+                rule = info.rule
+                target = syncing.get(rule.sync)
+                if target is None:
+                    target = syncing[rule.sync] = []
+                target.append(SyncEvent(user_id, product_id or "", event_id, occurred_us, value, session_id, rule))
+                if rule.sync in self._locked_targets:
+                    locked.add((user_id, product_id or ""))
+        if not users:
             return result
 
-        syncing = self._sync_events(rows, events, row_index)
         started = time.perf_counter()
         # A call the client has given up on must not commit later: its
         # statements check the deadline in PostgreSQL (also after a freeze)
         # and are bounded by a statement_timeout.
         deadline = None if time_limit is None else now + time_limit
         try:
-            inserted = await self._insert(rows, syncing, time_limit, deadline)
+            inserted = await self._insert(columns, syncing, locked, time_limit, deadline)
         except asyncpg.exceptions.QueryCanceledError as exc:
             if deadline is not None and time.time() >= deadline - _DEADLINE_SLACK:
                 raise DeadlineExceeded("the call's deadline passed; nothing was written") from exc
             raise
-        metrics.observe_commit(len(rows), time.perf_counter() - started)
+        metrics.observe_commit(len(users), time.perf_counter() - started)
 
         for key, i in row_index.items():
             if key in inserted.conflicting:
@@ -200,55 +210,32 @@ class Ingestor:
 
     async def _insert(
         self,
-        rows: Sequence[storage.EventRow],
+        columns: storage.EventColumns,
         syncing: dict[int, list[SyncEvent]],
+        locked: set[tuple[str, str]],
         time_limit: float | None,
         deadline: float | None,
     ) -> storage.InsertOutcome:
         if not syncing:
             # One statement is its own transaction: no BEGIN / COMMIT round trips.
             async with db.acquire(self._pool) as conn:
-                return await storage.insert_events(conn, rows, deadline)
-        async with db.transaction(self._pool, time_limit) as conn:
-            inserted = await storage.insert_events(conn, rows, deadline)
+                return await storage.insert_events(conn, columns, deadline)
+        # The insert statement also takes the sync keys' locks; the deadline is
+        # checked once more just before COMMIT (in COMMIT's round trip).
+        async with db.transaction(self._pool, time_limit, deadline) as conn:
+            inserted = await storage.insert_events(conn, columns, deadline, locked)
             await self._sync_new(conn, syncing, inserted.new)
-            if deadline is not None:
-                await storage.check_deadline(conn, deadline)  # just before COMMIT
         return inserted
-
-    def _sync_events(
-        self, rows: Sequence[storage.EventRow], events: Sequence[Event], row_index: dict[tuple[str, str], int]
-    ) -> dict[int, list[SyncEvent]]:
-        """The batch's events that sync state, by target. Built before the
-        transaction opens, so that it stays short."""
-        by_target: dict[int, list[SyncEvent]] = defaultdict(list)
-        for row in rows:
-            if row.syncs_state:
-                rule = RULES[events[row_index[(row.user_id, row.event_id)]].event_type]
-                by_target[rule.sync].append(
-                    SyncEvent(
-                        row.user_id,
-                        row.product_id or "",
-                        row.event_id,
-                        row.occurred_us,
-                        row.event_value,
-                        row.session_id,
-                        rule,
-                    )
-                )
-        return by_target
 
     async def _sync_new(
         self, conn: asyncpg.Connection, by_target: dict[int, list[SyncEvent]], new_keys: set[tuple[str, str]]
     ) -> None:
-        """Runs the sync handlers on the events that were new to the log."""
+        """Runs the sync handlers on the events that were new to the log (their
+        keys' locks are held since the insert)."""
         new = {
             target: fresh
             for target, candidates in by_target.items()
             if (fresh := [e for e in candidates if (e.user_id, e.event_id) in new_keys])
         }
-        locked = {(e.user_id, e.product_id) for t, evs in new.items() if self._sync[t].needs_key_lock for e in evs}
-        if locked:
-            await storage.lock_keys(conn, locked)
-        for target in sorted(new):
-            await self._sync[target](conn, new[target])
+        if new:
+            await sync_new(conn, self._sync, new)

@@ -7,7 +7,7 @@ so that PostgreSQL does the conversions in C (see docs/performance.md).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -20,20 +20,24 @@ _US_TO_TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
 _TS_TO_US = "(extract(epoch FROM {}) * 1000000)::int8"
 
 
-class EventRow(NamedTuple):
-    """One row of the event log, in the column order of INSERT_EVENTS."""
+class EventColumns(NamedTuple):
+    """A batch of event-log rows as one list per column, in the parameter order of INSERT_EVENTS."""
 
-    user_id: str
-    event_id: str
-    event_type: str
-    session_id: str | None
-    product_id: str | None
-    event_value: int
-    occurred_us: int
-    details: str | None  # JSON text
-    attributes: str | None  # JSON text
-    syncs_state: bool
-    fingerprint: int  # of the event's content as sent (stored in event_keys)
+    user_id: list[str]
+    event_id: list[str]
+    event_type: list[str]
+    session_id: list[str | None]
+    product_id: list[str | None]
+    event_value: list[int]
+    occurred_us: list[int]
+    details: list[str | None]  # JSON text
+    attributes: list[str | None]  # JSON text
+    syncs_state: list[bool]
+    fingerprint: list[int]  # of the event's content as sent (stored in event_keys)
+
+    @classmethod
+    def empty(cls) -> EventColumns:
+        return cls([], [], [], [], [], [], [], [], [], [], [])
 
 
 INSERT_EVENTS = f"""
@@ -42,7 +46,9 @@ WITH batch AS (
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                 $6::int8[], $7::int8[], $8::text[], $9::text[], $10::bool[], $11::int8[])
          AS r(u, e, t, s, p, v, o, d, a, y, f)
-    WHERE (SELECT deadline_guard($12::float8))  -- once, before anything is written
+    -- Once, before anything is written: the deadline, then the state-sync
+    -- key locks (migrations/0005_sync_key_locks.sql) of the events that sync.
+    WHERE (SELECT deadline_guard($12::float8)) AND (SELECT lock_sync_keys($13::text[], $14::text[]))
 ), deleted AS MATERIALIZED (
     -- Users whose data was deleted (migrations/0003_user_deletion.sql, which
     -- explains the lock this takes): their events up to the watermark are refused.
@@ -88,15 +94,22 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
 
 
 async def insert_events(
-    conn: asyncpg.Connection, rows: Sequence[EventRow], deadline: float | None = None
+    conn: asyncpg.Connection,
+    columns: EventColumns,
+    deadline: float | None = None,
+    lock_keys: Collection[tuple[str, str]] = (),
 ) -> InsertOutcome:
     """Logs the rows whose (user_id, event_id) is new, except those refused by
     a deletion watermark (in one statement); returns those keys, the known
     keys whose stored fingerprint differs, and the refused keys. The rows'
     keys must be unique within the batch. Past `deadline` (epoch seconds, by
-    PostgreSQL's clock) the statement fails instead (QueryCanceledError)."""
+    PostgreSQL's clock) the statement fails instead (QueryCanceledError).
+    `lock_keys`: the (user_id, product_id) keys whose state-sync locks the
+    transaction takes first (what lock_keys does, without a round trip)."""
     outcome = InsertOutcome(set(), set(), {})
-    for user_id, event_id, conflict, deleted_through in await conn.fetch(INSERT_EVENTS, *_columns(rows, 11), deadline):
+    for user_id, event_id, conflict, deleted_through in await conn.fetch(
+        INSERT_EVENTS, *columns, deadline, [k[0] for k in lock_keys], [k[1] for k in lock_keys]
+    ):
         if deleted_through is not None:
             outcome.refused[(user_id, event_id)] = deleted_through
         else:
@@ -109,31 +122,11 @@ async def check_deadline(conn: asyncpg.Connection, deadline: float) -> None:
     await conn.execute("SELECT deadline_guard($1::float8)", deadline)
 
 
-async def lock_keys(conn: asyncpg.Connection, keys: Collection[tuple[str, str]]) -> None:
-    """Serialises state sync per (user_id, product_id) across transactions and processes.
-
-    Transaction-scoped advisory locks, taken in one consistent order so that
-    concurrent batches cannot deadlock, and held until commit. Per key rather
-    than per user: a hot user's batches only wait for each other where they
-    touch the same product.
-    """
-    users, products = [k[0] for k in keys], [k[1] for k in keys]
-    await conn.execute(
-        """
-        SELECT pg_advisory_xact_lock(7301, k)
-        FROM (SELECT DISTINCT hashtext(u || '/' || p) AS k
-              FROM unnest($1::text[], $2::text[]) AS r(u, p) ORDER BY k) AS keys
-        """,
-        users,
-        products,
-    )
-
-
 # --- per-(user, product) state: cart_lines and wishlist_lines -------------
 
 
 class StateLine(NamedTuple):
-    """A line of cart_lines or wishlist_lines, in the column order of upsert_lines."""
+    """A line of cart_lines or wishlist_lines, in the column order of write_state."""
 
     user_id: str
     product_id: str
@@ -150,36 +143,76 @@ _STATE_VALUE: dict[str, tuple[str, str, str]] = {
 }
 
 
-async def fetch_lines(conn: asyncpg.Connection, table: str, keys: Sequence[tuple[str, str]]) -> list[StateLine]:
-    """The current lines of `keys` in a state table."""
-    records = await conn.fetch(
-        f"""
-        SELECT l.user_id, l.product_id, {_STATE_VALUE[table][1]}, {_TS_TO_US.format("l.updated_at")},
-               l.last_event_id::text
-        FROM unnest($1::text[], $2::text[]) AS k(u, p)
-        JOIN {table} AS l ON l.user_id = k.u AND l.product_id = k.p
-        """,
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-    )
-    return [StateLine(*r) for r in records]
+_STATE_TABLES = tuple(_STATE_VALUE)
 
 
-async def upsert_lines(conn: asyncpg.Connection, table: str, lines: Sequence[StateLine]) -> None:
-    """Writes the new state of each line, in key order (no deadlocks)."""
-    value, _, value_in = _STATE_VALUE[table]
-    await conn.execute(
-        f"""
-        INSERT INTO {table} AS l (user_id, product_id, {value}, updated_at, last_event_id)
-        SELECT u, p, {value_in}, {_US_TO_TS.format("t")}, e::uuid
-        FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[]) AS r(u, p, v, t, e)
-        ORDER BY u, p
-        ON CONFLICT (user_id, product_id) DO UPDATE
-        SET {value} = excluded.{value}, updated_at = excluded.updated_at,
-            last_event_id = excluded.last_event_id
-        """,
-        *_columns(sorted(lines), 5),
+# The current lines of given keys in every state table, tagged with the table's index.
+_FETCH_STATE_LINES = "\nUNION ALL\n".join(
+    f"""SELECT {n} AS t, l.user_id, l.product_id, ({value_out})::int8, {_TS_TO_US.format("l.updated_at")}, l.last_event_id::text
+FROM unnest(${2 * n + 1}::text[], ${2 * n + 2}::text[]) AS k(u, p)
+JOIN {table} AS l ON l.user_id = k.u AND l.product_id = k.p"""
+    for n, (table, (_, value_out, _)) in enumerate(_STATE_VALUE.items())
+)
+
+
+async def fetch_state_lines(
+    conn: asyncpg.Connection, keys: Mapping[str, Sequence[tuple[str, str]]]
+) -> dict[str, dict[tuple[str, str], StateLine]]:
+    """The current lines of the given keys of each state table (by table name), in one statement."""
+    if not any(keys.values()):
+        return {}
+    params: list[list[str]] = []
+    for table in _STATE_TABLES:
+        table_keys = keys.get(table, ())
+        params += [[k[0] for k in table_keys], [k[1] for k in table_keys]]
+    lines: dict[str, dict[tuple[str, str], StateLine]] = {table: {} for table in _STATE_TABLES}
+    for t, *line in await conn.fetch(_FETCH_STATE_LINES, *params):
+        state_line = StateLine(*line)
+        lines[_STATE_TABLES[t]][(state_line.user_id, state_line.product_id)] = state_line
+    return lines
+
+
+# Writes the new state of each line of every state table, and appends the
+# purchases: one statement, each table's rows in key order (no deadlocks).
+_WRITE_STATE = (
+    "WITH "
+    + ",\n".join(
+        f"""{table}_written AS (
+    INSERT INTO {table} AS l (user_id, product_id, {value}, updated_at, last_event_id)
+    SELECT u, p, {value_in}, {_US_TO_TS.format("t")}, e::uuid
+    FROM unnest(${n * 5 + 1}::text[], ${n * 5 + 2}::text[], ${n * 5 + 3}::int8[], ${n * 5 + 4}::int8[],
+                ${n * 5 + 5}::text[]) AS r(u, p, v, t, e)
+    ORDER BY u, p
+    ON CONFLICT (user_id, product_id) DO UPDATE
+    SET {value} = excluded.{value}, updated_at = excluded.updated_at,
+        last_event_id = excluded.last_event_id
+)"""
+        for n, (table, (value, _, value_in)) in enumerate(_STATE_VALUE.items())
     )
+    + f""",
+purchases_written AS (
+    INSERT INTO purchase_history (user_id, purchased_at, event_id, product_id, session_id)
+    SELECT u, {_US_TO_TS.format("t")}, e::uuid, p, s
+    FROM unnest(${len(_STATE_VALUE) * 5 + 1}::text[], ${len(_STATE_VALUE) * 5 + 2}::int8[],
+                ${len(_STATE_VALUE) * 5 + 3}::text[], ${len(_STATE_VALUE) * 5 + 4}::text[],
+                ${len(_STATE_VALUE) * 5 + 5}::text[]) AS r(u, t, e, p, s)
+    ORDER BY u, t, e
+    ON CONFLICT DO NOTHING
+)
+SELECT"""
+)
+
+
+async def write_state(
+    conn: asyncpg.Connection, lines: Mapping[str, Sequence[StateLine]], purchases: Sequence[PurchaseRow]
+) -> None:
+    """Writes the new state lines of each state table (by table name) and the new purchases, in one statement."""
+    if not purchases and not any(lines.values()):
+        return
+    params: list[list[Any]] = []
+    for table in _STATE_TABLES:
+        params += _columns(sorted(lines.get(table, ())), 5)
+    await conn.execute(_WRITE_STATE, *params, *_columns(purchases, 5))
 
 
 class KeyEvent(NamedTuple):
@@ -217,26 +250,13 @@ async def fetch_key_events(
 
 
 class PurchaseRow(NamedTuple):
-    """A row of purchase_history, in the column order of insert_purchases."""
+    """A row of purchase_history, in the column order of write_state."""
 
     user_id: str
     purchased_us: int
     event_id: str
     product_id: str
     session_id: str | None
-
-
-async def insert_purchases(conn: asyncpg.Connection, rows: Sequence[PurchaseRow]) -> None:
-    await conn.execute(
-        f"""
-        INSERT INTO purchase_history (user_id, purchased_at, event_id, product_id, session_id)
-        SELECT u, {_US_TO_TS.format("t")}, e::uuid, p, s
-        FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[]) AS r(u, t, e, p, s)
-        ORDER BY u, t, e
-        ON CONFLICT DO NOTHING
-        """,
-        *_columns(rows, 5),
-    )
 
 
 # --- reads -------------------------------------------------------------------

@@ -6,15 +6,15 @@ of that key's events in (occurred_at, event_id) order. New events are folded
 onto the stored line when they are all newer than the last event folded into
 it (the common, in-order case); otherwise the line is recomputed from the log.
 Handlers run inside the batch's transaction, after the log insert, and see
-only events that were new to the log, so a resend is never applied twice.
+only events that were new to the log, so a resend is never applied twice;
+sync_new runs them all with one read and one write of the state tables.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import asyncpg
 
@@ -33,14 +33,6 @@ class SyncEvent:
     value: int
     session_id: str | None
     rule: TypeRule
-
-
-class SyncHandler(Protocol):
-    # Whether the handler reads and rewrites per-(user, product) state, so that
-    # the batch must hold those keys' locks (storage.lock_keys) while it runs.
-    needs_key_lock: bool
-
-    def __call__(self, conn: asyncpg.Connection, events: Sequence[SyncEvent]) -> Awaitable[None]: ...
 
 
 # A fold step: (state, event_value, occurred_at us) -> new state.
@@ -95,16 +87,18 @@ class KeyedFold:
             state = self.steps[event_type](state, value, occurred_us)
         return state
 
-    async def __call__(self, conn: asyncpg.Connection, events: Sequence[SyncEvent]) -> None:
+    def lines(
+        self, events: Sequence[SyncEvent], current: Mapping[tuple[str, str], storage.StateLine]
+    ) -> tuple[list[storage.StateLine], list[tuple[str, str]]]:
+        """The new lines of the keys of `events` folded onto their `current`
+        lines, and the keys whose new events arrived out of order (stale: to
+        be refolded from the log)."""
         by_key: dict[tuple[str, str], list[SyncEvent]] = defaultdict(list)
         for e in events:
             by_key[(e.user_id, e.product_id)].append(e)
-        keys = sorted(by_key)
-        current = {(line.user_id, line.product_id): line for line in await storage.fetch_lines(conn, self.table, keys)}
-
         lines: list[storage.StateLine] = []
         stale: list[tuple[str, str]] = []
-        for key in keys:
+        for key in sorted(by_key):
             new = sorted(by_key[key], key=lambda e: (e.occurred_us, e.event_id))
             line = current.get(key)
             if line is not None and (new[0].occurred_us, new[0].event_id) < (line.updated_us, line.last_event_id):
@@ -114,17 +108,19 @@ class KeyedFold:
                 None if line is None else line.value, [(e.rule.name, e.value, e.occurred_us) for e in new]
             )
             lines.append(storage.StateLine(key[0], key[1], state, new[-1].occurred_us, new[-1].event_id))
+        return lines, stale
 
-        if stale:
-            logged: dict[tuple[str, str], list[storage.KeyEvent]] = defaultdict(list)
-            for event in await storage.fetch_key_events(conn, stale, list(self.steps)):
-                logged[(event.user_id, event.product_id)].append(event)
-            for key in stale:
-                history = logged[key]
-                state = self.fold(None, [(e.event_type, e.event_value, e.occurred_us) for e in history])
-                lines.append(storage.StateLine(key[0], key[1], state, history[-1].occurred_us, history[-1].event_id))
-
-        await storage.upsert_lines(conn, self.table, lines)
+    async def refold(self, conn: asyncpg.Connection, stale: Sequence[tuple[str, str]]) -> list[storage.StateLine]:
+        """The lines of `stale` keys folded from all their logged events."""
+        logged: dict[tuple[str, str], list[storage.KeyEvent]] = defaultdict(list)
+        for event in await storage.fetch_key_events(conn, stale, list(self.steps)):
+            logged[(event.user_id, event.product_id)].append(event)
+        lines: list[storage.StateLine] = []
+        for key in stale:
+            history = logged[key]
+            state = self.fold(None, [(e.event_type, e.event_value, e.occurred_us) for e in history])
+            lines.append(storage.StateLine(key[0], key[1], state, history[-1].occurred_us, history[-1].event_id))
+        return lines
 
 
 class AppendPurchases:
@@ -132,11 +128,12 @@ class AppendPurchases:
 
     needs_key_lock = False
 
-    async def __call__(self, conn: asyncpg.Connection, events: Sequence[SyncEvent]) -> None:
-        await storage.insert_purchases(
-            conn,
-            [storage.PurchaseRow(e.user_id, e.occurred_us, e.event_id, e.product_id, e.session_id) for e in events],
-        )
+    @staticmethod
+    def rows(events: Sequence[SyncEvent]) -> list[storage.PurchaseRow]:
+        return [storage.PurchaseRow(e.user_id, e.occurred_us, e.event_id, e.product_id, e.session_id) for e in events]
+
+
+SyncHandler = KeyedFold | AppendPurchases
 
 
 def build_registry() -> dict[int, SyncHandler]:
@@ -154,3 +151,30 @@ def build_registry() -> dict[int, SyncHandler]:
     if missing:
         raise RuntimeError(f"no sync handler for targets {sorted(missing)}")
     return registry
+
+
+async def sync_new(
+    conn: asyncpg.Connection, registry: Mapping[int, SyncHandler], by_target: Mapping[int, Sequence[SyncEvent]]
+) -> None:
+    """Applies a batch's newly logged events to every state table, inside its
+    transaction (the keys' locks held): one statement reads the current lines
+    of every keyed table, one writes every table's new state (plus a read of
+    the log per table with out-of-order keys)."""
+    folds: list[tuple[KeyedFold, Sequence[SyncEvent]]] = []
+    purchases: list[storage.PurchaseRow] = []
+    for target, events in by_target.items():
+        handler = registry[target]
+        if isinstance(handler, KeyedFold):
+            folds.append((handler, events))
+        else:
+            purchases += handler.rows(events)
+    current = await storage.fetch_state_lines(
+        conn, {fold.table: sorted({(e.user_id, e.product_id) for e in events}) for fold, events in folds}
+    )
+    lines: dict[str, list[storage.StateLine]] = {}
+    for fold, events in folds:
+        folded, stale = fold.lines(events, current.get(fold.table, {}))
+        if stale:
+            folded += await fold.refold(conn, stale)
+        lines[fold.table] = folded
+    await storage.write_state(conn, lines, purchases)
