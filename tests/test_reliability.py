@@ -236,6 +236,40 @@ async def test_within_one_batch_the_first_of_two_different_events_with_one_key_i
     assert await server.pool.fetchval("SELECT event_value FROM events") == 1
 
 
+async def test_a_conflicting_key_committed_while_the_batch_waits_on_it_is_caught(
+    server: App, interaction_stub: InteractionServiceStub
+) -> None:
+    # Another writer holds the key, uncommitted, with other content: the
+    # batch's insert waits on it (ON CONFLICT), then skips it; the key is not
+    # in the statement's snapshot, yet it must be reported as a conflict.
+    event = _cart_event("u1", 5)
+    holder = await asyncpg.connect(server.database_url)
+    try:
+        async with holder.transaction():
+            await holder.execute(
+                "INSERT INTO event_keys (user_id, event_id, occurred_at, fingerprint) VALUES ($1, $2, now(), $3)",
+                "u1",
+                uuid.UUID(event.event_id),
+                fingerprint(event) + 1,
+            )
+            call = asyncio.ensure_future(interaction_stub.LogEvents(pb.LogEventsRequest(events=[event])))
+
+            async def waiting_on_the_key() -> bool:
+                count: int = await holder.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+                return count >= 1
+
+            await eventually(waiting_on_the_key)
+        response = await call
+    finally:
+        await holder.close()
+    assert (response.accepted_count, response.duplicate_count) == (0, 0)
+    assert [(v.field, v.description) for v in response.rejected[0].violations] == [
+        ("event_id", "already used for a different event")
+    ]
+
+
 async def test_keys_logged_before_fingerprints_existed_count_as_the_same_content(
     server: App, interaction_stub: InteractionServiceStub
 ) -> None:

@@ -69,17 +69,17 @@ WITH batch AS (
     SELECT b.u, b.e, b.t, b.s, b.p, b.v, b.o, b.d, b.a, b.y
     FROM batch AS b JOIN new ON new.user_id = b.u AND new.event_id = b.e
 )
-SELECT user_id, event_id::text, false AS conflict, NULL::timestamptz AS deleted_through FROM new
+SELECT user_id, event_id::text, 'new' AS kind, NULL::timestamptz AS deleted_through FROM new
 UNION ALL
--- Keys already logged with other content (the statement's snapshot does not
--- see the rows it inserts itself). A NULL fingerprint (logged before
--- fingerprints existed) is unknown and counts as the same content. A refused
--- event is reported as refused only.
-SELECT k.user_id, k.event_id::text, true, NULL
+-- Keys already logged (the statement's snapshot does not see the rows it
+-- inserts itself): with other content ("conflict") or the same ("known"). A
+-- NULL fingerprint (logged before fingerprints existed) is unknown and counts
+-- as the same content. A refused event is reported as refused only.
+SELECT k.user_id, k.event_id::text, CASE WHEN k.fingerprint <> b.f THEN 'conflict' ELSE 'known' END, NULL
 FROM batch AS b JOIN event_keys AS k ON k.user_id = b.u AND k.event_id = b.e
-WHERE k.fingerprint <> b.f AND NOT EXISTS (SELECT FROM refused AS r WHERE r.u = b.u AND r.e = b.e)
+WHERE NOT EXISTS (SELECT FROM refused AS r WHERE r.u = b.u AND r.e = b.e)
 UNION ALL
-SELECT u, e::text, false, deleted_through FROM refused
+SELECT u, e::text, 'refused', deleted_through FROM refused
 """
 
 
@@ -107,14 +107,46 @@ async def insert_events(
     `lock_keys`: the (user_id, product_id) keys whose state-sync locks the
     transaction takes first (what lock_keys does, without a round trip)."""
     outcome = InsertOutcome(set(), set(), {})
-    for user_id, event_id, conflict, deleted_through in await conn.fetch(
+    seen: set[tuple[str, str]] = set()
+    for user_id, event_id, kind, deleted_through in await conn.fetch(
         INSERT_EVENTS, *columns, deadline, [k[0] for k in lock_keys], [k[1] for k in lock_keys]
     ):
-        if deleted_through is not None:
-            outcome.refused[(user_id, event_id)] = deleted_through
-        else:
-            (outcome.conflicting if conflict else outcome.new).add((user_id, event_id))
+        key = (user_id, event_id)
+        seen.add(key)
+        if kind == "refused":
+            outcome.refused[key] = deleted_through
+        elif kind == "conflict":
+            outcome.conflicting.add(key)
+        elif kind == "new":
+            outcome.new.add(key)
+    if len(seen) < len(columns.user_id):
+        # A key neither new nor in the statement's snapshot was inserted by a
+        # concurrent transaction that committed while this statement waited
+        # on it (ON CONFLICT). Rare: its fingerprint is read in a statement
+        # of its own, which sees that commit.
+        outcome.conflicting.update(await _raced_conflicts(conn, columns, seen))
     return outcome
+
+
+_STORED_FINGERPRINTS = """
+SELECT k.user_id, k.event_id::text
+FROM unnest($1::text[], $2::uuid[], $3::int8[]) AS b(u, e, f)
+JOIN event_keys AS k ON k.user_id = b.u AND k.event_id = b.e
+WHERE k.fingerprint <> b.f
+"""
+
+
+async def _raced_conflicts(
+    conn: asyncpg.Connection, columns: EventColumns, seen: set[tuple[str, str]]
+) -> set[tuple[str, str]]:
+    """The keys of the batch not in `seen` that are stored with another fingerprint."""
+    raced = [
+        (u, e, f)
+        for u, e, f in zip(columns.user_id, columns.event_id, columns.fingerprint, strict=True)
+        if (u, e) not in seen
+    ]
+    records = await conn.fetch(_STORED_FINGERPRINTS, *(list(c) for c in zip(*raced, strict=True)))
+    return {(r["user_id"], r["event_id"]) for r in records}
 
 
 async def check_deadline(conn: asyncpg.Connection, deadline: float) -> None:
