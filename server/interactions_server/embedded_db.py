@@ -161,13 +161,14 @@ def machine_settings(memory_bytes: int, disk_free_bytes: int) -> MachineSettings
     cached; above 8 GB the OS cache serves as well), effective_cache_size three
     quarters (the planner's guess of what the OS caches), max_wal_size 4 GB
     (fewer forced checkpoints under bulk load; at most a quarter of the free
-    disk, at least 1 GB), checkpoint_timeout 15 min and compressed full-page
-    images (pglz: less WAL to write for a little CPU; this build has no lz4)."""
+    disk, at least 1 GB) and checkpoint_timeout 15 min. wal_compression stays
+    off: this build has no lz4, and pglz cost PostgreSQL about 40 us of CPU
+    per event once full-page images are frequent (docs/performance.md)."""
     memory_mb = memory_bytes // MB
     shared_buffers = max(128, min(8 * 1024, memory_mb // 4))
     effective_cache = max(shared_buffers, memory_mb * 3 // 4)
     max_wal = max(1024, min(4 * 1024, disk_free_bytes // MB // 4))
-    return MachineSettings(memory_mb, shared_buffers, effective_cache, max_wal, 15, "pglz")
+    return MachineSettings(memory_mb, shared_buffers, effective_cache, max_wal, 15, "off")
 
 
 def start_tuned(pgdata: Path) -> Any:
