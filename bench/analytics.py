@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.database import reset_log
+from bench.database import UUID7_OF_OCCURRED_AT, reset_log
 from bench.proc_stats import CpuMeter, CpuShares, RssSampler, RssSamples
 from bench.workload import MIX, PRODUCTS, SYNCING_TYPES, USERS
 from interactions_client.client import InteractionsClient
@@ -50,9 +50,7 @@ SELECT user_id, event_id, event_type, session_id,
 FROM (
     SELECT user_id, event_type, product_id, occurred_at,
            'sess-' || substr(user_id, 6) || '-' || floor(extract(epoch FROM occurred_at) / 1800)::int8 AS session_id,
-           (lpad(to_hex((extract(epoch FROM occurred_at) * 1000)::int8), 12, '0') || '7'
-            || substr(md5(random()::text), 1, 3) || to_hex(8 + floor(random() * 4)::int)
-            || substr(md5(random()::text), 1, 15))::uuid AS event_id
+           {uuid7} AS event_id
     FROM (
         SELECT 'user-' || floor({users} * power(random(), 3))::int AS user_id,
                (ARRAY[{types}])[1 + floor(random() * {type_count})::int] AS event_type,
@@ -89,6 +87,7 @@ async def preload(url: str, rows: int, progress: Progress) -> float:
             types=_sql_list(name for name, percent in mix.items() for _ in range(percent)),
             type_count=sum(mix.values()),
             products=PRODUCTS,
+            uuid7=UUID7_OF_OCCURRED_AT,
         )
     )
     end = time.time() - 3600

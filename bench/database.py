@@ -177,13 +177,15 @@ class CeilingTable:
 
 # Rows made in SQL, spread over the workload's users (skewed towards the low
 # ids, as the workload is) and products, of the workload's types, with
+# A UUIDv7 of the row's occurred_at, like the client's default event ids (SQL).
+UUID7_OF_OCCURRED_AT = """(lpad(to_hex((extract(epoch FROM occurred_at) * 1000)::int8), 12, '0') || '7'
+    || substr(md5(random()::text), 1, 3) || to_hex(8 + floor(random() * 4)::int)
+    || substr(md5(random()::text), 1, 15))::uuid"""
+
 # occurred_at in the current month before now.
 _PRELOAD_ROWS = """
 SELECT user_id, event_type, product_id, occurred_at,
-       -- a UUIDv7 of occurred_at, like the client's default event ids
-       (lpad(to_hex((extract(epoch FROM occurred_at) * 1000)::int8), 12, '0') || '7'
-        || substr(md5(random()::text), 1, 3) || to_hex(8 + floor(random() * 4)::int)
-        || substr(md5(random()::text), 1, 15))::uuid AS event_id
+       {uuid7} AS event_id
 FROM (
     SELECT 'user-' || floor({users} * power(random(), 3))::int AS user_id,
            (ARRAY[{types}])[1 + floor(random() * {type_count})::int] AS event_type,
@@ -222,7 +224,9 @@ async def preload(url: str, rows: int, progress: Any = None) -> float:
     VACUUM ANALYZE and CHECKPOINT; returns the seconds it took."""
     # The types in the proportions of the mix: each name repeated by its percentage.
     types = _sql_list([name for name, percent in MIX.items() for _ in range(percent)])
-    generated = _PRELOAD_ROWS.format(users=USERS, products=PRODUCTS, types=types, type_count=sum(MIX.values()))
+    generated = _PRELOAD_ROWS.format(
+        users=USERS, products=PRODUCTS, types=types, type_count=sum(MIX.values()), uuid7=UUID7_OF_OCCURRED_AT
+    )
     started = time.monotonic()
     connection = await asyncpg.connect(url)
     try:

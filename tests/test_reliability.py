@@ -423,12 +423,11 @@ async def test_a_call_past_its_deadline_rolls_back_instead_of_committing_later(
 async def test_past_its_deadline_a_statement_fails_in_postgresql(server: App) -> None:
     """The guard runs by PostgreSQL's clock: a statement that reaches the
     database after the caller's deadline (e.g. after a freeze) writes nothing."""
-    from interactions_server import storage
-
+    guard = "SELECT deadline_guard($1::float8)"  # migrations/0004_event_fingerprints.sql
     async with server.pool.acquire() as conn:
         with pytest.raises(asyncpg.exceptions.QueryCanceledError):
-            await storage.check_deadline(conn, time.time() - 1)
-        await storage.check_deadline(conn, time.time() + 60)
+            await conn.execute(guard, time.time() - 1)
+        await conn.execute(guard, time.time() + 60)
 
 
 async def test_health_list_which_the_servicer_lacks_is_unimplemented_without_a_traceback(

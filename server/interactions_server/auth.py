@@ -33,7 +33,7 @@ import grpc.aio
 from interactions_client.access import ADMIN, ANY_TOKEN, GRANTABLE_SCOPES
 from interactions_client.rules import RULES
 from interactions_client.v1.event_pb2 import Event, FieldViolation
-from interactions_server import metrics
+from interactions_server import handlers, metrics
 
 _log = logging.getLogger(__name__)
 
@@ -311,13 +311,7 @@ def _guarded(
     A token revoked (or a scope taken away) by a reload also ends the calls
     it has open: a request stream before its next message reaches the
     servicer, a response stream before its next response."""
-    streaming = (handler.request_streaming, handler.response_streaming)
-    behavior = {
-        (False, False): handler.unary_unary,
-        (False, True): handler.unary_stream,
-        (True, False): handler.stream_unary,
-        (True, True): handler.stream_stream,
-    }[streaming]
+    behavior = handlers.behavior(handler)
 
     async def admit(context: grpc.aio.ServicerContext) -> None:
         if not isinstance(outcome, Caller):
@@ -361,17 +355,7 @@ def _guarded(
         except _Revoked as exc:
             await context.abort(*exc.refusal)
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    return kinds[streaming](
-        stream_response if handler.response_streaming else unary_response,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return handlers.rewrapped(handler, stream_response if handler.response_streaming else unary_response)
 
 
 # --- helper commands --------------------------------------------------------------

@@ -18,6 +18,8 @@ from typing import Any
 
 import grpc
 
+from interactions_server import handlers
+
 OVERLOADED = "the server is serving its maximum of concurrent calls; retry later"
 
 _Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
@@ -39,21 +41,8 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream), handler.request_deserializer, handler.response_serializer
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._streaming(handler.stream_stream), handler.request_deserializer, handler.response_serializer
-        )
+        wrap = self._streaming if handler.response_streaming else self._unary
+        return handlers.rewrapped(handler, wrap(handlers.behavior(handler)))
 
     async def _enter(self, context: grpc.aio.ServicerContext) -> None:
         if self.active >= self.limit:

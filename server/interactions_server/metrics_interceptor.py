@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from interactions_server import metrics
+from interactions_server import handlers, metrics
 
 # Go's codes.Code.String(), the grpc_code values dashboards expect.
 _GO_CODE_NAMES: dict[grpc.StatusCode, str] = {
@@ -147,11 +147,11 @@ def _wrap_streamed_response(behavior: _Behavior, labels: tuple[str, str, str], s
     return writer_handler
 
 
-_HANDLER_FACTORIES = {
-    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary", metrics.UNARY),
-    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary", metrics.CLIENT_STREAM),
-    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream", metrics.SERVER_STREAM),
-    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream", metrics.BIDI_STREAM),
+_GRPC_TYPES: dict[handlers.Shape, str] = {
+    (False, False): metrics.UNARY,
+    (True, False): metrics.CLIENT_STREAM,
+    (False, True): metrics.SERVER_STREAM,
+    (True, True): metrics.BIDI_STREAM,
 }
 
 
@@ -164,16 +164,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
             return None
-        shape = (bool(handler.request_streaming), bool(handler.response_streaming))
-        factory, attribute, grpc_type = _HANDLER_FACTORIES[shape]
-        behavior = getattr(handler, attribute)
+        shape = handlers.shape(handler)
+        behavior = handlers.behavior(handler)
         if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
             return handler  # a synchronous handler (none here) runs in an executor; left as is
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        labels = (grpc_type, service, method)
+        labels = (_GRPC_TYPES[shape], service, method)
         wrap = _wrap_streamed_response if shape[1] else _wrap_unary_response
-        return factory(
-            wrap(behavior, labels, shape[0]),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return handlers.rewrapped(handler, wrap(behavior, labels, shape[0]))

@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
-from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from interactions_server.errors import MalformedRequest, lenient_parser
+from interactions_server import handlers
+from interactions_server.errors import MalformedRequest
 
 _MALFORMED = "the request is not a valid message"
 
@@ -75,30 +75,21 @@ def _checked(method: MethodDescriptor, behavior: Callable[..., Any]) -> Callable
     return unary_unary
 
 
-_HANDLER_KINDS = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
 def add_checked_servicer(
     server: grpc.aio.Server, servicer: object, service: ServiceDescriptor, generated_base: type
 ) -> None:
     """Registers the methods `servicer` implements (not those it inherits from
     its generated base, which raise NotImplementedError with a traceback;
     gRPC answers UNIMPLEMENTED for a method not registered)."""
-    handlers = {
-        method.name: _HANDLER_KINDS[(method.client_streaming, method.server_streaming)](
-            _checked(method, getattr(servicer, method.name)),
-            request_deserializer=lenient_parser(message_factory.GetMessageClass(method.input_type)),
-            response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
-        )
-        for method in service.methods
-        if getattr(type(servicer), method.name) is not getattr(generated_base, method.name)
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    handlers.register(
+        server,
+        service,
+        {
+            method.name: _checked(method, getattr(servicer, method.name))
+            for method in service.methods
+            if getattr(type(servicer), method.name) is not getattr(generated_base, method.name)
+        },
+    )
 
 
 def add_health_and_reflection(

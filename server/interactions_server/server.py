@@ -25,7 +25,6 @@ from typing import Protocol, runtime_checkable
 
 import asyncpg
 import grpc
-from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 
 from interactions_client import access
@@ -35,13 +34,12 @@ from interactions_client.v1 import (
     interaction_service_pb2,
     user_state_service_pb2,
 )
-from interactions_server import admin, analytics, db, logs, malloc, metrics, service, tls, user_state
+from interactions_server import admin, analytics, db, handlers, logs, malloc, metrics, service, tls, user_state
 from interactions_server.auth import TokenAuth, TokensFileError
 from interactions_server.budget import ByteBudget
 from interactions_server.concurrency import ConcurrencyLimit
 from interactions_server.config import ServerConfig
 from interactions_server.database import Database
-from interactions_server.errors import lenient_parser
 from interactions_server.group_commit import GroupCommitter
 from interactions_server.health import DatabaseHealth
 from interactions_server.ingest import Ingestor
@@ -135,7 +133,8 @@ SERVICES: tuple[Service, ...] = (
         lambda parts: admin.AdminService(parts.pool),
     ),
 )
-SERVICE_NAMES: tuple[str, ...] = tuple(s.descriptor.full_name for s in SERVICES)
+SERVICE_DESCRIPTORS: tuple[ServiceDescriptor, ...] = tuple(s.descriptor for s in SERVICES)
+SERVICE_NAMES: tuple[str, ...] = tuple(d.full_name for d in SERVICE_DESCRIPTORS)
 
 
 def build_interceptors(config: ServerConfig, auth: TokenAuth | None) -> list[grpc.aio.ServerInterceptor]:
@@ -150,7 +149,7 @@ def build_interceptors(config: ServerConfig, auth: TokenAuth | None) -> list[grp
 def required_scopes() -> dict[str, str]:
     """The scope of every served RPC, from the schema; an RPC without one stops start-up."""
     try:
-        return access.required_scopes([entry.descriptor for entry in SERVICES])
+        return access.required_scopes(SERVICE_DESCRIPTORS)
     except access.MissingScopeError as exc:
         raise StartupError(str(exc)) from None
 
@@ -168,29 +167,6 @@ async def _end_transaction(connection: asyncpg.Connection) -> None:
     service does not need, as it keeps no session state on pooled connections."""
     if connection.is_in_transaction():
         await connection.execute("ROLLBACK")
-
-
-_HANDLER_KINDS = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
-def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
-    """Registers `servicer` like the generated add_*_to_server, except that a
-    request that does not parse reaches it as errors.MalformedRequest (and so
-    INVALID_ARGUMENT) instead of failing inside gRPC as UNKNOWN."""
-    handlers = {
-        method.name: _HANDLER_KINDS[(method.client_streaming, method.server_streaming)](
-            getattr(servicer, method.name),
-            request_deserializer=lenient_parser(message_factory.GetMessageClass(method.input_type)),
-            response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
-        )
-        for method in service.methods
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 class Server:
@@ -227,7 +203,7 @@ class Server:
     @property
     def served_services(self) -> list[ServiceDescriptor]:
         """The services whose RPCs the server answers (health and reflection aside)."""
-        return [entry.descriptor for entry in SERVICES]
+        return list(SERVICE_DESCRIPTORS)
 
     def reload_tokens(self) -> bool:
         """Re-reads the tokens file (the SIGHUP handler); False when it kept the old tokens."""
@@ -286,7 +262,9 @@ class Server:
         server = grpc.aio.server(interceptors=build_interceptors(config, self._auth), options=server_options(config))
         for entry in SERVICES:
             servicer = entry.create(parts)
-            add_servicer(server, servicer, entry.descriptor)
+            handlers.register(
+                server, entry.descriptor, {m.name: getattr(servicer, m.name) for m in entry.descriptor.methods}
+            )
             self._servicers.append(servicer)
         add_health_and_reflection(server, self._health.servicer, SERVICE_NAMES, reflection_on=config.reflection)
         try:
@@ -388,12 +366,13 @@ class App:
     @property
     def address(self) -> str:
         """The listen address with the bound port, e.g. "127.0.0.1:50051"."""
-        host = self.config.listen.rsplit(":", 1)[0]
-        return f"{host}:{self.port}"
+        if self.server is None:
+            raise RuntimeError("the server is not started")
+        return self.server.address
 
     @property
     def served_services(self) -> list[ServiceDescriptor]:
-        return [entry.descriptor for entry in SERVICES]
+        return list(SERVICE_DESCRIPTORS)
 
     def reload_tokens(self) -> bool:
         """Re-reads the tokens file (the SIGHUP handler); False when it kept the old tokens."""

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from interactions_server import handlers
 from interactions_server.errors import abort_for, check_parsed
 
 _Behavior = Callable[..., Any]
@@ -66,14 +67,6 @@ def _wrap(behavior: _Behavior, method: str, streaming_request: bool) -> _Behavio
     return handler
 
 
-_HANDLER_FACTORIES = {
-    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
-    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
-    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
-    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
-}
-
-
 class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def intercept_service(
         self,
@@ -83,14 +76,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
             return None
-        shape = (bool(handler.request_streaming), bool(handler.response_streaming))
-        factory, attribute = _HANDLER_FACTORIES[shape]
-        behavior = getattr(handler, attribute)
+        behavior = handlers.behavior(handler)
         if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
             return handler  # a synchronous handler (none here) runs in an executor; left as is
         method = handler_call_details.method.lstrip("/")
-        return factory(
-            _wrap(behavior, method, shape[0]),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return handlers.rewrapped(handler, _wrap(behavior, method, bool(handler.request_streaming)))

@@ -149,11 +149,6 @@ async def _raced_conflicts(
     return {(r["user_id"], r["event_id"]) for r in records}
 
 
-async def check_deadline(conn: asyncpg.Connection, deadline: float) -> None:
-    """Fails (QueryCanceledError) when PostgreSQL's clock is past `deadline` (epoch seconds)."""
-    await conn.execute("SELECT deadline_guard($1::float8)", deadline)
-
-
 # --- per-(user, product) state: cart_lines and wishlist_lines -------------
 
 

@@ -1,0 +1,71 @@
+"""The four shapes of a gRPC method handler, in one place.
+
+grpc has one factory per shape (unary-unary, unary-stream, stream-unary,
+stream-stream) and keeps a handler's behavior in the attribute of its
+shape. grpc.aio dispatches on the shape, so an interceptor must return a
+handler of the same shape as the one it wraps (`rewrapped`), and a service
+is registered with the factory its method descriptor asks for (`register`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+
+from interactions_server.errors import lenient_parser
+
+Shape = tuple[bool, bool]  # (request streaming, response streaming)
+
+_FACTORIES: dict[Shape, Callable[..., grpc.RpcMethodHandler]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+_ATTRIBUTES: dict[Shape, str] = {
+    (False, False): "unary_unary",
+    (False, True): "unary_stream",
+    (True, False): "stream_unary",
+    (True, True): "stream_stream",
+}
+
+
+def shape(handler: grpc.RpcMethodHandler) -> Shape:
+    return (bool(handler.request_streaming), bool(handler.response_streaming))
+
+
+def behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    """The function that handles the calls of `handler`."""
+    function: Callable[..., Any] = getattr(handler, _ATTRIBUTES[shape(handler)])
+    return function
+
+
+def rewrapped(handler: grpc.RpcMethodHandler, new_behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    """A handler of the same shape and (de)serializers as `handler`, calling `new_behavior`."""
+    return _FACTORIES[shape(handler)](
+        new_behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def register(server: grpc.aio.Server, service: ServiceDescriptor, behaviors: Mapping[str, Callable[..., Any]]) -> None:
+    """Registers the behaviors of `service`'s methods by name, like the
+    generated add_*_to_server, except that a request that does not parse
+    reaches its behavior as errors.MalformedRequest (and so INVALID_ARGUMENT)
+    instead of failing inside gRPC as UNKNOWN. A method left out of
+    `behaviors` is UNIMPLEMENTED."""
+    handlers = {
+        method.name: _FACTORIES[(method.client_streaming, method.server_streaming)](
+            behaviors[method.name],
+            request_deserializer=lenient_parser(message_factory.GetMessageClass(method.input_type)),
+            response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
+        )
+        for method in service.methods
+        if method.name in behaviors
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
