@@ -304,6 +304,24 @@ async def test_calls_over_max_concurrent_rpcs_get_resource_exhausted_at_once(sta
         assert (await stub.ListEventTypes(pb.ListEventTypesRequest())).event_types
 
 
+async def test_calls_waiting_in_core_count_toward_max_concurrent_rpcs(start_server: StartServer) -> None:
+    """A burst that grpc.aio has not taken yet (it takes one call per loop
+    iteration) is over the limit too, though the handlers of these quick
+    calls never hold more than one or two at once."""
+    app = await start_server(max_concurrent_rpcs=5)
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        stub = InteractionServiceStub(channel)
+        await stub.ListEventTypes(pb.ListEventTypesRequest())
+        calls = [asyncio.ensure_future(stub.ListEventTypes(pb.ListEventTypesRequest(), timeout=10)) for _ in range(60)]
+        for _ in range(3):
+            await asyncio.sleep(0)  # each call is sent
+        time.sleep(0.5)  # noqa: ASYNC251 - holds the loop, the server's included, while core receives the burst
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+    codes = [a.code() if isinstance(a, grpc.aio.AioRpcError) else grpc.StatusCode.OK for a in answers]
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 60 - 2 * 5, codes
+
+
 async def test_a_burst_over_max_concurrent_rpcs_is_served_or_refused_never_cancelled(
     start_server: StartServer, database_url: str
 ) -> None:

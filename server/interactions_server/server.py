@@ -37,7 +37,7 @@ from interactions_client.v1 import (
 from interactions_server import admin, analytics, db, handlers, logs, malloc, metrics, service, tls, user_state
 from interactions_server.auth import TokenAuth, TokensFileError
 from interactions_server.budget import ByteBudget
-from interactions_server.concurrency import ConcurrencyLimit
+from interactions_server.concurrency import ConcurrencyLimit, CoreCalls
 from interactions_server.config import ServerConfig
 from interactions_server.database import Database
 from interactions_server.group_commit import GroupCommitter
@@ -137,13 +137,12 @@ SERVICE_DESCRIPTORS: tuple[ServiceDescriptor, ...] = tuple(s.descriptor for s in
 SERVICE_NAMES: tuple[str, ...] = tuple(d.full_name for d in SERVICE_DESCRIPTORS)
 
 
-def build_interceptors(config: ServerConfig, auth: TokenAuth | None) -> list[grpc.aio.ServerInterceptor]:
+def build_interceptors(limit: ConcurrencyLimit | None, auth: TokenAuth | None) -> list[grpc.aio.ServerInterceptor]:
     """The server's interceptors, outermost first: metrics see every status,
     the refusals of the concurrency limit and of the token check included;
     both refuse a call before it reaches the status mapping and the servicer."""
-    limit = [] if config.max_concurrent_rpcs is None else [ConcurrencyLimit(config.max_concurrent_rpcs)]
-    token_check = [] if auth is None else [auth]
-    return [MetricsInterceptor(), *limit, *token_check, StatusInterceptor()]
+    optional = [interceptor for interceptor in (limit, auth) if interceptor is not None]
+    return [MetricsInterceptor(), *optional, StatusInterceptor()]
 
 
 def required_scopes() -> dict[str, str]:
@@ -259,7 +258,11 @@ class Server:
             config, self._pool, self._analytics_pool, ingestor, self._committer, ByteBudget(config.max_inflight_bytes)
         )
 
-        server = grpc.aio.server(interceptors=build_interceptors(config, self._auth), options=server_options(config))
+        limit = None if config.max_concurrent_rpcs is None else ConcurrencyLimit(config.max_concurrent_rpcs)
+        servers_before = CoreCalls.server_ids() if limit is not None else set()
+        server = grpc.aio.server(interceptors=build_interceptors(limit, self._auth), options=server_options(config))
+        if limit is not None:
+            limit.watch(CoreCalls.created_since(servers_before))
         for entry in SERVICES:
             servicer = entry.create(parts)
             handlers.register(
