@@ -82,8 +82,9 @@ class CoreCalls:
 
 class ConcurrencyLimit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is untyped
     """Counts calls while their handler runs, and reads core's count of the
-    calls it holds; a call over the limit is aborted before the service sees
-    it. A single event loop: check and count need no lock."""
+    calls it holds; a call over the limit is refused before its request is
+    parsed, or, if the handlers filled up while it was read, before the
+    service sees it. A single event loop: check and count need no lock."""
 
     def __init__(self, limit: int) -> None:
         if limit <= 0:
@@ -104,6 +105,9 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        if self._over_limit():  # before the request is read and parsed
+            self._core_in_flight -= 1
+            return handlers.refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED)
         wrap = self._streaming if handler.response_streaming else self._unary
         return handlers.rewrapped(handler, wrap(handlers.behavior(handler)))
 
@@ -124,7 +128,7 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         return self._core_in_flight > self.limit  # the count includes this call
 
     async def _enter(self, context: grpc.aio.ServicerContext) -> None:
-        if self._over_limit():
+        if self.active >= self.limit:  # taken by calls admitted since this one was
             self._core_in_flight -= 1
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED)
         self.active += 1

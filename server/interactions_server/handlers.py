@@ -53,6 +53,18 @@ def rewrapped(handler: grpc.RpcMethodHandler, new_behavior: Callable[..., Any]) 
     )
 
 
+def refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s shape that ends each call with `code`, its
+    request never parsed (a refusal under overload costs little)."""
+
+    async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, details)
+
+    return _FACTORIES[shape(handler)](
+        refuse, request_deserializer=None, response_serializer=handler.response_serializer
+    )
+
+
 def register(server: grpc.aio.Server, service: ServiceDescriptor, behaviors: Mapping[str, Callable[..., Any]]) -> None:
     """Registers the behaviors of `service`'s methods by name, like the
     generated add_*_to_server, except that a request that does not parse
