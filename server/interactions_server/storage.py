@@ -68,16 +68,20 @@ WITH batch AS (
                         event_value, occurred_at, details, attributes, syncs_state)
     SELECT b.u, b.e, b.t, b.s, b.p, b.v, b.o, b.d, b.a, b.y
     FROM batch AS b JOIN new ON new.user_id = b.u AND new.event_id = b.e
+), unlogged AS (
+    SELECT b.u, b.e, b.f FROM batch AS b
+    WHERE NOT EXISTS (SELECT FROM new WHERE new.user_id = b.u AND new.event_id = b.e)
+      AND NOT EXISTS (SELECT FROM refused AS r WHERE r.u = b.u AND r.e = b.e)
 )
-SELECT user_id, event_id::text, 'new' AS kind, NULL::timestamptz AS deleted_through FROM new
-UNION ALL
--- Keys already logged (the statement's snapshot does not see the rows it
--- inserts itself): with other content ("conflict") or the same ("known"). A
--- NULL fingerprint (logged before fingerprints existed) is unknown and counts
--- as the same content. A refused event is reported as refused only.
-SELECT k.user_id, k.event_id::text, CASE WHEN k.fingerprint <> b.f THEN 'conflict' ELSE 'known' END, NULL
-FROM batch AS b JOIN event_keys AS k ON k.user_id = b.u AND k.event_id = b.e
-WHERE NOT EXISTS (SELECT FROM refused AS r WHERE r.u = b.u AND r.e = b.e)
+-- Only the rows not logged come back (most batches: none). A key in the
+-- statement's snapshot is known with other content ("conflict") or the same
+-- ("known"); a NULL fingerprint (logged before fingerprints existed) counts
+-- as the same content. A key not in the snapshot was committed by a
+-- concurrent transaction while this statement waited on it ("raced").
+SELECT x.u AS user_id, x.e::text AS event_id,
+       CASE WHEN k.user_id IS NULL THEN 'raced' WHEN k.fingerprint <> x.f THEN 'conflict' ELSE 'known' END AS kind,
+       NULL::timestamptz AS deleted_through
+FROM unlogged AS x LEFT JOIN event_keys AS k ON k.user_id = x.u AND k.event_id = x.e
 UNION ALL
 SELECT u, e::text, 'refused', deleted_through FROM refused
 """
@@ -107,24 +111,24 @@ async def insert_events(
     `lock_keys`: the (user_id, product_id) keys whose state-sync locks the
     transaction takes first (what lock_keys does, without a round trip)."""
     outcome = InsertOutcome(set(), set(), {})
-    seen: set[tuple[str, str]] = set()
+    not_logged: set[tuple[str, str]] = set()
+    raced: list[tuple[str, str]] = []
     for user_id, event_id, kind, deleted_through in await conn.fetch(
         INSERT_EVENTS, *columns, deadline, [k[0] for k in lock_keys], [k[1] for k in lock_keys]
     ):
         key = (user_id, event_id)
-        seen.add(key)
+        not_logged.add(key)
         if kind == "refused":
             outcome.refused[key] = deleted_through
         elif kind == "conflict":
             outcome.conflicting.add(key)
-        elif kind == "new":
-            outcome.new.add(key)
-    if len(seen) < len(columns.user_id):
-        # A key neither new nor in the statement's snapshot was inserted by a
-        # concurrent transaction that committed while this statement waited
-        # on it (ON CONFLICT). Rare: its fingerprint is read in a statement
-        # of its own, which sees that commit.
-        outcome.conflicting.update(await _raced_conflicts(conn, columns, seen))
+        elif kind == "raced":
+            raced.append(key)
+    outcome.new.update(key for key in zip(columns.user_id, columns.event_id, strict=True) if key not in not_logged)
+    if raced:
+        # Rare: the raced keys' fingerprints are read in a statement of its
+        # own, which sees the concurrent commit.
+        outcome.conflicting.update(await _raced_conflicts(conn, columns, raced))
     return outcome
 
 
@@ -137,15 +141,13 @@ WHERE k.fingerprint <> b.f
 
 
 async def _raced_conflicts(
-    conn: asyncpg.Connection, columns: EventColumns, seen: set[tuple[str, str]]
+    conn: asyncpg.Connection, columns: EventColumns, raced: Sequence[tuple[str, str]]
 ) -> set[tuple[str, str]]:
-    """The keys of the batch not in `seen` that are stored with another fingerprint."""
-    raced = [
-        (u, e, f)
-        for u, e, f in zip(columns.user_id, columns.event_id, columns.fingerprint, strict=True)
-        if (u, e) not in seen
-    ]
-    records = await conn.fetch(_STORED_FINGERPRINTS, *(list(c) for c in zip(*raced, strict=True)))
+    """The `raced` keys of the batch that are stored with another fingerprint."""
+    prints = dict(zip(zip(columns.user_id, columns.event_id, strict=True), columns.fingerprint, strict=True))
+    records = await conn.fetch(
+        _STORED_FINGERPRINTS, [k[0] for k in raced], [k[1] for k in raced], [prints[k] for k in raced]
+    )
     return {(r["user_id"], r["event_id"]) for r in records}
 
 
