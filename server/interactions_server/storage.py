@@ -78,10 +78,13 @@ WITH batch AS (
 -- ("known"); a NULL fingerprint (logged before fingerprints existed) counts
 -- as the same content. A key not in the snapshot was committed by a
 -- concurrent transaction while this statement waited on it ("raced").
+-- A subquery per row, not a join: always a probe of the key index, never a
+-- hash of the whole table.
 SELECT x.u AS user_id, x.e::text AS event_id,
-       CASE WHEN k.user_id IS NULL THEN 'raced' WHEN k.fingerprint <> x.f THEN 'conflict' ELSE 'known' END AS kind,
+       COALESCE((SELECT CASE WHEN k.fingerprint <> x.f THEN 'conflict' ELSE 'known' END
+                 FROM event_keys AS k WHERE k.user_id = x.u AND k.event_id = x.e), 'raced') AS kind,
        NULL::timestamptz AS deleted_through
-FROM unlogged AS x LEFT JOIN event_keys AS k ON k.user_id = x.u AND k.event_id = x.e
+FROM unlogged AS x
 UNION ALL
 SELECT u, e::text, 'refused', deleted_through FROM refused
 """
