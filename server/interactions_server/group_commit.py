@@ -2,7 +2,11 @@
 
 Calls queue their event; a collector takes everything queued whenever a write
 slot is free and writes it as one batch, so batching grows with load and an
-idle server adds no delay. Each caller is answered after its batch commits,
+idle server adds no delay. A batch that would start while another commits
+first gathers calls until that commit ends or SECOND_SLOT_DELAY passes: on a
+busy server, calls arrive one per event-loop iteration, and without the wait
+the second slot committed batches of about 2 calls (measured in (d): 1.8 on
+average with 64 callers, 3.4 with the wait, and 22% more calls/s). Each caller is answered after its batch commits,
 with its own result: a rejected event fails only its own call, and a database
 error fails the calls of that batch only.
 
@@ -32,6 +36,9 @@ class Outcome:
     duplicate: bool
     violations: list[FieldViolation]
     conflict: bool = False  # the event_id was already used for a different event
+
+
+SECOND_SLOT_DELAY = 0.001  # seconds; 0.002 gave 38% more calls/s but a p99 of 7.5-12 ms at half the rate
 
 
 class _Pending(NamedTuple):
@@ -72,6 +79,11 @@ class GroupCommitter:
         while True:
             first = await self._queue.get()
             await self._slots.acquire()  # calls keep queueing while every slot is busy
+            if self._writes:
+                # Another batch is committing: this one gathers until that
+                # commit ends or SECOND_SLOT_DELAY passes, so a busy server
+                # commits fewer, larger batches (less CPU per call).
+                await asyncio.wait(self._writes, timeout=SECOND_SLOT_DELAY, return_when=asyncio.FIRST_COMPLETED)
             batch = [first]
             while len(batch) < self._max_events and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
