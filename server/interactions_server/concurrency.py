@@ -37,7 +37,7 @@ from interactions_server import handlers
 
 OVERLOADED = "the server is serving its maximum of concurrent calls; retry later"
 SAMPLE_SECONDS = 0.01  # a channelz read costs 60-100 µs: at most 1% of the loop
-BACKLOG_GAP_SECONDS = 0.001  # calls taken from a backlog come one per loop iteration
+BACKLOG_GAP_SECONDS = 0.005  # calls taken from a backlog come one per loop iteration, even on a slow machine
 
 _log = logging.getLogger(__name__)
 
