@@ -11,7 +11,7 @@ from typing import Any
 
 from bench import database
 from bench.config import BenchConfig
-from bench.load import LoadOutcome, LoadRun, StreamJob, UnaryJob, client_processes, split
+from bench.load import LoadOutcome, LoadResult, LoadRun, StreamJob, UnaryJob, client_processes, split
 from bench.pg_waits import PgWaitSampler, WaitSummary
 from bench.proc_stats import CpuMeter, CpuShares, RssSampler, RssSamples
 from bench.profiling import ProfileSummary, PySpyRecording, summarise
@@ -106,6 +106,12 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
 
 def _throughput(outcome: LoadOutcome, cpu: CpuShares, processes: int) -> Throughput:
     return Throughput(outcome.events, outcome.seconds, cpu, outcome.problems, outcome.first_errors(), processes)
+
+
+def _job_throughput(result: LoadResult, cpu: CpuShares) -> Throughput:
+    """One job of a run of several, on its own clock (the CPU is the whole run's)."""
+    problems = result.rejected + result.failed + result.duplicate
+    return Throughput(result.events, max(result.finished - result.started, 1e-9), cpu, problems, result.errors[:3])
 
 
 # --- (a) -------------------------------------------------------------------------
@@ -430,21 +436,9 @@ async def busy_latency(bench: Bench) -> BusyLatency:
             cpu = meter.stop(outcome.cpu_seconds)
         written = await database.wal_position(bench.url) - wal
     streamed, called = outcome.results
-    bulk = Throughput(
-        streamed.events,
-        max(streamed.finished - streamed.started, 1e-9),
-        cpu,
-        streamed.rejected + streamed.failed + streamed.duplicate,
-        streamed.errors[:3],
-    )
+    bulk = _job_throughput(streamed, cpu)
     bulk.wal_bytes = written
-    calls = Throughput(
-        called.events,
-        max(called.finished - called.started, 1e-9),
-        cpu,
-        called.rejected + called.failed + called.duplicate,
-        called.errors[:3],
-    )
+    calls = _job_throughput(called, cpu)
     during = [
         (latency, service)
         for due, latency, service in zip(called.due_times, called.latencies, called.service_times, strict=True)

@@ -22,6 +22,7 @@ from interactions_client.v1.interaction_service_pb2_grpc import InteractionServi
 from interactions_client.v1.user_state_service_pb2_grpc import UserStateServiceStub
 from interactions_server import db, service
 from interactions_server.budget import ByteBudget
+from interactions_server.concurrency import ConcurrencyLimit, CoreCalls
 from interactions_server.errors import is_conflict, is_database_unavailable
 from interactions_server.ingest import fingerprint
 from interactions_server.server import App
@@ -320,6 +321,16 @@ async def test_calls_waiting_in_core_count_toward_max_concurrent_rpcs(start_serv
     codes = [a.code() if isinstance(a, grpc.aio.AioRpcError) else grpc.StatusCode.OK for a in answers]
     assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 60 - 2 * 5, codes
+
+
+def test_the_limit_counts_taken_calls_only_once_channelz_no_longer_shows_the_server() -> None:
+    limit = ConcurrencyLimit(5)
+    limit.watch(CoreCalls(10**9))  # no such server: channelz answers ValueError
+    assert not limit._over_limit()  # the first call after a pause reads nothing
+    assert not limit._over_limit()  # this one, back to back, reads: refused by nobody, no error
+    assert limit.core is None
+    limit.active = 5
+    assert limit._over_limit()
 
 
 async def test_a_burst_over_max_concurrent_rpcs_is_served_or_refused_never_cancelled(

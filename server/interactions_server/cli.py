@@ -30,6 +30,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from interactions_client.cli_args import count
 from interactions_server import logs, metrics, migrate, supervisor
 from interactions_server.budget import DEFAULT_MAX_INFLIGHT_BYTES
 from interactions_server.config import DEFAULT_MAX_CONCURRENT_RPCS
@@ -47,27 +48,15 @@ def configure_logging(level: str, fmt: str | None = None, worker: int | None = N
     logs.configure(fmt, level, worker)
 
 
+_at_least_one = count(1)
+_not_negative = count(0)
+
+
 def _workers(text: str) -> int:
     """--workers: a positive number, or "auto" for the number of cores."""
     if text.strip().lower() == "auto":
         return os.cpu_count() or 1
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of processes or 'auto', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _not_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return _at_least_one(text)
 
 
 def _log_format(text: str) -> str | None:

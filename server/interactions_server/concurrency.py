@@ -27,7 +27,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -40,8 +40,6 @@ SAMPLE_SECONDS = 0.01  # a channelz read costs 60-100 µs: at most 1% of the loo
 BACKLOG_GAP_SECONDS = 0.005  # calls taken from a backlog come one per loop iteration, even on a slow machine
 
 _log = logging.getLogger(__name__)
-
-_Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
 
 class CoreCalls:
@@ -101,7 +99,7 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         self.core = core
 
     async def intercept_service(
-        self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
+        self, continuation: handlers.Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
@@ -122,7 +120,14 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         self._last_call_at = now
         if now - self._sampled_at >= SAMPLE_SECONDS:
             if back_to_back:
-                self._core_in_flight = self.core.in_flight()
+                try:
+                    self._core_in_flight = self.core.in_flight()
+                except (ValueError, KeyError):  # channelz stopped answering: count the calls taken only
+                    _log.warning(
+                        "channelz no longer shows this server: --max-concurrent-rpcs counts the calls taken only"
+                    )
+                    self.core, self._core_in_flight = None, 0
+                    return False
                 self._sampled_at = now
             else:  # after a pause there is no backlog; the next call, if it follows at once, samples
                 self._core_in_flight = 0

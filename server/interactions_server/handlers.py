@@ -9,7 +9,8 @@ is registered with the factory its method descriptor asks for (`register`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -19,6 +20,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from interactions_server.errors import lenient_parser
 
 Shape = tuple[bool, bool]  # (request streaming, response streaming)
+# What an interceptor's intercept_service is given to find the next handler.
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
 _FACTORIES: dict[Shape, Callable[..., grpc.RpcMethodHandler]] = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -42,6 +45,14 @@ def behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
     """The function that handles the calls of `handler`."""
     function: Callable[..., Any] = getattr(handler, _ATTRIBUTES[shape(handler)])
     return function
+
+
+def async_behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any] | None:
+    """The behavior of `handler` when it is a coroutine or async generator
+    function; None for a synchronous one (none here: gRPC runs it in an
+    executor, and interceptors leave it as it is)."""
+    function = behavior(handler)
+    return function if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function) else None
 
 
 def rewrapped(handler: grpc.RpcMethodHandler, new_behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -158,16 +158,16 @@ _GRPC_TYPES: dict[handlers.Shape, str] = {
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        continuation: handlers.Continuation,
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
             return None
+        behavior = handlers.async_behavior(handler)
+        if behavior is None:
+            return handler
         shape = handlers.shape(handler)
-        behavior = handlers.behavior(handler)
-        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
-            return handler  # a synchronous handler (none here) runs in an executor; left as is
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
         labels = (_GRPC_TYPES[shape], service, method)
         wrap = _wrap_streamed_response if shape[1] else _wrap_unary_response

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -70,14 +70,14 @@ def _wrap(behavior: _Behavior, method: str, streaming_request: bool) -> _Behavio
 class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        continuation: handlers.Continuation,
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
             return None
-        behavior = handlers.behavior(handler)
-        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
-            return handler  # a synchronous handler (none here) runs in an executor; left as is
+        behavior = handlers.async_behavior(handler)
+        if behavior is None:
+            return handler
         method = handler_call_details.method.lstrip("/")
         return handlers.rewrapped(handler, _wrap(behavior, method, bool(handler.request_streaming)))

@@ -1,5 +1,6 @@
-"""Fixtures of the fault suite: a PostgreSQL of each test's own, the real server
-in-process against it, and a catcher of logged tracebacks.
+"""Fixtures of the fault suite: a PostgreSQL of each test's own, a COMMIT-cutting
+proxy in front of it, the real server in-process against it, and a catcher of
+logged tracebacks.
 
 Every test in tests/faults/ carries the `faults` marker (`scripts/test -m faults`).
 """
@@ -17,6 +18,7 @@ import pytest
 from interactions_server.server import App, ServerConfig
 from tests.faults.ledger import FIGURES, TracebackCatcher
 from tests.faults.postgres import OwnPostgres, own_postgres
+from tests.faults.proxy import CommitCuttingProxy
 
 FAULTS_DIR = Path(__file__).parent
 
@@ -40,6 +42,15 @@ async def postgres() -> AsyncIterator[OwnPostgres]:
     with own_postgres() as pg:
         await pg.create_database()
         yield pg
+
+
+@pytest.fixture
+async def proxy(postgres: OwnPostgres) -> AsyncIterator[CommitCuttingProxy]:
+    """A TCP proxy to `postgres` that can cut connections right after a COMMIT."""
+    proxy = CommitCuttingProxy(postgres.socket_path)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
 
 
 StartApp = Callable[..., Awaitable[App]]

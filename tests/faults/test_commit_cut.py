@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 
 import grpc
 import grpc.aio
-import pytest
 
 from interactions_client.streamer import EventStreamer
 from interactions_client.v1 import interaction_service_pb2 as pb
@@ -40,14 +38,6 @@ from tests.faults.postgres import OwnPostgres
 from tests.faults.proxy import CommitCuttingProxy
 
 CUTS = 8  # per phase
-
-
-@pytest.fixture
-async def proxy(postgres: OwnPostgres) -> AsyncIterator[CommitCuttingProxy]:
-    proxy = CommitCuttingProxy(postgres.socket_path)
-    await proxy.start()
-    yield proxy
-    await proxy.close()
 
 
 async def log_batches_until_acknowledged(stub: InteractionServiceStub, events: list[Event], ledger: Ledger) -> None:

@@ -3,22 +3,12 @@ extended protocol, and the transaction is committed all the same."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import asyncpg
 import pytest
 
 from tests.faults.postgres import OwnPostgres
 from tests.faults.proxy import CommitCuttingProxy
 from tests.support import eventually
-
-
-@pytest.fixture
-async def proxy(postgres: OwnPostgres) -> AsyncIterator[CommitCuttingProxy]:
-    proxy = CommitCuttingProxy(postgres.socket_path)
-    await proxy.start()
-    yield proxy
-    await proxy.close()
 
 
 @pytest.mark.parametrize("extended", [False, True], ids=["simple-query", "extended-protocol"])
