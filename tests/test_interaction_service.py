@@ -13,8 +13,8 @@ from interactions_client.rules import RULES
 from interactions_client.v1 import interaction_service_pb2 as pb
 from interactions_client.v1.event_pb2 import Event, EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
+from interactions_server.config import DEFAULT_BATCHES_IN_FLIGHT
 from interactions_server.server import App
-from interactions_server.service import DEFAULT_BATCHES_IN_FLIGHT
 from tests.events import valid_event
 from tests.support import (
     blocked_writes,

@@ -27,7 +27,6 @@ from google.protobuf.message import Message
 
 from interactions_server.errors import ResourceExhausted
 
-DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 UNARY_WAIT_SECONDS = 0.5  # how long a unary call waits for room before RESOURCE_EXHAUSTED
 FOOTPRINT_FACTOR = 4
 BUDGET_EXHAUSTED = "the server has too many request bytes in flight; retry later"

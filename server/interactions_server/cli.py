@@ -32,13 +32,11 @@ from pathlib import Path
 
 from interactions_client.cli_args import count
 from interactions_server import logs, metrics, migrate, supervisor
-from interactions_server.budget import DEFAULT_MAX_INFLIGHT_BYTES
-from interactions_server.config import DEFAULT_MAX_CONCURRENT_RPCS
+from interactions_server.config import DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_MAX_INFLIGHT_BYTES
 from interactions_server.database import migrate_when_reachable
 from interactions_server.embedded_db import EmbeddedPostgres
-from interactions_server.errors import is_database_unavailable
+from interactions_server.errors import EXIT_DATABASE_DIED, EXIT_OPERATOR_ERROR, is_database_unavailable
 from interactions_server.server import App, ServerConfig, StartupError
-from interactions_server.startup import EXIT_DATABASE_DIED, EXIT_OPERATOR_ERROR
 
 _log = logging.getLogger("interactions_server")
 

@@ -1,16 +1,19 @@
 """The settings of one server, shared by the supervisor and its workers (a
-picklable value: it crosses into spawned worker processes)."""
+picklable value: it crosses into spawned worker processes), their defaults,
+and the checks of the listen address."""
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from interactions_server.budget import DEFAULT_MAX_INFLIGHT_BYTES
-from interactions_server.service import DEFAULT_BATCHES_IN_FLIGHT
+from interactions_server.errors import StartupError
 
 ASYNCPG_STATEMENT_CACHE_SIZE = 100  # asyncpg's default
 DEFAULT_MAX_CONCURRENT_RPCS = 1_000
+DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
+DEFAULT_BATCHES_IN_FLIGHT = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,3 +45,52 @@ class ServerConfig:
     tls_client_ca: Path | None = None  # require client certificates signed by this CA (mTLS)
     auth_tokens: Path | None = None  # the tokens file; None: no authentication
     reflection: bool = True
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """("host", port) of a HOST:PORT listen address; "[::]" becomes "::"."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise StartupError(f"invalid listen address {listen!r}: expected HOST:PORT, e.g. [::]:50051 or 127.0.0.1:0")
+    return host.strip("[]") or "::", int(port)
+
+
+def check_port_free(listen: str) -> None:
+    """Fails when another program listens on `listen`'s port.
+
+    Binds a probe socket without SO_REUSEPORT, so that it also fails against
+    a program sharing its port (the workers of another interactions-server).
+    Port 0 is left to the caller. Run before anything slow starts (the
+    embedded database), so that a busy port is reported at once.
+    """
+    host, port = split_listen(listen)
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {listen}: unknown host {host!r} ({exc.strerror}); fix --listen") from exc
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # Like gRPC: a port whose old connections linger in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {listen}: {exc.strerror.lower() if exc.strerror else exc}; "
+                    "stop the program using it or choose another --listen"
+                ) from exc
+
+
+def reserve_port(listen: str) -> str:
+    """`listen` with port 0 replaced by a port that is free now (the workers
+    of a supervisor must all bind the same port)."""
+    host, port = split_listen(listen)
+    if port != 0:
+        return listen
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        free: int = probe.getsockname()[1]
+    return f"{listen.rpartition(':')[0]}:{free}"

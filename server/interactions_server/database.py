@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
 
 import asyncpg
 
 from interactions_server import db, migrate
 from interactions_server.config import ServerConfig
 from interactions_server.embedded_db import EmbeddedPostgres
-from interactions_server.errors import is_database_unavailable
+from interactions_server.errors import StartupError, is_database_unavailable
 from interactions_server.partitions import PartitionKeeper
-from interactions_server.startup import database_error, unreachable_database
 
 _log = logging.getLogger(__name__)
 
@@ -100,3 +100,47 @@ async def migrate_when_reachable(config: ServerConfig, dsn: str) -> None:
                 raise unreachable_database(exc, dsn, waited) from exc
             _log.warning("waiting for the database: %s: %s", type(exc).__name__, exc)
         await asyncio.sleep(min(1.0, max(0.0, config.startup_timeout - (loop.time() - started))))
+
+
+def describe_database(dsn: str) -> str:
+    """The database a URL points at, without its password: "user@host:port/name"."""
+    try:
+        url = urllib.parse.urlsplit(dsn)
+        query = urllib.parse.parse_qs(url.query)
+        host = url.hostname or query.get("host", ["localhost"])[0]
+        where = f"{host}:{url.port}" if url.port else host
+        user = f"{url.username}@" if url.username else ""
+        return f"{user}{where}{url.path or '/'}"
+    except ValueError:
+        return "the --database-url"
+
+
+def database_error(exc: BaseException, dsn: str) -> StartupError | None:
+    """The operator's version of a failure to connect to `dsn`, or None when
+    `exc` is not one (a bug, or a database that is only unreachable for now)."""
+    target = describe_database(dsn)
+    database = urllib.parse.urlsplit(dsn).path.lstrip("/") if "://" in dsn else ""
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return StartupError(
+            f"database {database or '(default)'!r} does not exist ({target}): "
+            f"create it (createdb {database}) or fix --database-url"
+        )
+    if isinstance(exc, asyncpg.InvalidPasswordError):
+        return StartupError(f"the database refused the password ({target}): fix the user or password in --database-url")
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        # A role that does not exist, or pg_hba.conf refusing this host or user.
+        return StartupError(f"the database refused the login ({target}): {exc}; fix the role in --database-url")
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return StartupError(f"the database role lacks a privilege ({target}): {exc}; grant it or use another role")
+    if isinstance(exc, ValueError):  # asyncpg's DSN parsing (ClientConfigurationError is one too)
+        return StartupError(f"invalid --database-url: {exc}; expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
+    return None
+
+
+def unreachable_database(exc: BaseException, dsn: str, waited: float) -> StartupError:
+    """The database did not answer within the start-up timeout."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+    return StartupError(
+        f"cannot reach the database at {describe_database(dsn)} after {waited:.0f} s ({reason}): "
+        "check that PostgreSQL is running there and --database-url"
+    )

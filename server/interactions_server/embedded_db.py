@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from interactions_server.startup import StartupError
+from interactions_server.errors import StartupError
 
 _log = logging.getLogger(__name__)
 

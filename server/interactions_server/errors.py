@@ -70,6 +70,18 @@ _NOT_UNAVAILABLE_CLASSES: tuple[type[BaseException], ...] = (
 )
 
 
+EXIT_OPERATOR_ERROR = 2  # also argparse's status for a usage error
+EXIT_DATABASE_DIED = 3  # the embedded PostgreSQL exited under the server
+
+
+class StartupError(Exception):
+    """The server cannot start for a reason an operator can act on (a port in
+    use, a database that does not exist, a wrong password, an unreadable
+    certificate...): `interactions-server` prints its message as one line and
+    exits with EXIT_OPERATOR_ERROR, without a traceback. The message says what
+    is wrong and what to do."""
+
+
 class InvalidArgument(Exception):
     """The request is wrong; reported as INVALID_ARGUMENT with BadRequest details."""
 

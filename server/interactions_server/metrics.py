@@ -48,7 +48,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mult
 
 from interactions_client.rules import RULES
 from interactions_client.v1.event_pb2 import Event, EventType
-from interactions_server.startup import StartupError, split_listen
+from interactions_server.config import split_listen
+from interactions_server.errors import StartupError
 
 _log = logging.getLogger(__name__)
 

@@ -38,15 +38,15 @@ from interactions_server import admin, analytics, db, handlers, logs, malloc, me
 from interactions_server.auth import TokenAuth, TokensFileError
 from interactions_server.budget import ByteBudget
 from interactions_server.concurrency import ConcurrencyLimit, CoreCalls
-from interactions_server.config import ServerConfig
+from interactions_server.config import ServerConfig, check_port_free
 from interactions_server.database import Database
+from interactions_server.errors import StartupError
 from interactions_server.group_commit import GroupCommitter
 from interactions_server.health import DatabaseHealth
 from interactions_server.ingest import Ingestor
 from interactions_server.message_size import MAX_MESSAGE_BYTES
 from interactions_server.metrics_interceptor import MetricsInterceptor
 from interactions_server.probes import add_health_and_reflection
-from interactions_server.startup import StartupError, check_port_free
 from interactions_server.status_interceptor import StatusInterceptor
 
 __all__ = ["SERVICES", "SERVICE_NAMES", "App", "Server", "ServerConfig", "StartupError"]

@@ -16,14 +16,14 @@ from interactions_client.v1 import interaction_service_pb2_grpc
 from interactions_client.v1.event_pb2 import Event, EventType, FieldViolation
 from interactions_server import metrics
 from interactions_server.auth import allowed_event_types, event_type_violation
-from interactions_server.budget import DEFAULT_MAX_INFLIGHT_BYTES, ByteBudget, footprint
+from interactions_server.budget import ByteBudget, footprint
+from interactions_server.config import DEFAULT_BATCHES_IN_FLIGHT, DEFAULT_MAX_INFLIGHT_BYTES
 from interactions_server.errors import AlreadyExists, InvalidArgument, Unavailable
 from interactions_server.group_commit import GroupCommitter
 from interactions_server.ingest import CONFLICT_DESCRIPTION, BatchResult, Ingestor, Rejection
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["InteractionService"].full_name
 SHUTTING_DOWN = "server is shutting down; resend unacknowledged batches"
-DEFAULT_BATCHES_IN_FLIGHT = 3
 # What a stream reserves of the byte budget before reading a batch: the
 # footprint of its previous batch; for its first, 1/FIRST_BATCH_SHARE of the
 # budget. The size of a message is known only once gRPC has read it, so a

@@ -34,9 +34,9 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from interactions_server import metrics, worker
-from interactions_server.config import ServerConfig
+from interactions_server.config import ServerConfig, check_port_free, reserve_port
 from interactions_server.database import Database
-from interactions_server.startup import EXIT_DATABASE_DIED, StartupError, check_port_free, reserve_port
+from interactions_server.errors import EXIT_DATABASE_DIED, StartupError
 
 _log = logging.getLogger("interactions_server.supervisor")
 

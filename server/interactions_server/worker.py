@@ -17,7 +17,7 @@ import sys
 from multiprocessing.connection import Connection
 
 from interactions_server.config import ServerConfig
-from interactions_server.startup import EXIT_OPERATOR_ERROR, StartupError
+from interactions_server.errors import EXIT_OPERATOR_ERROR, StartupError
 
 _log = logging.getLogger("interactions_server.worker")
 
