@@ -28,7 +28,7 @@ from bench.database import UUID7_OF_OCCURRED_AT, reset_log
 from bench.proc_stats import CpuMeter, CpuShares, RssSampler, RssSamples
 from bench.workload import MIX, PRODUCTS, SYNCING_TYPES, USERS
 from interactions_client.client import InteractionsClient
-from interactions_server import analytics_storage
+from interactions_server.storage import _analytics as analytics_storage
 
 Progress = Callable[[str], None]
 

@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from bench.workload import MIX, PRODUCTS, SYNCING_TYPES, USERS
-from interactions_server.embedded_db import start_tuned
+from interactions_server.storage import start_tuned
 
 CEILING_TABLE = "ceiling"
 CEILING_KEYS_TABLE = "ceiling_keys"

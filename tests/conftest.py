@@ -45,8 +45,8 @@ from grpc_health.v1 import health_pb2_grpc
 
 from interactions_client.client import InteractionsClient
 from interactions_client.v1 import interaction_service_pb2_grpc, user_state_service_pb2_grpc
-from interactions_server import migrate
 from interactions_server.server import App, ServerConfig
+from interactions_server.storage import _migrate as migrate
 from tests.support import StartServer, postgres_directory
 from tests.test_client_fakes import FakeServer, start_fake_server
 

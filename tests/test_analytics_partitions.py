@@ -16,8 +16,8 @@ import pytest
 from interactions_client.v1 import interaction_service_pb2 as isv
 from interactions_client.v1.event_pb2 import EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
-from interactions_server import partitions
 from interactions_server.server import App
+from interactions_server.storage import _partitions as partitions
 from tests.events import valid_event
 
 
@@ -46,7 +46,7 @@ async def test_partition_upkeep_gives_up_instead_of_blocking_ingest(
         event = valid_event(EventType.EVENT_TYPE_VIEW, user_id="during-export", product_id="p1")
         await stub.LogEvent(isv.LogEventRequest(event=event), timeout=10)
         logged_after = time.monotonic() - started
-        with caplog.at_level(logging.INFO, logger=partitions.__name__):
+        with caplog.at_level(logging.INFO, logger="interactions_server.partitions"):
             assert await asyncio.wait_for(upkeep, 10) is False  # gave up
             gave_up_after = time.monotonic() - started
             assert await keeper.ensure() is False  # still locked: logged once

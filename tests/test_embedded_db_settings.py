@@ -9,7 +9,7 @@ import shutil
 import asyncpg
 import pytest
 
-from interactions_server.embedded_db import (
+from interactions_server.storage._embedded import (
     MB,
     SETTINGS_FILE,
     EmbeddedPostgres,

@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from interactions_server.database import database_error
+from interactions_server.storage import database_error
 from tests.conftest import with_database
 from tests.support import cli, postgres_directory
 
@@ -130,8 +130,8 @@ def test_a_database_error_that_is_a_bug_is_not_an_operator_error() -> None:
 
 
 def test_the_data_directory_lock_file_is_in_the_data_directory(tmp_path: Path) -> None:
-    from interactions_server.embedded_db import _lock_data_dir
     from interactions_server.errors import StartupError
+    from interactions_server.storage._embedded import _lock_data_dir
 
     first = _lock_data_dir(tmp_path)
     try:

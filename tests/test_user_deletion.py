@@ -22,7 +22,7 @@ from interactions_client.v1 import admin_service_pb2, admin_service_pb2_grpc
 from interactions_client.v1 import interaction_service_pb2 as isv
 from interactions_client.v1.event_pb2 import Event, EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
-from interactions_server import analytics_storage
+from interactions_server import storage as analytics_storage
 from interactions_server.server import App
 from tests.events import valid_event
 from tests.support import eventually, field_violations

@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from interactions_client.v1 import admin_service_pb2 as pb
 from interactions_client.v1 import admin_service_pb2_grpc
-from interactions_server import deletion_storage
+from interactions_server import storage
 from interactions_server.auth import current_caller
 from interactions_server.ids import check_id
 
@@ -26,9 +26,9 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     async def DeleteUserData(self, request: pb.DeleteUserDataRequest, context: Any) -> pb.DeleteUserDataResponse:
         user_id = check_id(request.user_id, "user_id")
         if request.dry_run:
-            counts = await deletion_storage.count_user_data(self._pool, user_id)
+            counts = await storage.count_user_data(self._pool, user_id)
         else:
-            counts = await deletion_storage.delete_user_data(self._pool, user_id)
+            counts = await storage.delete_user_data(self._pool, user_id)
             caller = current_caller()
             # The user id is logged: it is the operator's audit trail of deletions.
             _log.info(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import asyncpg
@@ -28,8 +28,8 @@ from interactions_client.v1 import analytics_service_pb2 as pb
 from interactions_client.v1 import analytics_service_pb2_grpc
 from interactions_client.v1.event_pb2 import FieldViolation
 from interactions_server import analytics_protos as protos
-from interactions_server import analytics_storage as storage
 from interactions_server import analytics_tokens as tokens
+from interactions_server import storage
 from interactions_server.errors import InvalidArgument, NotFound
 from interactions_server.ids import check_id
 from interactions_server.user_state import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
@@ -76,7 +76,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         # aclosing: a call cancelled mid-export ends the cursor's prefetch
         # before the transaction rolls back on the same connection.
         async with (
-            _snapshot(self._analytics_pool, analytics=True) as conn,
+            storage.snapshot(self._analytics_pool, analytics=True) as conn,
             contextlib.aclosing(
                 storage.training_rows(conn, window, protos.ML_WEIGHTS, as_of_us, half_life, after, ROWS_PER_RESPONSE)
             ) as chunks,
@@ -107,7 +107,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             else None
         )
         async with (
-            _snapshot(self._analytics_pool, analytics=True) as conn,
+            storage.snapshot(self._analytics_pool, analytics=True) as conn,
             contextlib.aclosing(storage.export_events(conn, window, types, after, ROWS_PER_RESPONSE)) as chunks,
         ):
             async for chunk in chunks:
@@ -124,7 +124,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
     async def TopSearchQueries(self, request: pb.TopSearchQueriesRequest, context: Any) -> pb.TopSearchQueriesResponse:
         window = _window(request)
         limit = _bounded(request.limit, "limit", DEFAULT_SEARCH_LIMIT)
-        async with _snapshot(self._analytics_pool, analytics=True) as conn:
+        async with storage.snapshot(self._analytics_pool, analytics=True) as conn:
             outcomes = await storage.search_outcomes(
                 conn, window, protos.CLICK_TYPES, protos.CART_TYPES, protos.PURCHASE_TYPES
             )
@@ -136,7 +136,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             days = (window.end_us - 1) // _DAY_US - window.start_us // _DAY_US + 1
             if days > MAX_DAYS:
                 raise _invalid("end_time", f"the window has {days:,} days; CountActiveUsers lists at most {MAX_DAYS:,}")
-        async with _snapshot(self._analytics_pool, analytics=True) as conn:
+        async with storage.snapshot(self._analytics_pool, analytics=True) as conn:
             rows = await storage.active_users(conn, window)
         response = pb.CountActiveUsersResponse()
         for row in rows:
@@ -151,7 +151,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
     async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.GetSessionResponse:
         user_id = check_id(request.user_id, "user_id")
         session_id = check_id(request.session_id, "session_id")
-        async with _snapshot(self._pool) as conn:  # the summary and the timeline agree
+        async with storage.snapshot(self._pool) as conn:  # the summary and the timeline agree
             summary = protos.sessions(user_id, await storage.session_events(conn, user_id, [session_id]))
             session = summary.get(session_id)
             if session is None:
@@ -166,7 +166,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         page_size = _bounded(request.page_size, "page_size", DEFAULT_PAGE_SIZE)
         before = tokens.decode_sessions(request.page_token) if request.page_token else None
         # One row more than the page tells whether there is a next page.
-        async with _snapshot(self._pool) as conn:  # a session of the page is still there for its summary
+        async with storage.snapshot(self._pool) as conn:  # a session of the page is still there for its summary
             starts = await storage.sessions_page(conn, user_id, before, page_size + 1)
             page = starts[:page_size]
             summaries = protos.sessions(
@@ -179,7 +179,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
 
     async def GetUserActivity(self, request: pb.GetUserActivityRequest, context: Any) -> pb.GetUserActivityResponse:
         user_id = check_id(request.user_id, "user_id")
-        async with _snapshot(self._pool) as conn:
+        async with storage.snapshot(self._pool) as conn:
             per_type, session_count = await storage.user_activity(conn, user_id)
         if not per_type:
             raise NotFound(f"user {user_id!r} has no event")
@@ -214,16 +214,6 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         if len(rows) > page_size:
             response.next_page_token = tokens.encode(tokens.USER_EVENTS, page[-1].occurred_us, page[-1].event_id)
         return response
-
-
-@contextlib.asynccontextmanager
-async def _snapshot(pool: asyncpg.Pool, *, analytics: bool = False) -> AsyncIterator[asyncpg.Connection]:
-    """A connection in a READ ONLY REPEATABLE READ transaction: every query of
-    an RPC sees one snapshot. `analytics`: with the analytics work_mem."""
-    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-        if analytics:
-            await storage.use_work_mem(conn)
-        yield conn
 
 
 # --- request checks: each bad field is INVALID_ARGUMENT naming it -------------------

@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from interactions_client.rules import STANDARD
 from interactions_client.v1 import analytics_service_pb2 as pb
 from interactions_client.v1.event_pb2 import Event, EventType
-from interactions_server.analytics_storage import EventRow, SearchOutcome, SessionEvent, TrainingRow
+from interactions_server.storage import EventRow, SearchOutcome, SessionEvent, TrainingRow
 
 # From the schema: the ML weights by stored name.
 ML_WEIGHTS: dict[str, float] = {rule.name: rule.ml_weight for rule in STANDARD.values() if rule.ml_weight is not None}

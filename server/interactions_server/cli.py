@@ -31,12 +31,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from interactions_client.cli_args import count
-from interactions_server import logs, metrics, migrate, supervisor
+from interactions_server import logs, metrics, supervisor
 from interactions_server.config import DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_MAX_INFLIGHT_BYTES
-from interactions_server.database import migrate_when_reachable
-from interactions_server.embedded_db import EmbeddedPostgres
 from interactions_server.errors import EXIT_DATABASE_DIED, EXIT_OPERATOR_ERROR, is_database_unavailable
 from interactions_server.server import App, ServerConfig, StartupError
+from interactions_server.storage import EmbeddedPostgres, MigrationError, migrate_when_reachable
 
 _log = logging.getLogger("interactions_server")
 
@@ -241,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return supervisor.run(config, log_level=args.log_level, log_format=log_format)
         with contextlib.closing(metrics.serve_metrics(config.metrics_listen)):
             return asyncio.run(_serve(config))
-    except (StartupError, migrate.MigrationError) as exc:
+    except (StartupError, MigrationError) as exc:
         _log.error("%s", exc)
         return EXIT_OPERATOR_ERROR
     except Exception as exc:

@@ -1,8 +1,8 @@
 """grpc.health.v1 status that follows the database.
 
-Every service is SERVING while PostgreSQL answers `SELECT 1` within a short
-timeout and NOT_SERVING otherwise. The probe uses its own connection, not the
-pool, so a pool saturated by ingestion is not mistaken for a dead database.
+Every service is SERVING while the database answers the probe
+(storage.Probe: `SELECT 1` within a short timeout, on a connection of its own)
+and NOT_SERVING otherwise.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ import contextlib
 import logging
 from collections.abc import Iterable
 
-import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from interactions_server import metrics
+from interactions_server import metrics, storage
 
 _log = logging.getLogger(__name__)
 
@@ -85,12 +84,9 @@ class DatabaseHealth:
         statement_cache_size: int = 100,
     ) -> None:
         self.servicer = HealthServicer()
-        self._dsn = dsn
-        self._statement_cache_size = statement_cache_size
+        self._probe = storage.Probe(dsn, timeout=timeout, statement_cache_size=statement_cache_size)
         self._services = [health.OVERALL_HEALTH, *services]
         self._interval = interval
-        self._timeout = timeout
-        self._connection: asyncpg.Connection | None = None
         self._up: bool | None = None  # None until the first probe
         self._task: asyncio.Task[None] | None = None
 
@@ -103,13 +99,8 @@ class DatabaseHealth:
     async def check(self) -> bool:
         """Probes the database once and publishes the result; returns it."""
         try:
-            if self._connection is None or self._connection.is_closed():
-                self._connection = await asyncpg.connect(
-                    self._dsn, timeout=self._timeout, statement_cache_size=self._statement_cache_size
-                )
-            await self._connection.fetchval("SELECT 1", timeout=self._timeout)
+            await self._probe.check()
         except Exception as exc:  # whatever the reason, the database did not answer
-            await self._drop_connection()
             await self._publish(False, f"{type(exc).__name__}: {exc}".strip())
             return False
         await self._publish(True, "")
@@ -123,7 +114,7 @@ class DatabaseHealth:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self._drop_connection()
+        self._probe.close()
 
     async def _run(self) -> None:
         while True:
@@ -141,8 +132,3 @@ class DatabaseHealth:
             _log.warning("database down: %s", reason)
         for service in self._services:
             await self.servicer.set(service, SERVING if up else NOT_SERVING)
-
-    async def _drop_connection(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None and not connection.is_closed():
-            connection.terminate()  # no graceful close: the database may be gone

@@ -22,7 +22,7 @@ import asyncpg
 from interactions_client.rules import CUSTOM, RULES, TypeRule
 from interactions_client.v1.event_pb2 import Event, FieldViolation
 from interactions_client.validation import validate
-from interactions_server import db, metrics, storage
+from interactions_server import metrics, storage
 from interactions_server.auth import event_type_violation
 from interactions_server.errors import DeadlineExceeded
 from interactions_server.event_json import attributes_json, details_json
@@ -224,11 +224,11 @@ class Ingestor:
     ) -> storage.InsertOutcome:
         if not syncing:
             # One statement is its own transaction: no BEGIN / COMMIT round trips.
-            async with db.acquire(self._pool) as conn:
+            async with storage.acquire(self._pool) as conn:
                 return await storage.insert_events(conn, columns, deadline)
         # The insert statement also takes the sync keys' locks; the deadline is
         # checked once more just before COMMIT (in COMMIT's round trip).
-        async with db.transaction(self._pool, time_limit, deadline) as conn:
+        async with storage.transaction(self._pool, time_limit, deadline) as conn:
             inserted = await storage.insert_events(conn, columns, deadline, locked)
             await self._sync_new(conn, syncing, inserted.new)
         return inserted

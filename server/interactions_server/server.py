@@ -34,12 +34,11 @@ from interactions_client.v1 import (
     interaction_service_pb2,
     user_state_service_pb2,
 )
-from interactions_server import admin, analytics, db, handlers, logs, malloc, metrics, service, tls, user_state
+from interactions_server import admin, analytics, handlers, logs, malloc, metrics, service, storage, tls, user_state
 from interactions_server.auth import TokenAuth, TokensFileError
 from interactions_server.budget import ByteBudget
 from interactions_server.concurrency import ConcurrencyLimit, CoreCalls
 from interactions_server.config import ServerConfig, check_port_free
-from interactions_server.database import Database
 from interactions_server.errors import StartupError
 from interactions_server.group_commit import GroupCommitter
 from interactions_server.health import DatabaseHealth
@@ -160,14 +159,6 @@ class Drainable(Protocol):
     def drain(self) -> None: ...
 
 
-async def _end_transaction(connection: asyncpg.Connection) -> None:
-    """Pool reset on release. asyncpg's default also clears session state
-    (RESET ALL, UNLISTEN, advisory unlock): a round trip per batch that this
-    service does not need, as it keeps no session state on pooled connections."""
-    if connection.is_in_transaction():
-        await connection.execute("ROLLBACK")
-
-
 class Server:
     """The serving side of one process: pool, services, gRPC server.
     start() then stop(); `port` is the bound port."""
@@ -225,23 +216,19 @@ class Server:
         self._auth = _token_auth(config)
         if self._auth is not None:
             self._auth.require(scopes)
-        db.quiet_pool_logs()
+        storage.quiet_pool_logs()
         malloc.tune()
-        # Connections that die with the database are dropped and replaced by
-        # the pool on the next acquire, so the pool survives a restart.
-        self._pool = await asyncpg.create_pool(
+        self._pool = await storage.open_pool(
             self.dsn,
             min_size=config.pool_min_size,
             max_size=config.pool_max_size,
-            reset=_end_transaction,
             statement_cache_size=config.statement_cache_size,
         )
         metrics.watch_pool(self._pool)
-        self._analytics_pool = await asyncpg.create_pool(
+        self._analytics_pool = await storage.open_pool(
             self.dsn,
             min_size=1,
             max_size=config.analytics_pool_max_size,
-            reset=_end_transaction,
             statement_cache_size=config.statement_cache_size,
         )
         self._health = DatabaseHealth(
@@ -304,11 +291,7 @@ class Server:
             await self._committer.close()
         for pool in (self._pool, self._analytics_pool):
             if pool is not None:
-                try:
-                    await asyncio.wait_for(pool.close(), timeout=5.0)
-                except TimeoutError:
-                    _log.warning("database connections did not close in time; terminating them")
-                    pool.terminate()
+                await storage.close_pool(pool)
         await self._summary.stop()
         if self._trimmer is not None:
             self._trimmer.cancel()
@@ -348,7 +331,7 @@ class App:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.database = Database(config)
+        self.database = storage.Database(config)
         self.server: Server | None = None
         self._stopped = False
 

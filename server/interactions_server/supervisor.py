@@ -35,8 +35,8 @@ from multiprocessing.process import BaseProcess
 
 from interactions_server import metrics, worker
 from interactions_server.config import ServerConfig, check_port_free, reserve_port
-from interactions_server.database import Database
 from interactions_server.errors import EXIT_DATABASE_DIED, StartupError
+from interactions_server.storage import Database
 
 _log = logging.getLogger("interactions_server.supervisor")
 

@@ -1,5 +1,6 @@
-"""Pooled connections that never go back to the pool broken, and transactions
-bounded by the caller's deadline.
+"""The pools, pooled connections that never go back to the pool broken,
+transactions bounded by the caller's deadline, and the health probe's own
+connection.
 
 A connection whose operation died mid-way (the call was cancelled, the socket
 broke, asyncpg's protocol is in the middle of another operation) is
@@ -18,9 +19,42 @@ import asyncpg
 
 from interactions_server.errors import is_database_unavailable
 
+_log = logging.getLogger("interactions_server.server")
+
 # A statement_timeout below this is not worth starting: PostgreSQL would
 # cancel it at once.
 _MIN_TIMEOUT_MS = 1
+CLOSE_TIMEOUT = 5.0  # seconds a pool gets to close before its connections are terminated
+
+
+async def _end_transaction(connection: asyncpg.Connection) -> None:
+    """Pool reset on release. asyncpg's default also clears session state
+    (RESET ALL, UNLISTEN, advisory unlock): a round trip per batch that this
+    service does not need, as it keeps no session state on pooled connections."""
+    if connection.is_in_transaction():
+        await connection.execute("ROLLBACK")
+
+
+async def open_pool(dsn: str, *, min_size: int, max_size: int, statement_cache_size: int) -> asyncpg.Pool:
+    """A pool of the serving side. Connections that die with the database are
+    dropped and replaced on the next acquire, so the pool survives a restart."""
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        reset=_end_transaction,
+        statement_cache_size=statement_cache_size,
+    )
+    return pool
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    """Closes `pool`, terminating its connections if they do not close in time."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout=CLOSE_TIMEOUT)
+    except TimeoutError:
+        _log.warning("database connections did not close in time; terminating them")
+        pool.terminate()
 
 
 def statement_timeout_ms(timeout: float) -> int:
@@ -100,3 +134,32 @@ def quiet_pool_logs() -> None:
     logger = logging.getLogger("asyncpg.pool")
     if _QUIET not in logger.filters:
         logger.addFilter(_QUIET)
+
+
+class Probe:
+    """`SELECT 1` on a connection of its own, not the pool's, so that a pool
+    saturated by ingestion is not mistaken for a dead database."""
+
+    def __init__(self, dsn: str, *, timeout: float, statement_cache_size: int) -> None:
+        self._dsn = dsn
+        self._timeout = timeout
+        self._statement_cache_size = statement_cache_size
+        self._connection: asyncpg.Connection | None = None
+
+    async def check(self) -> None:
+        """Returns when the database answered within the timeout; raises (and
+        drops the connection) otherwise."""
+        try:
+            if self._connection is None or self._connection.is_closed():
+                self._connection = await asyncpg.connect(
+                    self._dsn, timeout=self._timeout, statement_cache_size=self._statement_cache_size
+                )
+            await self._connection.fetchval("SELECT 1", timeout=self._timeout)
+        except Exception:  # whatever the reason, the database did not answer
+            self.close()
+            raise
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed():
+            connection.terminate()  # no graceful close: the database may be gone

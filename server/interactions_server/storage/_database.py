@@ -14,13 +14,14 @@ import urllib.parse
 
 import asyncpg
 
-from interactions_server import db, migrate
 from interactions_server.config import ServerConfig
-from interactions_server.embedded_db import EmbeddedPostgres
 from interactions_server.errors import StartupError, is_database_unavailable
-from interactions_server.partitions import PartitionKeeper
+from interactions_server.storage import _migrate
+from interactions_server.storage._embedded import EmbeddedPostgres
+from interactions_server.storage._partitions import PartitionKeeper
+from interactions_server.storage._pool import close_pool, quiet_pool_logs
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("interactions_server.database")
 
 EMBEDDED_WATCH_INTERVAL = 1.0  # seconds between checks that the embedded PostgreSQL is alive
 
@@ -42,7 +43,7 @@ class Database:
             self._embedded = EmbeddedPostgres(self.config.data_dir)
             self.url = await asyncio.to_thread(self._embedded.start)  # logs where
         dsn = self.url
-        db.quiet_pool_logs()
+        quiet_pool_logs()
         await migrate_when_reachable(self.config, dsn)
         self._pool = await asyncpg.create_pool(
             dsn, min_size=0, max_size=1, statement_cache_size=self.config.statement_cache_size
@@ -69,10 +70,7 @@ class Database:
             await self._partitions.stop()
             self._partitions = None
         if self._pool is not None:
-            try:
-                await asyncio.wait_for(self._pool.close(), timeout=5.0)
-            except TimeoutError:
-                self._pool.terminate()
+            await close_pool(self._pool)
             self._pool = None
         if self._embedded is not None:
             embedded, self._embedded = self._embedded, None
@@ -88,7 +86,7 @@ async def migrate_when_reachable(config: ServerConfig, dsn: str) -> None:
     started = loop.time()
     while True:
         try:
-            await migrate.migrate(dsn, statement_cache_size=config.statement_cache_size)
+            await _migrate.migrate(dsn, statement_cache_size=config.statement_cache_size)
             return
         except Exception as exc:
             if (operator_error := database_error(exc, dsn)) is not None:

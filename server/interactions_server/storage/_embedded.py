@@ -27,7 +27,7 @@ from typing import IO, Any, NamedTuple
 
 from interactions_server.errors import StartupError
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("interactions_server.embedded_db")
 
 
 class EmbeddedPostgres:
@@ -196,7 +196,7 @@ def start_tuned(pgdata: Path) -> Any:
 
 
 def _write_settings(pgdata: Path, settings: MachineSettings) -> None:
-    header = "# Written by interactions-server at each start, from the machine's memory (embedded_db.py).\n"
+    header = "# Written by interactions-server at each start, from the machine's memory (interactions_server.storage).\n"
     (pgdata / SETTINGS_FILE).write_text(header + "\n".join(settings.conf_lines()) + "\n", encoding="utf-8")
     conf = pgdata / "postgresql.conf"
     text = conf.read_text(encoding="utf-8")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import asyncpg
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("interactions_server.migrate")
 
 # pg_advisory_lock key shared by every runner of this service ("interact").
 LOCK_KEY = 0x696E_7465_7261_6374
@@ -49,10 +49,11 @@ class Migration:
 def default_directory() -> Path:
     """The migrations shipped in the wheel (`interactions_server/migrations`),
     else those at the root of a source checkout."""
-    packaged = Path(__file__).resolve().parent / "migrations"
+    package = Path(__file__).resolve().parents[1]  # interactions_server/
+    packaged = package / "migrations"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parents[2] / "migrations"
+    return package.parents[1] / "migrations"  # server/interactions_server/ -> the checkout
 
 
 def load(directory: Path | None = None) -> list[Migration]:

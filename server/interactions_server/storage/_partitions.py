@@ -20,10 +20,10 @@ import logging
 
 import asyncpg
 
-from interactions_server import storage
 from interactions_server.errors import is_database_unavailable
+from interactions_server.storage._events import ensure_event_partitions
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("interactions_server.partitions")
 
 MONTHS_BACK = 1
 MONTHS_AHEAD = 2
@@ -54,7 +54,7 @@ class PartitionKeeper:
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-                created = await storage.ensure_event_partitions(conn, MONTHS_BACK, MONTHS_AHEAD)
+                created = await ensure_event_partitions(conn, MONTHS_BACK, MONTHS_AHEAD)
         except asyncpg.LockNotAvailableError:
             if not self._lock_busy:
                 _log.warning(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -96,6 +96,16 @@ WORK_MEM = "64MB"
 async def use_work_mem(conn: asyncpg.Connection) -> None:
     """Sets the analytics work_mem for the rest of `conn`'s transaction."""
     await conn.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
+
+
+@contextlib.asynccontextmanager
+async def snapshot(pool: asyncpg.Pool, *, analytics: bool = False) -> AsyncIterator[asyncpg.Connection]:
+    """A connection in a READ ONLY REPEATABLE READ transaction: every query of
+    an RPC sees one snapshot. `analytics`: with the analytics work_mem."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        if analytics:
+            await use_work_mem(conn)
+        yield conn
 
 
 # --- exports ---------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
-from interactions_server.db import acquire
+from interactions_server.storage._pool import acquire
 
 # SQL expressions converting epoch microseconds (bigint) and timestamptz, exactly.
 _US_TO_TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"

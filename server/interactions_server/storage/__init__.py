@@ -1,0 +1,110 @@
+"""Every SQL statement of the service (outside migrations/) and the database's
+lifecycle: the pools, the embedded PostgreSQL, the migrations, the partition
+upkeep. Nothing here knows of gRPC; callers pass pools and connections in.
+
+- `_pool`: pools, connections terminated when broken, deadline-bounded
+  transactions, the health probe's connection;
+- `_events`: the write path's statements (event log, state tables) and the
+  reads of the state (cart, wishlist, purchases);
+- `_analytics`: the AnalyticsService's reads; `_deletion`: DeleteUserData;
+- `_database`: the database side of a host (embedded PostgreSQL, migrations,
+  partitions), and the operator's errors of a database that refuses us;
+- `_migrate`, `_partitions`, `_embedded`: what `_database` runs.
+"""
+
+from interactions_server.storage._analytics import (
+    ActiveUsers,
+    EventRow,
+    SearchOutcome,
+    SessionEvent,
+    SessionStart,
+    TrainingRow,
+    TypeActivity,
+    TypeFilter,
+    Window,
+    active_users,
+    export_events,
+    search_outcomes,
+    session_events,
+    session_timeline,
+    sessions_page,
+    snapshot,
+    training_rows,
+    user_activity,
+    user_events,
+)
+from interactions_server.storage._database import Database, database_error, migrate_when_reachable
+from interactions_server.storage._deletion import DeletionCounts, count_user_data, delete_user_data
+from interactions_server.storage._embedded import EmbeddedPostgres, start_tuned
+from interactions_server.storage._events import (
+    CartRow,
+    EventColumns,
+    InsertOutcome,
+    KeyEvent,
+    PurchaseRecord,
+    PurchaseRow,
+    StateLine,
+    WishlistRow,
+    fetch_cart,
+    fetch_key_events,
+    fetch_purchases,
+    fetch_state_lines,
+    fetch_wishlist,
+    insert_events,
+    write_state,
+)
+from interactions_server.storage._migrate import MigrationError, migrate
+from interactions_server.storage._pool import Probe, acquire, close_pool, open_pool, quiet_pool_logs, transaction
+
+__all__ = [
+    "ActiveUsers",
+    "CartRow",
+    "Database",
+    "DeletionCounts",
+    "EmbeddedPostgres",
+    "EventColumns",
+    "EventRow",
+    "InsertOutcome",
+    "KeyEvent",
+    "MigrationError",
+    "Probe",
+    "PurchaseRecord",
+    "PurchaseRow",
+    "SearchOutcome",
+    "SessionEvent",
+    "SessionStart",
+    "StateLine",
+    "TrainingRow",
+    "TypeActivity",
+    "TypeFilter",
+    "Window",
+    "WishlistRow",
+    "acquire",
+    "active_users",
+    "close_pool",
+    "count_user_data",
+    "database_error",
+    "delete_user_data",
+    "export_events",
+    "fetch_cart",
+    "fetch_key_events",
+    "fetch_purchases",
+    "fetch_state_lines",
+    "fetch_wishlist",
+    "insert_events",
+    "migrate",
+    "migrate_when_reachable",
+    "open_pool",
+    "quiet_pool_logs",
+    "search_outcomes",
+    "session_events",
+    "session_timeline",
+    "sessions_page",
+    "snapshot",
+    "start_tuned",
+    "training_rows",
+    "transaction",
+    "user_activity",
+    "user_events",
+    "write_state",
+]
