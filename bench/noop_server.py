@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from interactions_client.v1 import interaction_service_pb2 as pb
 from interactions_client.v1 import interaction_service_pb2_grpc
-from interactions_server.server import SERVER_OPTIONS
+from interactions_server.rpc import SERVER_OPTIONS
 
 
 class NoopInteractionService(interaction_service_pb2_grpc.InteractionServiceServicer):

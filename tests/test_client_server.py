@@ -171,6 +171,6 @@ async def test_sync_twin_against_the_real_server(server: App) -> None:
 
 def test_client_keepalive_matches_the_server() -> None:
     from interactions_client.channel import KEEPALIVE_OPTIONS
-    from interactions_server.server import KEEPALIVE_OPTIONS as SERVER_KEEPALIVE
+    from interactions_server.rpc import KEEPALIVE_OPTIONS as SERVER_KEEPALIVE
 
     assert set(KEEPALIVE_OPTIONS) <= set(SERVER_KEEPALIVE)

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from interactions_server import metrics
-from interactions_server.metrics_interceptor import MetricsInterceptor
+from interactions_server.rpc import MetricsInterceptor
 from tests.metrics_support import Samples, delta, scrape
 
 SERVICE = "test.Shapes"

@@ -23,7 +23,7 @@ from interactions_client.v1 import user_state_service_pb2 as state_pb
 from interactions_client.v1.event_pb2 import EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
 from interactions_client.v1.user_state_service_pb2_grpc import UserStateServiceStub
-from interactions_server.errors import DATABASE_UNAVAILABLE_MESSAGE, INTERNAL_MESSAGE
+from interactions_server.rpc import DATABASE_UNAVAILABLE_MESSAGE, INTERNAL_MESSAGE
 from interactions_server.server import SERVICE_NAMES, App, StartupError
 from interactions_server.storage import _migrate as migrate
 from tests.events import valid_event

@@ -33,7 +33,8 @@ import grpc.aio
 from interactions_client.access import ADMIN, ANY_TOKEN, GRANTABLE_SCOPES
 from interactions_client.rules import RULES
 from interactions_client.v1.event_pb2 import Event, FieldViolation
-from interactions_server import handlers, metrics
+from interactions_server import metrics
+from interactions_server.rpc import _handlers as handlers
 
 _log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Two halves, so that a supervisor can own one and its workers the other:
 
-- `Database` (interactions_server.database): the embedded PostgreSQL, the
+- `Database` (interactions_server.storage): the embedded PostgreSQL, the
   migrations and the partition upkeep, once per host;
 - `Server` (here): the pool, the services and the gRPC server of one process.
 
@@ -12,7 +12,7 @@ server (`app.port` is then the bound port, also when the config asks for port
 0); `await app.stop(grace)` shuts both down gracefully.
 
 Adding a service touches one place: SERVICES. Cross-cutting concerns are
-`grpc.aio.ServerInterceptor`s built in one place: `build_interceptors`.
+`grpc.aio.ServerInterceptor`s chained in one place: rpc's `grpc_server`.
 """
 
 from __future__ import annotations
@@ -34,60 +34,16 @@ from interactions_client.v1 import (
     interaction_service_pb2,
     user_state_service_pb2,
 )
-from interactions_server import admin, analytics, handlers, logs, malloc, metrics, service, storage, tls, user_state
+from interactions_server import admin, analytics, logs, malloc, metrics, rpc, service, storage, user_state
 from interactions_server.auth import TokenAuth, TokensFileError
-from interactions_server.budget import ByteBudget
-from interactions_server.concurrency import ConcurrencyLimit, CoreCalls
 from interactions_server.config import ServerConfig, check_port_free
 from interactions_server.errors import StartupError
 from interactions_server.group_commit import GroupCommitter
-from interactions_server.health import DatabaseHealth
 from interactions_server.ingest import Ingestor
-from interactions_server.message_size import MAX_MESSAGE_BYTES
-from interactions_server.metrics_interceptor import MetricsInterceptor
-from interactions_server.probes import add_health_and_reflection
-from interactions_server.status_interceptor import StatusInterceptor
 
 __all__ = ["SERVICES", "SERVICE_NAMES", "App", "Server", "ServerConfig", "StartupError"]
 
 _log = logging.getLogger(__name__)
-
-# Keepalive for long-lived streams. Clients should send keepalive pings no
-# more often than every min_recv_ping_interval (10 s), or the server counts
-# "ping strikes" and closes the connection with GOAWAY too_many_pings; the
-# client library copies these values.
-KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.keepalive_time_ms", 30_000),  # ping an idle connection every 30 s
-    ("grpc.keepalive_timeout_ms", 10_000),  # and drop it when the ack takes over 10 s
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),  # keep pinging during long silent streams
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),  # tolerate client pings every 10 s
-)
-MAX_PENDING_CALLS = 100_000  # beyond this many calls queued in core at once, core cancels the excess
-# The largest valid request (message_size.py: 1,000 events at every bound,
-# 4-byte characters): about 225 MiB. The byte budget, not this, bounds memory.
-SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
-    *KEEPALIVE_OPTIONS,
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # Flow-control windows stay at their initial size instead of growing
-    # with the bandwidth-delay estimate: a stream that is not reading (byte
-    # budget full) then has little more than one window buffered in gRPC.
-    ("grpc.http2.bdp_probe", 0),
-    # Calls that arrived but that grpc.aio has not yet taken (it takes them
-    # one at a time) wait in core's pending queue; past 1,000 (core's default)
-    # core drops them at random and the client sees CANCELLED, a code it does
-    # not retry. Under a burst the queue must hold them until the concurrency
-    # limit refuses them with RESOURCE_EXHAUSTED.
-    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
-    ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
-    ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
-)
-
-
-def server_options(config: ServerConfig) -> tuple[tuple[str, int], ...]:
-    """SERVER_OPTIONS, sharing the port (SO_REUSEPORT) only among the workers of one supervisor."""
-    return (*SERVER_OPTIONS[:-1], ("grpc.so_reuseport", int(config.reuse_port)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +55,7 @@ class Parts:
     analytics_pool: asyncpg.Pool  # exports and window queries: never the connections ingest needs
     ingestor: Ingestor
     committer: GroupCommitter
-    budget: ByteBudget  # request bytes held by all calls at once
+    budget: rpc.ByteBudget  # request bytes held by all calls at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,14 +92,6 @@ SERVICE_DESCRIPTORS: tuple[ServiceDescriptor, ...] = tuple(s.descriptor for s in
 SERVICE_NAMES: tuple[str, ...] = tuple(d.full_name for d in SERVICE_DESCRIPTORS)
 
 
-def build_interceptors(limit: ConcurrencyLimit | None, auth: TokenAuth | None) -> list[grpc.aio.ServerInterceptor]:
-    """The server's interceptors, outermost first: metrics see every status,
-    the refusals of the concurrency limit and of the token check included;
-    both refuse a call before it reaches the status mapping and the servicer."""
-    optional = [interceptor for interceptor in (limit, auth) if interceptor is not None]
-    return [MetricsInterceptor(), *optional, StatusInterceptor()]
-
-
 def required_scopes() -> dict[str, str]:
     """The scope of every served RPC, from the schema; an RPC without one stops start-up."""
     try:
@@ -170,7 +118,7 @@ class Server:
         self._pool: asyncpg.Pool | None = None
         self._analytics_pool: asyncpg.Pool | None = None
         self._auth: TokenAuth | None = None
-        self._health: DatabaseHealth | None = None
+        self._health: rpc.DatabaseHealth | None = None
         self._committer: GroupCommitter | None = None
         self._servicers: list[object] = []
         self._server: grpc.aio.Server | None = None
@@ -231,7 +179,7 @@ class Server:
             max_size=config.analytics_pool_max_size,
             statement_cache_size=config.statement_cache_size,
         )
-        self._health = DatabaseHealth(
+        self._health = rpc.DatabaseHealth(
             self.dsn,
             SERVICE_NAMES,
             interval=config.health_interval,
@@ -242,28 +190,23 @@ class Server:
         self._committer = GroupCommitter(ingestor)
         self._committer.start()
         parts = Parts(
-            config, self._pool, self._analytics_pool, ingestor, self._committer, ByteBudget(config.max_inflight_bytes)
+            config,
+            self._pool,
+            self._analytics_pool,
+            ingestor,
+            self._committer,
+            rpc.ByteBudget(config.max_inflight_bytes),
         )
 
-        limit = None if config.max_concurrent_rpcs is None else ConcurrencyLimit(config.max_concurrent_rpcs)
-        servers_before = CoreCalls.server_ids() if limit is not None else set()
-        server = grpc.aio.server(interceptors=build_interceptors(limit, self._auth), options=server_options(config))
-        if limit is not None:
-            limit.watch(CoreCalls.created_since(servers_before))
+        server = rpc.grpc_server(config, self._auth)
         for entry in SERVICES:
             servicer = entry.create(parts)
-            handlers.register(
+            rpc.register(
                 server, entry.descriptor, {m.name: getattr(servicer, m.name) for m in entry.descriptor.methods}
             )
             self._servicers.append(servicer)
-        add_health_and_reflection(server, self._health.servicer, SERVICE_NAMES, reflection_on=config.reflection)
-        try:
-            self.port = _bind(server, config)
-        except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
-            raise StartupError(
-                f"cannot listen on {config.listen}: address in use or invalid; "
-                "stop the program using it or choose another --listen"
-            ) from exc
+        rpc.add_health_and_reflection(server, self._health.servicer, SERVICE_NAMES, reflection_on=config.reflection)
+        self.port = rpc.listen(server, config)
         self._server = server
         await self._health.start()
         await server.start()
@@ -308,22 +251,6 @@ def _token_auth(config: ServerConfig) -> TokenAuth | None:
         raise StartupError(str(exc)) from None
     _log.info("bearer tokens required; %d token(s): %s", len(auth.token_names), ", ".join(auth.token_names))
     return auth
-
-
-def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
-    """Adds the listening port: TLS (mTLS with a client CA) when certificates are given, else plaintext."""
-    if config.tls_cert is None and config.tls_key is None:
-        if config.tls_client_ca is not None:
-            raise StartupError("--tls-client-ca needs --tls-cert and --tls-key")
-        return int(server.add_insecure_port(config.listen))
-    if config.tls_cert is None or config.tls_key is None:
-        raise StartupError("--tls-cert and --tls-key go together")
-    try:
-        credentials = tls.server_credentials(tls.TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca))
-    except tls.TlsFilesError as exc:
-        raise StartupError(f"TLS: {exc}") from None
-    _log.info("TLS%s", " with client certificates (mTLS)" if config.tls_client_ca else "")
-    return int(server.add_secure_port(config.listen, credentials))
 
 
 class App:

@@ -16,11 +16,11 @@ from interactions_client.v1 import interaction_service_pb2_grpc
 from interactions_client.v1.event_pb2 import Event, EventType, FieldViolation
 from interactions_server import metrics
 from interactions_server.auth import allowed_event_types, event_type_violation
-from interactions_server.budget import ByteBudget, footprint
 from interactions_server.config import DEFAULT_BATCHES_IN_FLIGHT, DEFAULT_MAX_INFLIGHT_BYTES
 from interactions_server.errors import AlreadyExists, InvalidArgument, Unavailable
 from interactions_server.group_commit import GroupCommitter
 from interactions_server.ingest import CONFLICT_DESCRIPTION, BatchResult, Ingestor, Rejection
+from interactions_server.rpc import ByteBudget, footprint
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["InteractionService"].full_name
 SHUTTING_DOWN = "server is shutting down; resend unacknowledged batches"

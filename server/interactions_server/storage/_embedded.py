@@ -196,7 +196,9 @@ def start_tuned(pgdata: Path) -> Any:
 
 
 def _write_settings(pgdata: Path, settings: MachineSettings) -> None:
-    header = "# Written by interactions-server at each start, from the machine's memory (interactions_server.storage).\n"
+    header = (
+        "# Written by interactions-server at each start, from the machine's memory (interactions_server.storage).\n"
+    )
     (pgdata / SETTINGS_FILE).write_text(header + "\n".join(settings.conf_lines()) + "\n", encoding="utf-8")
     conf = pgdata / "postgresql.conf"
     text = conf.read_text(encoding="utf-8")

@@ -18,7 +18,7 @@ and under a burst its limiter lets calls through after the first wave
 The CANCELLED answers a burst used to get (about 10% of 2,000 calls) were
 not this limit's: gRPC core randomly drops calls waiting for grpc.aio to take
 them once more than 1,000 wait (grpc.server.max_pending_requests); the
-server raises that bound (server.py, MAX_PENDING_CALLS).
+server raises that bound (_grpc_server.py, MAX_PENDING_CALLS).
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ from typing import Any
 import grpc
 from grpc._cython import cygrpc  # channelz, as the grpcio-channelz servicer reads it
 
-from interactions_server import handlers
+from interactions_server.rpc import _handlers as handlers
 
 OVERLOADED = "the server is serving its maximum of concurrent calls; retry later"
 SAMPLE_SECONDS = 0.01  # a channelz read costs 60-100 µs: at most 1% of the loop
 BACKLOG_GAP_SECONDS = 0.005  # calls taken from a backlog come one per loop iteration, even on a slow machine
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("interactions_server.concurrency")
 
 
 class CoreCalls:

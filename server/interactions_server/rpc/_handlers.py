@@ -16,8 +16,7 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
-
-from interactions_server.errors import lenient_parser
+from google.protobuf.message import DecodeError, Message
 
 Shape = tuple[bool, bool]  # (request streaming, response streaming)
 # What an interceptor's intercept_service is given to find the next handler.
@@ -35,6 +34,27 @@ _ATTRIBUTES: dict[Shape, str] = {
     (True, False): "stream_unary",
     (True, True): "stream_stream",
 }
+
+
+class MalformedRequest:
+    """Stands in for a request message whose bytes did not parse (bad UTF-8 in
+    a string field, a truncated message): the StatusInterceptor turns it
+    into INVALID_ARGUMENT."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def lenient_parser(message_class: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
+    """A request deserializer that never raises (gRPC would answer UNKNOWN)."""
+
+    def parse(data: bytes) -> Message | MalformedRequest:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return MalformedRequest(str(exc))
+
+    return parse
 
 
 def shape(handler: grpc.RpcMethodHandler) -> Shape:
@@ -79,7 +99,7 @@ def refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str)
 def register(server: grpc.aio.Server, service: ServiceDescriptor, behaviors: Mapping[str, Callable[..., Any]]) -> None:
     """Registers the behaviors of `service`'s methods by name, like the
     generated add_*_to_server, except that a request that does not parse
-    reaches its behavior as errors.MalformedRequest (and so INVALID_ARGUMENT)
+    reaches its behavior as a MalformedRequest (and so INVALID_ARGUMENT)
     instead of failing inside gRPC as UNKNOWN. A method left out of
     `behaviors` is UNIMPLEMENTED."""
     handlers = {

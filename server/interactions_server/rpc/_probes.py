@@ -4,7 +4,7 @@ gRPC (which logs an ERROR traceback per request and answers UNKNOWN).
 
 grpc's own helpers (add_HealthServicer_to_server, enable_server_reflection)
 register the default deserializers; here the same servicers are registered
-with errors.lenient_parser and a check in front of each method.
+with the lenient parser (_handlers.py) and a check in front of each method.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from interactions_server import handlers
-from interactions_server.errors import MalformedRequest
+from interactions_server.rpc import _handlers as handlers
+from interactions_server.rpc._handlers import MalformedRequest
 
 _MALFORMED = "the request is not a valid message"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("interactions_server.tls")
 
 
 class TlsFilesError(Exception):

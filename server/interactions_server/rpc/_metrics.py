@@ -23,7 +23,8 @@ from typing import Any
 
 import grpc
 
-from interactions_server import handlers, metrics
+from interactions_server import metrics
+from interactions_server.rpc import _handlers as handlers
 
 # Go's codes.Code.String(), the grpc_code values dashboards expect.
 _GO_CODE_NAMES: dict[grpc.StatusCode, str] = {
