@@ -34,7 +34,7 @@ from interactions_client.v1 import interaction_service_pb2 as isv
 from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
 from interactions_client.v1.event_pb2 import EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
-from interactions_server import analytics, auth
+from interactions_server import analytics, auth, rpc
 from interactions_server.ingest import Ingestor
 from interactions_server.server import App, StartupError
 from tests.events import valid_event
@@ -173,7 +173,7 @@ async def test_the_scopes_cover_every_service_the_server_answers(
         s.full_name for s in secured.served_services
     }
     # A method no scope lists needs admin (fail closed), reflection any token.
-    interceptor = auth.TokenAuth(secured.config.auth_tokens)  # type: ignore[arg-type]
+    interceptor = rpc.TokenAuth(secured.config.auth_tokens)  # type: ignore[arg-type]
     assert interceptor.check("/x.Unlisted/Call", bearer("writer")) == (
         grpc.StatusCode.PERMISSION_DENIED,
         "token 'writer' lacks the scope 'admin' for /x.Unlisted/Call",
@@ -423,7 +423,7 @@ def test_the_hash_helper(capsys: pytest.CaptureFixture[str], monkeypatch: pytest
 async def test_the_interceptor_keeps_every_streaming_shape(tokens_file: Path) -> None:
     """Refused before the handler, caller visible inside it, for unary and
     streaming requests and responses alike (grpc #37208: aio unary-stream)."""
-    interceptor = auth.TokenAuth(tokens_file)
+    interceptor = rpc.TokenAuth(tokens_file)
     interceptor.require({f"/t.S/{name}": "state:read" for name in ("UU", "US", "SU", "SS")})
     entered: list[str] = []
 

@@ -35,7 +35,7 @@ from interactions_client.v1 import (
     user_state_service_pb2,
 )
 from interactions_server import admin, analytics, logs, malloc, metrics, rpc, service, storage, user_state
-from interactions_server.auth import TokenAuth, TokensFileError
+from interactions_server.auth import TokensFileError
 from interactions_server.config import ServerConfig, check_port_free
 from interactions_server.errors import StartupError
 from interactions_server.group_commit import GroupCommitter
@@ -117,7 +117,7 @@ class Server:
         self.port = 0
         self._pool: asyncpg.Pool | None = None
         self._analytics_pool: asyncpg.Pool | None = None
-        self._auth: TokenAuth | None = None
+        self._auth: rpc.TokenAuth | None = None
         self._health: rpc.DatabaseHealth | None = None
         self._committer: GroupCommitter | None = None
         self._servicers: list[object] = []
@@ -241,12 +241,12 @@ class Server:
             await asyncio.gather(self._trimmer, return_exceptions=True)
 
 
-def _token_auth(config: ServerConfig) -> TokenAuth | None:
+def _token_auth(config: ServerConfig) -> rpc.TokenAuth | None:
     if config.auth_tokens is None:
         _log.warning("no --auth-tokens: the server is open, any caller may call every RPC")
         return None
     try:
-        auth = TokenAuth(config.auth_tokens)
+        auth = rpc.TokenAuth(config.auth_tokens)
     except TokensFileError as exc:
         raise StartupError(str(exc)) from None
     _log.info("bearer tokens required; %d token(s): %s", len(auth.token_names), ", ".join(auth.token_names))

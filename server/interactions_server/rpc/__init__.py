@@ -2,8 +2,10 @@
 the grpc.aio server with its options and interceptor chain (`grpc_server`,
 order and reasons in _grpc_server.py), the handler shapes services are
 registered with (`register`), the status mapping, metrics, the concurrency
-limit, the byte budget, the largest message, TLS, health and reflection."""
+limit, the token check (auth's policy, applied), the byte budget, the
+largest message, TLS, health and reflection."""
 
+from interactions_server.rpc._auth import TokenAuth
 from interactions_server.rpc._budget import ByteBudget, footprint
 from interactions_server.rpc._concurrency import ConcurrencyLimit, CoreCalls
 from interactions_server.rpc._grpc_server import KEEPALIVE_OPTIONS, SERVER_OPTIONS, grpc_server, listen
@@ -25,6 +27,7 @@ __all__ = [
     "CoreCalls",
     "DatabaseHealth",
     "MetricsInterceptor",
+    "TokenAuth",
     "add_health_and_reflection",
     "footprint",
     "grpc_server",

@@ -1,0 +1,103 @@
+"""The token check on every call, as a grpc.aio interceptor (the policy itself
+is interactions_server.auth's TokenPolicy)."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from interactions_server.auth import Caller, Refusal, TokenPolicy, is_open, set_caller
+from interactions_server.rpc import _handlers as handlers
+
+
+class TokenAuth(TokenPolicy, grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type hints
+    """TokenPolicy applied to every call: a refused call ends before the
+    servicer runs; an accepted one runs with its caller set."""
+
+    async def intercept_service(
+        self,
+        continuation: handlers.Continuation,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or is_open(method):
+            return handler
+        outcome = self.check(method, handler_call_details.invocation_metadata)
+        revoked = self.revocation_check(method, outcome) if isinstance(outcome, Caller) else _never
+        return _guarded(handler, outcome, revoked)
+
+
+def _never() -> Refusal | None:
+    return None
+
+
+class _Revoked(grpc.aio.AbortError):  # type: ignore[misc]  # grpc has no type hints
+    """Raised into the servicer from its request stream when the caller's token
+    is revoked: an AbortError, so that the status interceptor lets it through
+    (after the servicer answered what it had already accepted), and _guarded
+    ends the call with the refusal."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal[1])
+        self.refusal = refusal
+
+
+def _guarded(
+    handler: grpc.RpcMethodHandler, outcome: Caller | Refusal, revoked: Callable[[], Refusal | None]
+) -> grpc.RpcMethodHandler:
+    """`handler` behind the auth outcome, as a handler of the same streaming
+    shape: a refused call ends before the servicer runs (for a client stream,
+    before any request is read); an accepted one runs with its Caller set.
+    A token revoked (or a scope taken away) by a reload also ends the calls
+    it has open: a request stream before its next message reaches the
+    servicer, a response stream before its next response."""
+    behavior = handlers.behavior(handler)
+
+    async def admit(context: grpc.aio.ServicerContext) -> None:
+        if not isinstance(outcome, Caller):
+            await context.abort(*outcome)  # raises
+        else:
+            set_caller(outcome)
+
+    async def rechecked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            if (refusal := revoked()) is not None:
+                raise _Revoked(refusal)
+            yield request
+
+    def requests_of(request: Any) -> Any:
+        return rechecked(request) if handler.request_streaming else request
+
+    async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await admit(context)
+        try:
+            return await behavior(requests_of(request), context)
+        except _Revoked as exc:
+            await context.abort(*exc.refusal)
+
+    async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await admit(context)
+        responses = behavior(requests_of(request), context)
+        try:
+            if inspect.isawaitable(responses):  # a handler that writes with context.write()
+                await responses
+                return
+            # aclosing: a cancelled call closes the handler's generator now (its
+            # cleanup, e.g. an export's cursor, runs before the call ends).
+            async with contextlib.aclosing(responses) as closing:
+                async for response in closing:
+                    # A request stream is checked per request: its answers to
+                    # requests already accepted still go out.
+                    if not handler.request_streaming and (refusal := revoked()) is not None:
+                        await context.abort(*refusal)
+                    yield response
+        except _Revoked as exc:
+            await context.abort(*exc.refusal)
+
+    return handlers.rewrapped(handler, stream_response if handler.response_streaming else unary_response)
