@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from interactions_client.v1.event_pb2 import Event
-from interactions_server.event_json import attributes_json, details_json
+from interactions_server.ingest import attributes_json, details_json
 
 TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=20)
 

@@ -38,8 +38,7 @@ from interactions_server import admin, analytics, logs, malloc, metrics, rpc, se
 from interactions_server.auth import TokensFileError
 from interactions_server.config import ServerConfig, check_port_free
 from interactions_server.errors import StartupError
-from interactions_server.group_commit import GroupCommitter
-from interactions_server.ingest import Ingestor
+from interactions_server.ingest import GroupCommitter, Ingestor
 
 __all__ = ["SERVICES", "SERVICE_NAMES", "App", "Server", "ServerConfig", "StartupError"]
 

@@ -18,8 +18,7 @@ from interactions_server import metrics
 from interactions_server.auth import allowed_event_types, event_type_violation
 from interactions_server.config import DEFAULT_BATCHES_IN_FLIGHT, DEFAULT_MAX_INFLIGHT_BYTES
 from interactions_server.errors import AlreadyExists, InvalidArgument, Unavailable
-from interactions_server.group_commit import GroupCommitter
-from interactions_server.ingest import CONFLICT_DESCRIPTION, BatchResult, Ingestor, Rejection
+from interactions_server.ingest import CONFLICT_DESCRIPTION, BatchResult, GroupCommitter, Ingestor, Rejection
 from interactions_server.rpc import ByteBudget, footprint
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["InteractionService"].full_name

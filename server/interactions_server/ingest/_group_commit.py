@@ -27,7 +27,7 @@ from typing import NamedTuple
 from interactions_client.limits import MAX_BATCH_EVENTS
 from interactions_client.v1.event_pb2 import Event, FieldViolation
 from interactions_server import metrics
-from interactions_server.ingest import Ingestor
+from interactions_server.ingest._ingestor import Ingestor
 
 
 @dataclass(frozen=True, slots=True)

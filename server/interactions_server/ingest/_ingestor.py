@@ -25,8 +25,8 @@ from interactions_client.validation import validate
 from interactions_server import metrics, storage
 from interactions_server.auth import event_type_violation
 from interactions_server.errors import DeadlineExceeded
-from interactions_server.event_json import attributes_json, details_json
-from interactions_server.sync import SyncEvent, SyncHandler, build_registry, sync_new
+from interactions_server.ingest._event_json import attributes_json, details_json
+from interactions_server.ingest._sync import SyncEvent, SyncHandler, build_registry, sync_new
 
 CONFLICT_DESCRIPTION = "already used for a different event"
 # A cancelled statement this close to the deadline was cancelled by it
