@@ -12,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from interactions_client.v1 import analytics_service_pb2 as pb
 from interactions_client.v1 import analytics_service_pb2_grpc
-from interactions_server import analytics_tokens as tokens
+from interactions_server.services import _analytics_tokens as tokens
 from tests.support import field_violations
 
 Stub = analytics_service_pb2_grpc.AnalyticsServiceStub

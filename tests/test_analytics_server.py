@@ -28,7 +28,7 @@ from interactions_client.rules import RULES, STANDARD, stored_name
 from interactions_client.v1 import analytics_service_pb2 as pb
 from interactions_client.v1 import analytics_service_pb2_grpc, interaction_service_pb2, interaction_service_pb2_grpc
 from interactions_client.v1.event_pb2 import Event, EventType
-from interactions_server import analytics
+from interactions_server.services import analytics
 from interactions_server.storage import _analytics as analytics_storage
 from tests.events import valid_event
 

@@ -34,9 +34,10 @@ from interactions_client.v1 import interaction_service_pb2 as isv
 from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
 from interactions_client.v1.event_pb2 import EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
-from interactions_server import analytics, auth, rpc
+from interactions_server import auth, rpc
 from interactions_server.ingest import Ingestor
 from interactions_server.server import App, StartupError
+from interactions_server.services import analytics
 from tests.events import valid_event
 from tests.support import StartServer, cli, field_violations
 from tests.test_cli import cli as client_cli

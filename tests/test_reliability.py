@@ -20,11 +20,11 @@ from interactions_client.v1 import user_state_service_pb2 as state_pb
 from interactions_client.v1.event_pb2 import Event, EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
 from interactions_client.v1.user_state_service_pb2_grpc import UserStateServiceStub
-from interactions_server import service
 from interactions_server.errors import is_conflict, is_database_unavailable
 from interactions_server.ingest import fingerprint
 from interactions_server.rpc import ByteBudget, ConcurrencyLimit, CoreCalls
 from interactions_server.server import App
+from interactions_server.services import interactions as service
 from interactions_server.storage import _pool as db
 from tests.events import valid_event
 from tests.support import StartServer, events_table_locked, eventually, field_violations, has_blocked_writes

@@ -267,7 +267,7 @@ async def test_analytics_are_blind_to_a_deleted_user(server: App, admin: Interac
 @pytest.mark.parametrize("user_id", ["", "   ", "u" * 129, "a\x00b"])
 @pytest.mark.parametrize("dry_run", [True, False])
 async def test_a_bad_user_id_is_invalid_argument(channel: grpc.aio.Channel, user_id: str, dry_run: bool) -> None:
-    """The same id check as the analytics reads (interactions_server.ids)."""
+    """The same id check as the analytics reads (interactions_server.services._ids)."""
     stub = admin_service_pb2_grpc.AdminServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stub.DeleteUserData(admin_service_pb2.DeleteUserDataRequest(user_id=user_id, dry_run=dry_run))

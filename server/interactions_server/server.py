@@ -34,11 +34,12 @@ from interactions_client.v1 import (
     interaction_service_pb2,
     user_state_service_pb2,
 )
-from interactions_server import admin, analytics, logs, malloc, metrics, rpc, service, storage, user_state
+from interactions_server import logs, malloc, metrics, rpc, storage
 from interactions_server.auth import TokensFileError
 from interactions_server.config import ServerConfig, check_port_free
 from interactions_server.errors import StartupError
 from interactions_server.ingest import GroupCommitter, Ingestor
+from interactions_server.services import AdminService, AnalyticsService, InteractionService, UserStateService
 
 __all__ = ["SERVICES", "SERVICE_NAMES", "App", "Server", "ServerConfig", "StartupError"]
 
@@ -67,7 +68,7 @@ class Service:
 SERVICES: tuple[Service, ...] = (
     Service(
         interaction_service_pb2.DESCRIPTOR.services_by_name["InteractionService"],
-        lambda parts: service.InteractionService(
+        lambda parts: InteractionService(
             parts.ingestor,
             parts.committer,
             batches_in_flight=parts.config.batches_in_flight,
@@ -76,15 +77,15 @@ SERVICES: tuple[Service, ...] = (
     ),
     Service(
         user_state_service_pb2.DESCRIPTOR.services_by_name["UserStateService"],
-        lambda parts: user_state.UserStateService(parts.pool),
+        lambda parts: UserStateService(parts.pool),
     ),
     Service(
         analytics_service_pb2.DESCRIPTOR.services_by_name["AnalyticsService"],
-        lambda parts: analytics.AnalyticsService(parts.pool, parts.analytics_pool),
+        lambda parts: AnalyticsService(parts.pool, parts.analytics_pool),
     ),
     Service(
         admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"],
-        lambda parts: admin.AdminService(parts.pool),
+        lambda parts: AdminService(parts.pool),
     ),
 )
 SERVICE_DESCRIPTORS: tuple[ServiceDescriptor, ...] = tuple(s.descriptor for s in SERVICES)

@@ -12,11 +12,11 @@ from interactions_client.v1 import admin_service_pb2 as pb
 from interactions_client.v1 import admin_service_pb2_grpc
 from interactions_server import storage
 from interactions_server.auth import current_caller
-from interactions_server.ids import check_id
+from interactions_server.services._ids import check_id
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("interactions_server.admin")
 
 
 class AdminService(admin_service_pb2_grpc.AdminServiceServicer):

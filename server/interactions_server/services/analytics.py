@@ -27,12 +27,12 @@ from interactions_client.rules import CUSTOM, RULES, STANDARD
 from interactions_client.v1 import analytics_service_pb2 as pb
 from interactions_client.v1 import analytics_service_pb2_grpc
 from interactions_client.v1.event_pb2 import FieldViolation
-from interactions_server import analytics_protos as protos
-from interactions_server import analytics_tokens as tokens
 from interactions_server import storage
 from interactions_server.errors import InvalidArgument, NotFound
-from interactions_server.ids import check_id
-from interactions_server.user_state import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from interactions_server.services import _analytics_protos as protos
+from interactions_server.services import _analytics_tokens as tokens
+from interactions_server.services._ids import check_id
+from interactions_server.services.user_state import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["AnalyticsService"].full_name
 

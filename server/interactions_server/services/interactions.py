@@ -42,7 +42,7 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
     """Validation and writing are the Ingestor's; this class maps requests to
     batches, batches to responses, and bounds the work of each stream.
     Methods raise (InvalidArgument, Unavailable, database errors); the
-    server's StatusInterceptor turns that into the status (errors.py)."""
+    server's StatusInterceptor turns that into the status (rpc/_status.py)."""
 
     def __init__(
         self,

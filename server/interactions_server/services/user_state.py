@@ -17,7 +17,7 @@ from interactions_client.v1 import user_state_service_pb2_grpc
 from interactions_client.v1.event_pb2 import FieldViolation
 from interactions_server import storage
 from interactions_server.errors import InvalidArgument
-from interactions_server.ids import check_id
+from interactions_server.services._ids import check_id
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["UserStateService"].full_name
 DEFAULT_PAGE_SIZE = 100

@@ -1,0 +1,11 @@
+"""One module per gRPC service of the schema, each a servicer that maps
+requests to the write path (ingest), the statements (storage) and back to
+responses; their private helpers beside them. Servicers raise the exceptions
+of interactions_server.errors, never set a status themselves, and hold no SQL."""
+
+from interactions_server.services.admin import AdminService
+from interactions_server.services.analytics import AnalyticsService
+from interactions_server.services.interactions import InteractionService
+from interactions_server.services.user_state import UserStateService
+
+__all__ = ["AdminService", "AnalyticsService", "InteractionService", "UserStateService"]
