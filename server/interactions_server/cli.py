@@ -5,7 +5,7 @@
 
 Every flag has an environment variable default. Without a database URL an
 embedded PostgreSQL is started with its data in --data-dir. With --workers N
-(N > 1) a supervisor process runs N serving processes (supervisor.py).
+(N > 1) a supervisor process runs N serving processes (interactions_server.process).
 
 Exit status: 0 after a clean stop (SIGTERM / SIGINT); 2 for a usage or
 operator error (one line on stderr saying what to fix, no traceback); 3 when
@@ -31,18 +31,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from interactions_client.cli_args import count
-from interactions_server import logs, metrics, supervisor
+from interactions_server import logs, metrics, process
 from interactions_server.config import DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_MAX_INFLIGHT_BYTES
 from interactions_server.errors import EXIT_DATABASE_DIED, EXIT_OPERATOR_ERROR, is_database_unavailable
-from interactions_server.server import App, ServerConfig, StartupError
-from interactions_server.storage import EmbeddedPostgres, MigrationError, migrate_when_reachable
+from interactions_server.server import App, Server, ServerConfig, StartupError
+from interactions_server.storage import Database, EmbeddedPostgres, MigrationError, migrate_when_reachable
 
 _log = logging.getLogger("interactions_server")
-
-
-def configure_logging(level: str, fmt: str | None = None, worker: int | None = None) -> None:
-    """Logging of every process (the supervisor's and each worker's) to stderr."""
-    logs.configure(fmt, level, worker)
 
 
 _at_least_one = count(1)
@@ -214,7 +209,7 @@ def _add_security_options(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log_format = args.log_format or logs.default_format()
-    configure_logging(args.log_level, log_format)
+    logs.configure(log_format, args.log_level)
     config = ServerConfig(
         listen=args.listen,
         database_url=args.database_url,
@@ -237,7 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             return asyncio.run(_migrate(config))
         if config.workers > 1:
-            return supervisor.run(config, log_level=args.log_level, log_format=log_format)
+            return process.supervise(
+                config, target=Server, database=Database(config), log_level=args.log_level, log_format=log_format
+            )
         with contextlib.closing(metrics.serve_metrics(config.metrics_listen)):
             return asyncio.run(_serve(config))
     except (StartupError, MigrationError) as exc:
@@ -252,7 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(config: ServerConfig) -> int:
-    app = App(config)
+    async with process.memory_returned():
+        return await _serve_app(App(config))
+
+
+async def _serve_app(app: App) -> int:
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -17,7 +17,6 @@ Adding a service touches one place: SERVICES. Cross-cutting concerns are
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from interactions_client.v1 import (
     interaction_service_pb2,
     user_state_service_pb2,
 )
-from interactions_server import logs, malloc, metrics, rpc, storage
+from interactions_server import logs, metrics, rpc, storage
 from interactions_server.auth import TokensFileError
 from interactions_server.config import ServerConfig, check_port_free
 from interactions_server.errors import StartupError
@@ -123,7 +122,6 @@ class Server:
         self._servicers: list[object] = []
         self._server: grpc.aio.Server | None = None
         self._summary = logs.SummaryTask(config.log_summary_interval)
-        self._trimmer: asyncio.Task[None] | None = None  # hands memory freed after a burst back
         self._stopped = False
 
     @property
@@ -165,7 +163,6 @@ class Server:
         if self._auth is not None:
             self._auth.require(scopes)
         storage.quiet_pool_logs()
-        malloc.tune()
         self._pool = await storage.open_pool(
             self.dsn,
             min_size=config.pool_min_size,
@@ -211,7 +208,6 @@ class Server:
         await self._health.start()
         await server.start()
         self._summary.start()
-        self._trimmer = asyncio.create_task(malloc.trim_after_bursts(), name="malloc-trim")
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: health goes NOT_SERVING (open Watches end), no
@@ -236,9 +232,6 @@ class Server:
             if pool is not None:
                 await storage.close_pool(pool)
         await self._summary.stop()
-        if self._trimmer is not None:
-            self._trimmer.cancel()
-            await asyncio.gather(self._trimmer, return_exceptions=True)
 
 
 def _token_auth(config: ServerConfig) -> rpc.TokenAuth | None:

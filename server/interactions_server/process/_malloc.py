@@ -16,9 +16,11 @@ two gained only 1 MiB more.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+from collections.abc import AsyncIterator
 
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
@@ -64,3 +66,18 @@ async def trim_after_bursts(interval: float = TRIM_INTERVAL_SECONDS) -> None:
     while True:
         await asyncio.sleep(interval)
         trim()
+
+
+@contextlib.asynccontextmanager
+async def memory_returned() -> AsyncIterator[None]:
+    """The settings for this process, and a trim every TRIM_INTERVAL_SECONDS
+    while the block runs: around the serving of a process (a worker, or the
+    single process of --workers 1), never inside a Server, which may share
+    its process with others (tests)."""
+    tune()
+    trimmer = asyncio.create_task(trim_after_bursts(), name="malloc-trim")
+    try:
+        yield
+    finally:
+        trimmer.cancel()
+        await asyncio.gather(trimmer, return_exceptions=True)

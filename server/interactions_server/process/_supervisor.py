@@ -7,7 +7,7 @@ is how grpc's examples/python/multiprocessing scales. The supervisor:
 1. checks the port is free (before anything slow starts), and fixes port 0
    to a concrete port, as every worker must bind the same one;
 2. owns the database side (embedded PostgreSQL, migrations, partition upkeep:
-   once per host, see interactions_server.database);
+   once per host, see interactions_server.storage's Database);
 3. spawns N workers (fresh interpreters: no gRPC object exists in the
    supervisor, see grpc's doc/fork_support.md) and replaces a worker that
    dies, with a back-off when one keeps dying at start;
@@ -18,6 +18,10 @@ is how grpc's examples/python/multiprocessing scales. The supervisor:
 
 The kernel balances per connection: one long-lived channel stays on one
 worker, so a client that wants every worker opens several channels.
+
+The supervisor is handed what to run, like uvicorn's supervisors: the
+database side (`database`) and the workers' `target` (see _worker.py). It
+imports neither gRPC nor the server, so it holds no gRPC state by design.
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from typing import Protocol
 
-from interactions_server import metrics, worker
+from interactions_server import metrics
 from interactions_server.config import ServerConfig, check_port_free, reserve_port
 from interactions_server.errors import EXIT_DATABASE_DIED, StartupError
-from interactions_server.storage import Database
+from interactions_server.process import _worker
 
 _log = logging.getLogger("interactions_server.supervisor")
 
@@ -44,6 +49,21 @@ POLL_INTERVAL = 0.2  # seconds between checks of the workers
 HEALTHY_AFTER = 10.0  # a worker that ran this long restarts at once; sooner, with a back-off
 MAX_BACKOFF = 30.0
 STOP_MARGIN = 15.0  # seconds beyond the grace before a worker that does not stop is killed
+
+
+class DatabaseSide(Protocol):
+    """The database side of a host (interactions_server.storage.Database)."""
+
+    @property
+    def embedded_pid(self) -> int | None: ...
+
+    async def start(self) -> str:
+        """Ready on return; the URL the workers connect to."""
+        ...
+
+    async def wait_died(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -61,8 +81,18 @@ class _Slot:
 
 
 class Supervisor:
-    def __init__(self, config: ServerConfig, *, log_level: str, log_format: str) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        target: _worker.ServerFactory,
+        database: DatabaseSide,
+        log_level: str,
+        log_format: str,
+    ) -> None:
         self.config = config
+        self._target = target
+        self._database = database
         self._log_level = log_level
         self._log_format = log_format
         self._context = multiprocessing.get_context("spawn")
@@ -80,7 +110,7 @@ class Supervisor:
         listen = reserve_port(self.config.listen)
         _log.info("starting with %d workers", self.config.workers)
         exporter = metrics.serve_metrics(self.config.metrics_listen, workers=True)  # before any worker
-        database = Database(self.config)
+        database = self._database
         try:
             starting = asyncio.create_task(database.start())
             stopping = asyncio.create_task(self._stop.wait())
@@ -100,7 +130,7 @@ class Supervisor:
             exporter.close()
             _log.info("stopped")
 
-    async def _supervise(self, database: Database, listen: str) -> int:
+    async def _supervise(self, database: DatabaseSide, listen: str) -> int:
         for slot in self._slots:
             self._start(slot)
         await self._wait_ready()
@@ -134,8 +164,8 @@ class Supervisor:
         assert self._worker_config is not None
         receive, send = self._context.Pipe(duplex=False)
         process = self._context.Process(
-            target=worker.run,
-            args=(self._worker_config, slot.index, send, self._log_level, self._log_format),
+            target=_worker.run,
+            args=(self._target, self._worker_config, slot.index, send, self._log_level, self._log_format),
             name=f"interactions-worker-{slot.index}",
         )
         process.start()
@@ -223,5 +253,9 @@ class Supervisor:
             self._forget(slot)
 
 
-def run(config: ServerConfig, *, log_level: str, log_format: str) -> int:
-    return asyncio.run(Supervisor(config, log_level=log_level, log_format=log_format).run())
+def supervise(
+    config: ServerConfig, *, target: _worker.ServerFactory, database: DatabaseSide, log_level: str, log_format: str
+) -> int:
+    """Runs the supervisor until SIGTERM / SIGINT; returns the exit status."""
+    supervisor = Supervisor(config, target=target, database=database, log_level=log_level, log_format=log_format)
+    return asyncio.run(supervisor.run())
