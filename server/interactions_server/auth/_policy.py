@@ -13,8 +13,7 @@ import hmac
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-
-import grpc
+from typing import NamedTuple
 
 from interactions_client.access import ADMIN, ANY_TOKEN
 from interactions_server.auth._caller import Caller
@@ -30,7 +29,14 @@ OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
 # (a service registered without its scopes: a bug) needs `admin`: fail closed.
 ANY_TOKEN_SERVICES = frozenset({"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
 
-Refusal = tuple[grpc.StatusCode, str]
+UNAUTHENTICATED, PERMISSION_DENIED = "UNAUTHENTICATED", "PERMISSION_DENIED"  # names of gRPC status codes
+
+
+class Refusal(NamedTuple):
+    """Why a call is refused: `code` names its gRPC status (rpc's TokenAuth ends the call with it)."""
+
+    code: str  # UNAUTHENTICATED: no valid token; PERMISSION_DENIED: a token without the scope
+    message: str
 
 
 class TokenPolicy:
@@ -80,20 +86,20 @@ class TokenPolicy:
                 found = token
         return found
 
-    def check(self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> Caller | Refusal:
+    def authorize(self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> Caller | Refusal:
         """The caller of `method`, or why the call is refused."""
         token = self.authenticate(metadata)
         if token is None:
-            return grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token (authorization: Bearer <token>)"
+            return Refusal(UNAUTHENTICATED, "missing or unknown bearer token (authorization: Bearer <token>)")
         scope = self._required.get(method)
         if scope is None:
             scope = _unlisted_scope(method)
         if not token.holds(scope):
             _log.info("refused %s to token %s: needs scope %s", method, token.name, scope)
-            return grpc.StatusCode.PERMISSION_DENIED, f"token {token.name!r} lacks the scope {scope!r} for {method}"
+            return Refusal(PERMISSION_DENIED, f"token {token.name!r} lacks the scope {scope!r} for {method}")
         return Caller(token.name, token.event_types, token.digest)
 
-    def recheck(self, method: str, caller: Caller) -> Refusal | None:
+    def reauthorize(self, method: str, caller: Caller) -> Refusal | None:
         """Why an accepted call may no longer go on under the current tokens
         (its token removed or its scope taken away by a reload), else None."""
         token = None
@@ -102,11 +108,11 @@ class TokenPolicy:
                 token = candidate
         if token is None:
             _log.info("token %s revoked: ending its open call of %s", caller.name, method)
-            return grpc.StatusCode.UNAUTHENTICATED, "the bearer token was revoked"
+            return Refusal(UNAUTHENTICATED, "the bearer token was revoked")
         scope = self._required.get(method) or _unlisted_scope(method)
         if not token.holds(scope):
             _log.info("token %s lost the scope %s: ending its open call of %s", token.name, scope, method)
-            return grpc.StatusCode.PERMISSION_DENIED, f"token {token.name!r} lacks the scope {scope!r} for {method}"
+            return Refusal(PERMISSION_DENIED, f"token {token.name!r} lacks the scope {scope!r} for {method}")
         return None
 
     def revocation_check(self, method: str, caller: Caller) -> Callable[[], Refusal | None]:
@@ -118,7 +124,7 @@ class TokenPolicy:
             nonlocal seen, refusal
             if refusal is None and seen != self._generation:
                 seen = self._generation
-                refusal = self.recheck(method, caller)
+                refusal = self.reauthorize(method, caller)
             return refusal
 
         return revoked

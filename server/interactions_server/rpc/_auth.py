@@ -1,11 +1,11 @@
-"""The token check on every call, as a grpc.aio interceptor (the policy itself
-is interactions_server.auth's TokenPolicy)."""
+"""The token check on every call, as a grpc.aio interceptor (the policy itself,
+without gRPC, is interactions_server.auth's TokenPolicy)."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -14,10 +14,21 @@ import grpc.aio
 from interactions_server.auth import Caller, Refusal, TokenPolicy, is_open, set_caller
 from interactions_server.rpc import _handlers as handlers
 
+Status = tuple[grpc.StatusCode, str]
+
+
+def _status(refusal: Refusal) -> Status:
+    return grpc.StatusCode[refusal.code], refusal.message
+
 
 class TokenAuth(TokenPolicy, grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type hints
     """TokenPolicy applied to every call: a refused call ends before the
     servicer runs; an accepted one runs with its caller set."""
+
+    def check(self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> Caller | Status:
+        """The caller of `method`, or the status that refuses the call."""
+        outcome = self.authorize(method, metadata)
+        return outcome if isinstance(outcome, Caller) else _status(outcome)
 
     async def intercept_service(
         self,
@@ -44,12 +55,12 @@ class _Revoked(grpc.aio.AbortError):  # type: ignore[misc]  # grpc has no type h
     ends the call with the refusal."""
 
     def __init__(self, refusal: Refusal) -> None:
-        super().__init__(refusal[1])
-        self.refusal = refusal
+        super().__init__(refusal.message)
+        self.status = _status(refusal)
 
 
 def _guarded(
-    handler: grpc.RpcMethodHandler, outcome: Caller | Refusal, revoked: Callable[[], Refusal | None]
+    handler: grpc.RpcMethodHandler, outcome: Caller | Status, revoked: Callable[[], Refusal | None]
 ) -> grpc.RpcMethodHandler:
     """`handler` behind the auth outcome, as a handler of the same streaming
     shape: a refused call ends before the servicer runs (for a client stream,
@@ -79,7 +90,7 @@ def _guarded(
         try:
             return await behavior(requests_of(request), context)
         except _Revoked as exc:
-            await context.abort(*exc.refusal)
+            await context.abort(*exc.status)
 
     async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         await admit(context)
@@ -95,9 +106,9 @@ def _guarded(
                     # A request stream is checked per request: its answers to
                     # requests already accepted still go out.
                     if not handler.request_streaming and (refusal := revoked()) is not None:
-                        await context.abort(*refusal)
+                        await context.abort(*_status(refusal))
                     yield response
         except _Revoked as exc:
-            await context.abort(*exc.refusal)
+            await context.abort(*exc.status)
 
     return handlers.rewrapped(handler, stream_response if handler.response_streaming else unary_response)
