@@ -17,10 +17,11 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from interactions_client import analytics_cli, export_files
 from interactions_client.analytics import ResumePolicy, event_type_number
-from interactions_client.analytics_cli import parse_duration, parse_moment
+from interactions_client.cli import _analytics as analytics_cli
+from interactions_client.cli import _export_files as export_files
 from interactions_client.cli import main
+from interactions_client.cli._analytics import parse_duration, parse_moment
 from interactions_client.events import new_event, timestamp
 from interactions_client.rules import RULES
 from interactions_client.v1.analytics_service_pb2 import ExportedEvent, TrainingRow

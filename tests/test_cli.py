@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from interactions_client.cli import main
-from interactions_client.jsonl_import import IMPORT_NAMESPACE, rejected_path_for
-from interactions_client.progress import Progress
+from interactions_client.cli._jsonl_import import IMPORT_NAMESPACE, rejected_path_for
+from interactions_client.cli._progress import Progress
 from interactions_client.rules import RULES
 from interactions_server.server import App
 

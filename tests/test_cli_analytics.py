@@ -5,6 +5,7 @@ what the server answers (tables and --json, exit statuses)."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 from collections import Counter
@@ -16,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from interactions_client import InteractionsClient
+from interactions_client.cli._export_files import EVENTS, TRAINING
 from interactions_client.events import new_event
-from interactions_client.export_files import EVENTS, TRAINING
 from interactions_client.rules import stored_name
 from interactions_client.v1.event_pb2 import Event
 from interactions_server.server import App
@@ -31,6 +32,19 @@ from tests.test_analytics_client import (
     shop_events,
 )
 from tests.test_cli import cli
+
+# Each command's user (and session) as the documented options, and as the
+# positional arguments the reading commands took before.
+USER_SPELLINGS = [
+    (["cart", "u1"], ["cart", "--user", "u1"]),
+    (["wishlist", "u1"], ["wishlist", "--user", "u1"]),
+    (["purchases", "u1"], ["purchases", "--user", "u1"]),
+    (["session", "u1", "s1"], ["session", "--user", "u1", "--session", "s1"]),
+    (["sessions", "u1"], ["sessions", "--user", "u1"]),
+    (["activity", "u1"], ["activity", "--user", "u1"]),
+    (["events", "u2", "--limit", "2"], ["events", "--limit", "2", "--user", "u2"]),
+    (["delete-user", "u1", "--dry-run"], ["delete-user", "--dry-run", "--user", "u1"]),
+]
 
 
 @pytest.fixture
@@ -194,3 +208,15 @@ async def test_export_resumes_across_a_broken_connection(server: App, tmp_path: 
     assert proxy.cut == 1 and json.loads(run.stdout)["resumes"] >= 1
     ordered = sorted(events, key=lambda e: (e.occurred_at.ToNanoseconds(), e.event_id))
     assert [json.loads(line)["event_id"] for line in out.read_text().splitlines()] == [e.event_id for e in ordered]
+
+
+async def test_every_command_takes_the_user_as_log_does_and_as_before(server: App, shop: list[Event]) -> None:
+    target = ("--target", server.address)
+    runs = await asyncio.gather(*(cli(*argv, "--json", *target) for pair in USER_SPELLINGS for argv in pair))
+    for (before, documented), old, new in zip(USER_SPELLINGS, runs[::2], runs[1::2], strict=True):
+        assert old.status == new.status == 0, (before, old, new)
+        answers = [json.loads(run.stdout) for run in (old, new)]
+        for answer in answers:
+            if isinstance(answer, dict):
+                answer.pop("deleted_through", None)  # a dry run's watermark is "now"
+        assert answers[0] == answers[1], (before, documented)

@@ -38,6 +38,8 @@ USAGE_ERRORS = [
     (["log", "--user", "u1"], "interactions log: error: missing --type"),
     (["log"], "interactions log: error: missing --type and --user"),
     (["cart"], "interactions cart: error: missing USER"),
+    (["cart", "u1", "--user", "u2"], "interactions cart: error: USER given twice (u1 and --user u2)"),
+    (["session", "--user", "u1"], "interactions session: error: missing SESSION (--session SESSION)"),
     (["import"], "interactions import: error: missing FILE"),
     (["cart", "u1", "--bogus"], "interactions: error: unknown option --bogus"),
     (["cart", "u1", "u2"], "interactions: error: unexpected argument u2"),

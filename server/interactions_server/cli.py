@@ -30,7 +30,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from interactions_client.cli_args import count
+from interactions_client.cli.args import count
 from interactions_server import logs, metrics, process
 from interactions_server.config import DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_MAX_INFLIGHT_BYTES
 from interactions_server.errors import EXIT_DATABASE_DIED, EXIT_OPERATOR_ERROR, is_database_unavailable

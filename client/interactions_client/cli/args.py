@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import NoReturn
 
-from interactions_client.cli_errors import UsageError
+from interactions_client.cli._errors import UsageError
 
 # argparse's messages (Python 3.11 to 3.13) -> ours. Anything not matched keeps
 # argparse's text without its "argument X:" prefix.
@@ -116,3 +116,32 @@ def target(text: str) -> str:
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
         raise argparse.ArgumentTypeError(f"{wrong}: write an IPv6 address in brackets, e.g. [::1]:50051")
     return text
+
+
+# The ids a command names (USER, SESSION): documented as options, --user USER
+# and --session SESSION, as `log` takes them; also taken as the positional
+# arguments the reading commands had before (`cart USER`, `session USER
+# SESSION`), in that order, so that scripts written for those keep working.
+_POSITIONAL = "positional_"
+
+
+def add_ids(parser: argparse.ArgumentParser, *names: str) -> None:
+    """--NAME NAME for each of `names`, and the old positional spelling (hidden from --help)."""
+    for name in names:
+        parser.add_argument(f"--{name}", metavar=name.upper(), help=f"the {name} id")
+    for name in names:
+        parser.add_argument(_POSITIONAL + name, nargs="?", metavar=name.upper(), help=argparse.SUPPRESS)
+
+
+def resolve_ids(args: argparse.Namespace, command: str) -> None:
+    """Puts each id of add_ids, given either way, in args.NAME; a usage error
+    when one is missing or given twice with different values."""
+    for key in [k for k in vars(args) if k.startswith(_POSITIONAL)]:
+        name, positional = key.removeprefix(_POSITIONAL), getattr(args, key)
+        option, metavar = getattr(args, name), name.upper()
+        delattr(args, key)
+        if option is not None and positional is not None and option != positional:
+            raise UsageError(f"{metavar} given twice ({positional} and --{name} {option})", command=command)
+        if option is None and positional is None:
+            raise UsageError(f"missing {metavar} (--{name} {metavar})", command=command)
+        setattr(args, name, option if option is not None else positional)

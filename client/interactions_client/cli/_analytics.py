@@ -1,4 +1,4 @@
-"""The analytics commands of `interactions` (cli.py adds them): export, searches,
+"""The analytics commands of `interactions` (_main.py adds them): export, searches,
 session, sessions, activity, active-users, events. docs/analytics.md shows them."""
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from typing import Any, TextIO
 
 from google.protobuf.json_format import MessageToDict
 
-from interactions_client import export_files
 from interactions_client.analytics import AsyncExport, event_type_number, to_datetime
 from interactions_client.catalog import format_table
+from interactions_client.cli import _export_files as export_files
+from interactions_client.cli._errors import EXIT_OK
+from interactions_client.cli.args import add_ids
 from interactions_client.client import InteractionsClient
 from interactions_client.rules import stored_name
 from interactions_client.v1.analytics_service_pb2 import SearchQueryStats, Session
 from interactions_client.v1.event_pb2 import Event
-
-EXIT_OK = 0  # cli.EXIT_OK
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -67,7 +67,7 @@ def parse_event_type(text: str) -> str:
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
-    """Adds the analytics commands to cli.py's subparsers."""
+    """Adds the analytics commands to _main.py's subparsers."""
 
     def window(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--since", type=parse_moment, help="from this time on (2026-10-01 or ISO 8601, UTC)")
@@ -98,24 +98,23 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     searches.add_argument("--limit", type=int, default=20, help="at most this many queries (default 20)")
 
     session = commands.add_parser("session", parents=[common], help="one session of a user, with its timeline")
-    session.add_argument("user")
-    session.add_argument("session")
+    add_ids(session, "user", "session")
     sessions = commands.add_parser("sessions", parents=[common], help="a user's sessions, newest first")
-    sessions.add_argument("user")
+    add_ids(sessions, "user")
     sessions.add_argument("--limit", type=parse_limit, default=100, help="at most this many (default 100; 0: all)")
     activity = commands.add_parser("activity", parents=[common], help="a user's activity and event counts")
-    activity.add_argument("user")
+    add_ids(activity, "user")
     active = commands.add_parser("active-users", parents=[common], help="distinct active and logged-in users")
     window(active)
     user_events = commands.add_parser("events", parents=[common], help="a user's events, newest first")
-    user_events.add_argument("user")
+    add_ids(user_events, "user")
     window(user_events)
     types(user_events)
     user_events.add_argument("--limit", type=parse_limit, default=100, help="at most this many (default 100; 0: all)")
 
 
 def check_usage(args: argparse.Namespace) -> None:
-    """Usage errors found before connecting (cli_errors.UsageError)."""
+    """Usage errors found before connecting (_errors.UsageError)."""
     if args.command == "export":
         export_files.check_format(args.out)
 

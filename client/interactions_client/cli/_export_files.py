@@ -31,7 +31,7 @@ from typing import Any, TextIO
 from google.protobuf.json_format import MessageToDict
 
 from interactions_client.analytics import to_datetime
-from interactions_client.cli_errors import UsageError
+from interactions_client.cli._errors import UsageError
 from interactions_client.rules import stored_name
 from interactions_client.v1.analytics_service_pb2 import ExportedEvent, TrainingRow
 

@@ -25,9 +25,9 @@ from typing import BinaryIO, TextIO, cast
 
 from google.protobuf import json_format
 
+from interactions_client.cli._progress import Progress
 from interactions_client.client import InteractionsClient
 from interactions_client.errors import DeliveryFailedError
-from interactions_client.progress import Progress
 from interactions_client.results import Rejection
 from interactions_client.v1.event_pb2 import Event
 

@@ -4,7 +4,7 @@ Exit status: 0 success; 1 failure (unreachable, refused, events not
 confirmed, not serving); 2 usage error; 3 an import finished but some lines
 were rejected or malformed (see FILE.rejected.jsonl). With --json a failure
 is also an object on stdout: {"error": {"code", "message", "violations"}}
-(cli_errors.py).
+(_errors.py).
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ from typing import Any, BinaryIO
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from interactions_client import analytics_cli
 from interactions_client.catalog import HEADER, PRODUCT_LABELS, SYNC_LABELS, VALUE_LABELS, catalog_row, format_table
 from interactions_client.channel import DEFAULT_DEADLINE, TlsConfig, default_target
-from interactions_client.cli_args import CliParser, count, moment, seconds, target, whole_number
-from interactions_client.cli_errors import EXIT_FAILED, EXIT_OK, EXIT_REJECTED_LINES, EXIT_USAGE, UsageError, report
+from interactions_client.cli import _analytics as analytics_cli
+from interactions_client.cli._errors import EXIT_FAILED, EXIT_OK, EXIT_REJECTED_LINES, EXIT_USAGE, UsageError, report
+from interactions_client.cli._jsonl_import import RejectedLines, import_jsonl, rejected_path_for
+from interactions_client.cli._progress import Progress
+from interactions_client.cli.args import CliParser, add_ids, count, moment, resolve_ids, seconds, target, whole_number
 from interactions_client.client import InteractionsClient
 from interactions_client.errors import InteractionsError
 from interactions_client.events import new_event
-from interactions_client.jsonl_import import RejectedLines, import_jsonl, rejected_path_for
 from interactions_client.limits import MAX_BATCH_EVENTS
-from interactions_client.progress import Progress
 from interactions_client.rules import CUSTOM, RULES, STANDARD
 from interactions_client.v1.event_pb2 import Event
 
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     log = commands.add_parser("log", parents=[common], help="log one event")
     log.add_argument("--type", required=True, dest="event_type", help="a type of the catalog (see `types`)")
     log.add_argument("--custom", action="store_true", help="log --type as a custom type (outside the catalog)")
-    log.add_argument("--user", required=True)
+    log.add_argument("--user", required=True, metavar="USER", help="the user id")
     log.add_argument("--product")
     log.add_argument("--value", type=whole_number, help="event_value (default: the type's default)")
     log.add_argument("--session")
@@ -114,12 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, what in (("cart", "the user's cart"), ("wishlist", "the user's wishlist"), ("purchases", "purchases")):
         reader = commands.add_parser(name, parents=[common], help=f"print {what}")
-        reader.add_argument("user", metavar="USER")
+        add_ids(reader, "user")
 
     delete = commands.add_parser(
         "delete-user", parents=[common], help="delete everything stored about a user (needs the admin scope)"
     )
-    delete.add_argument("user")
+    add_ids(delete, "user")
     delete.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
 
     commands.add_parser("types", parents=[common], help="print the event type catalog")
@@ -362,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "types":  # the catalog compiled into this client; no server needed
             return _types(args)
+        resolve_ids(args, f"interactions {args.command}")
         analytics_cli.check_usage(args)
         with contextlib.ExitStack() as files:
             if args.command == "import":
@@ -374,7 +375,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
