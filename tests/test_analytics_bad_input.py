@@ -12,6 +12,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from interactions_client.v1 import analytics_service_pb2 as pb
 from interactions_client.v1 import analytics_service_pb2_grpc
+from interactions_server import storage
+from interactions_server.server import App
 from interactions_server.services import _analytics_tokens as tokens
 from tests.support import field_violations
 
@@ -20,11 +22,15 @@ LATE, EARLY = Timestamp(seconds=1_800_000_000), Timestamp(seconds=1_700_000_000)
 BAD_TOKENS = [
     "not a token",
     "bm90IGpzb24",  # base64 of "not json"
-    tokens.encode("someone else's", 1, "x"),
-    tokens.encode(tokens.EVENTS, -5, "00000000-0000-0000-0000-000000000000"),
-    tokens.encode(tokens.EVENTS, 5, "not-a-uuid"),
-    tokens.encode(tokens.TRAINING, True, "u", "p"),
-    "x" * 3_000,
+    "WyJldmVudHMiLDUsIjAwMDAwMDAwLTAwMDAtMDAwMC0wMDAwLTAwMDAwMDAwMDAwMCJd",  # an unsealed token of the old format
+    "x" * 5_000,
+]
+# Sealed by the server's own keys, but not what any RPC issues: (kind, parts).
+BAD_SEALED: list[tuple[str, tuple[Any, ...]]] = [
+    ("someone else's", (1, "x")),
+    (tokens.EVENTS, (-5, "00000000-0000-0000-0000-000000000000")),
+    (tokens.EVENTS, (5, "not-a-uuid")),
+    (tokens.TRAINING, (True, "u", "p")),
 ]
 BAD_IDS = ["", "   ", "u" * 129, "a\x00b"]
 WINDOWED: list[tuple[str, type]] = [
@@ -65,8 +71,21 @@ async def test_bad_windows(stub: Stub, method: str, cls: type) -> None:
     assert "end_time" in await rejected(stub, method, with_user(cls, end_time=Timestamp(seconds=10**12)))
 
 
+async def sealed(server: App, kind: str, *parts: Any) -> str:
+    return (await storage.load_keyring(server.pool)).seal(kind, *parts)
+
+
 @pytest.mark.parametrize("token", BAD_TOKENS)
 async def test_bad_tokens(stub: Stub, token: str) -> None:
+    await check_bad_token(stub, token)
+
+
+@pytest.mark.parametrize(("kind", "parts"), BAD_SEALED)
+async def test_bad_sealed_tokens(server: App, stub: Stub, kind: str, parts: tuple[Any, ...]) -> None:
+    await check_bad_token(stub, await sealed(server, kind, *parts))
+
+
+async def check_bad_token(stub: Stub, token: str) -> None:
     assert "resume_token" in await rejected(
         stub, "ExportTrainingData", pb.ExportTrainingDataRequest(resume_token=token)
     )
@@ -77,8 +96,8 @@ async def test_bad_tokens(stub: Stub, token: str) -> None:
     )
 
 
-async def test_a_token_of_another_rpc_is_refused(stub: Stub) -> None:
-    user_events_token = tokens.encode(tokens.USER_EVENTS, 5, "00000000-0000-0000-0000-000000000000")
+async def test_a_token_of_another_rpc_is_refused(server: App, stub: Stub) -> None:
+    user_events_token = await sealed(server, tokens.USER_EVENTS, 5, "00000000-0000-0000-0000-000000000000")
     assert "resume_token" in await rejected(
         stub, "ExportEvents", pb.ExportEventsRequest(resume_token=user_events_token)
     )

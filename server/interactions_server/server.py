@@ -38,6 +38,7 @@ from interactions_server.auth import TokensFileError
 from interactions_server.config import ServerConfig, check_port_free
 from interactions_server.errors import StartupError
 from interactions_server.ingest import GroupCommitter, Ingestor
+from interactions_server.keyring import Keyring
 from interactions_server.services import AdminService, AnalyticsService, InteractionService, UserStateService
 
 __all__ = ["SERVICES", "SERVICE_NAMES", "App", "Server", "ServerConfig", "StartupError"]
@@ -55,6 +56,7 @@ class Parts:
     ingestor: Ingestor
     committer: GroupCommitter
     budget: rpc.ByteBudget  # request bytes held by all calls at once
+    keyring: Keyring  # seals the tokens handed to callers; hashes the ids of the audit log
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,15 +78,15 @@ SERVICES: tuple[Service, ...] = (
     ),
     Service(
         user_state_service_pb2.DESCRIPTOR.services_by_name["UserStateService"],
-        lambda parts: UserStateService(parts.pool),
+        lambda parts: UserStateService(parts.pool, parts.keyring),
     ),
     Service(
         analytics_service_pb2.DESCRIPTOR.services_by_name["AnalyticsService"],
-        lambda parts: AnalyticsService(parts.pool, parts.analytics_pool),
+        lambda parts: AnalyticsService(parts.pool, parts.analytics_pool, parts.keyring),
     ),
     Service(
         admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"],
-        lambda parts: AdminService(parts.pool),
+        lambda parts: AdminService(parts.pool, parts.keyring),
     ),
 )
 SERVICE_DESCRIPTORS: tuple[ServiceDescriptor, ...] = tuple(s.descriptor for s in SERVICES)
@@ -193,6 +195,7 @@ class Server:
             ingestor,
             self._committer,
             rpc.ByteBudget(config.max_inflight_bytes),
+            await storage.load_keyring(self._pool),
         )
 
         server = rpc.grpc_server(config, self._auth)

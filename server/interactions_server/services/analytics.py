@@ -29,6 +29,7 @@ from interactions_client.v1 import analytics_service_pb2_grpc
 from interactions_client.v1.event_pb2 import FieldViolation
 from interactions_server import storage
 from interactions_server.errors import InvalidArgument, NotFound
+from interactions_server.keyring import Keyring
 from interactions_server.services import _analytics_protos as protos
 from interactions_server.services import _analytics_tokens as tokens
 from interactions_server.services._ids import check_id
@@ -50,9 +51,10 @@ _DAY_US = 86_400_000_000
 
 
 class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, analytics_pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, analytics_pool: asyncpg.Pool, keyring: Keyring) -> None:
         self._pool = pool  # per-user index lookups
         self._analytics_pool = analytics_pool  # exports and window aggregates
+        self._keyring = keyring  # seals and opens the resume and page tokens
 
     # --- exports -------------------------------------------------------------
 
@@ -63,7 +65,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         half_life = _half_life(request.half_life) if request.HasField("half_life") else None
         after: tuple[str, str] | None = None
         if request.resume_token:
-            as_of_us, after = tokens.decode_training(request.resume_token)
+            as_of_us, after = tokens.decode_training(self._keyring, request.resume_token)
         else:
             as_of_us = window.end_us if window.end_us is not None else int(time.time() * 1_000_000)
         if window.end_us is None:
@@ -84,7 +86,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             async for chunk in chunks:
                 last = chunk[-1]
                 response = pb.ExportTrainingDataResponse(
-                    resume_token=tokens.encode(tokens.TRAINING, as_of_us, last.user_id, last.product_id)
+                    resume_token=self._keyring.seal(tokens.TRAINING, as_of_us, last.user_id, last.product_id)
                 )
                 protos.add_training_rows(response.rows, chunk)
                 if first:
@@ -93,7 +95,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
                 yield response
         if first:  # nothing (more) to export: the caller still learns as_of
             yield pb.ExportTrainingDataResponse(
-                as_of=as_of, resume_token=tokens.encode(tokens.TRAINING, as_of_us, *(after or (None, None)))
+                as_of=as_of, resume_token=self._keyring.seal(tokens.TRAINING, as_of_us, *(after or (None, None)))
             )
 
     async def ExportEvents(
@@ -102,7 +104,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         window = _window(request)
         types = _type_filter(request.event_types)
         after = (
-            tokens.decode_position(request.resume_token, "resume_token", tokens.EVENTS)
+            tokens.decode_position(self._keyring, request.resume_token, "resume_token", tokens.EVENTS)
             if request.resume_token
             else None
         )
@@ -116,7 +118,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
                     response = pb.ExportEventsResponse()
                     start = protos.add_exported_events(response.events, chunk, start, BYTES_PER_RESPONSE)
                     last = storage.EventRow(*chunk[start - 1])
-                    response.resume_token = tokens.encode(tokens.EVENTS, last.occurred_us, last.event_id)
+                    response.resume_token = self._keyring.seal(tokens.EVENTS, last.occurred_us, last.event_id)
                     yield response
 
     # --- window aggregates -------------------------------------------------------
@@ -164,7 +166,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
         user_id = check_id(request.user_id, "user_id")
         page_size = _bounded(request.page_size, "page_size", DEFAULT_PAGE_SIZE)
-        before = tokens.decode_sessions(request.page_token) if request.page_token else None
+        before = tokens.decode_sessions(self._keyring, request.page_token) if request.page_token else None
         # One row more than the page tells whether there is a next page.
         async with storage.snapshot(self._pool) as conn:  # a session of the page is still there for its summary
             starts = await storage.sessions_page(conn, user_id, before, page_size + 1)
@@ -174,7 +176,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             )
         response = pb.ListSessionsResponse(sessions=[summaries[s.session_id] for s in page])
         if len(starts) > page_size:
-            response.next_page_token = tokens.encode(tokens.SESSIONS, page[-1].started_us, page[-1].session_id)
+            response.next_page_token = self._keyring.seal(tokens.SESSIONS, page[-1].started_us, page[-1].session_id)
         return response
 
     async def GetUserActivity(self, request: pb.GetUserActivityRequest, context: Any) -> pb.GetUserActivityResponse:
@@ -204,7 +206,9 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         types = _type_filter(request.event_types)
         page_size = _bounded(request.page_size, "page_size", DEFAULT_PAGE_SIZE)
         before = (
-            tokens.decode_position(request.page_token, "page_token", tokens.USER_EVENTS) if request.page_token else None
+            tokens.decode_position(self._keyring, request.page_token, "page_token", tokens.USER_EVENTS)
+            if request.page_token
+            else None
         )
         async with self._pool.acquire() as conn:  # one statement: its own snapshot
             rows = await storage.user_events(conn, user_id, window, types, before, page_size + 1)
@@ -212,7 +216,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         response = pb.ListUserEventsResponse()
         protos.add_events(response.events, page)
         if len(rows) > page_size:
-            response.next_page_token = tokens.encode(tokens.USER_EVENTS, page[-1].occurred_us, page[-1].event_id)
+            response.next_page_token = self._keyring.seal(tokens.USER_EVENTS, page[-1].occurred_us, page[-1].event_id)
         return response
 
 

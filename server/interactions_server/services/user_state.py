@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import re
-import struct
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -17,6 +14,7 @@ from interactions_client.v1 import user_state_service_pb2_grpc
 from interactions_client.v1.event_pb2 import FieldViolation
 from interactions_server import storage
 from interactions_server.errors import InvalidArgument
+from interactions_server.keyring import Keyring, invalid_token
 from interactions_server.services._ids import check_id
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["UserStateService"].full_name
@@ -25,15 +23,15 @@ MAX_PAGE_SIZE = 1_000
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-# A page token is the (purchased_at, event_id) of the last purchase returned:
-# epoch microseconds (signed 64-bit) and the 16 UUID bytes, base64url-encoded.
-_TOKEN = struct.Struct(">q16s")
-_TOKEN_TEXT = re.compile(r"[A-Za-z0-9_-]{32}")  # 24 bytes in unpadded base64url
+# A page token is the (purchased_at, event_id) of the last purchase returned
+# (epoch microseconds, the UUID as text), sealed by the server's Keyring.
+PURCHASES = "purchases"
 
 
 class UserStateService(user_state_service_pb2_grpc.UserStateServiceServicer):
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, keyring: Keyring) -> None:
         self._pool = pool
+        self._keyring = keyring
 
     async def GetCart(self, request: pb.GetCartRequest, context: grpc.aio.ServicerContext) -> pb.GetCartResponse:
         rows = await storage.fetch_cart(self._pool, check_id(request.user_id, "user_id"))
@@ -57,7 +55,7 @@ class UserStateService(user_state_service_pb2_grpc.UserStateServiceServicer):
     ) -> pb.ListPurchasesResponse:
         user_id = check_id(request.user_id, "user_id")
         page_size = _page_size(request.page_size)
-        after = decode_page_token(request.page_token) if request.page_token else None
+        after = decode_page_token(self._keyring, request.page_token) if request.page_token else None
         # One row more than the page tells whether there is a next page.
         rows = await storage.fetch_purchases(self._pool, user_id, page_size + 1, after)
         page = rows[:page_size]
@@ -74,27 +72,24 @@ class UserStateService(user_state_service_pb2_grpc.UserStateServiceServicer):
         )
         if len(rows) > page_size:
             last = page[-1]
-            response.next_page_token = encode_page_token(last.purchased_at, last.event_id)
+            response.next_page_token = encode_page_token(self._keyring, last.purchased_at, last.event_id)
         return response
 
 
-def encode_page_token(purchased_at: datetime, event_id: str) -> str:
-    micros = (purchased_at - _EPOCH) // _MICROSECOND
-    raw = _TOKEN.pack(micros, uuid.UUID(event_id).bytes)
-    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+def encode_page_token(keyring: Keyring, purchased_at: datetime, event_id: str) -> str:
+    return keyring.seal(PURCHASES, (purchased_at - _EPOCH) // _MICROSECOND, event_id)
 
 
-def decode_page_token(token: str) -> tuple[datetime, str]:
+def decode_page_token(keyring: Keyring, token: str) -> tuple[datetime, str]:
     """The (purchased_at, event_id) a page token stands for; InvalidArgument if
     it is not a token this service issued."""
-    if _TOKEN_TEXT.fullmatch(token):
-        micros, event_id = _TOKEN.unpack(base64.urlsafe_b64decode(token))
+    micros, event_id = keyring.open(token, PURCHASES, "page_token", 2)
+    if isinstance(micros, int) and not isinstance(micros, bool) and isinstance(event_id, str):
         try:
-            return _EPOCH + micros * _MICROSECOND, str(uuid.UUID(bytes=event_id))
-        except OverflowError:  # a date no purchase can have
+            return _EPOCH + micros * _MICROSECOND, str(uuid.UUID(event_id))
+        except (OverflowError, ValueError):  # a date no purchase can have, not a UUID
             pass
-    violation = FieldViolation(field="page_token", description="is not a token from a previous response")
-    raise InvalidArgument([violation], "invalid page token")
+    raise invalid_token("page_token")
 
 
 def _page_size(page_size: int) -> int:

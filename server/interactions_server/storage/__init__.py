@@ -7,6 +7,8 @@ upkeep. Nothing here knows of gRPC; callers pass pools and connections in.
 - `_events`: the write path's statements (event log, state tables) and the
   reads of the state (cart, wishlist, purchases);
 - `_analytics`: the AnalyticsService's reads; `_deletion`: DeleteUserData;
+- `_keys`: the server's keys (load_keyring); `_audit`: the audit log
+  (record_audit, in the transaction of what it records; audit_records);
 - `_database`: the database side of a host (embedded PostgreSQL, migrations,
   partitions), and the operator's errors of a database that refuses us;
 - `_migrate`, `_partitions`, `_embedded`: what `_database` runs.
@@ -33,6 +35,14 @@ from interactions_server.storage._analytics import (
     user_activity,
     user_events,
 )
+from interactions_server.storage._audit import (
+    DELETE_USER_DATA,
+    AuditRecord,
+    StoredAuditRecord,
+    actor_of,
+    audit_records,
+    record_audit,
+)
 from interactions_server.storage._database import Database, database_error, migrate_when_reachable
 from interactions_server.storage._deletion import DeletionCounts, count_user_data, delete_user_data
 from interactions_server.storage._embedded import EmbeddedPostgres, start_tuned
@@ -53,11 +63,14 @@ from interactions_server.storage._events import (
     insert_events,
     write_state,
 )
+from interactions_server.storage._keys import load_keyring
 from interactions_server.storage._migrate import MigrationError, migrate
 from interactions_server.storage._pool import Probe, acquire, close_pool, open_pool, quiet_pool_logs, transaction
 
 __all__ = [
+    "DELETE_USER_DATA",
     "ActiveUsers",
+    "AuditRecord",
     "CartRow",
     "Database",
     "DeletionCounts",
@@ -74,6 +87,7 @@ __all__ = [
     "SessionEvent",
     "SessionStart",
     "StateLine",
+    "StoredAuditRecord",
     "TrainingRow",
     "TypeActivity",
     "TypeFilter",
@@ -81,6 +95,8 @@ __all__ = [
     "WishlistRow",
     "acquire",
     "active_users",
+    "actor_of",
+    "audit_records",
     "close_pool",
     "count_user_data",
     "database_error",
@@ -92,10 +108,12 @@ __all__ = [
     "fetch_state_lines",
     "fetch_wishlist",
     "insert_events",
+    "load_keyring",
     "migrate",
     "migrate_when_reachable",
     "open_pool",
     "quiet_pool_logs",
+    "record_audit",
     "search_outcomes",
     "session_events",
     "session_timeline",

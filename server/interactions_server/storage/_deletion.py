@@ -13,6 +13,9 @@ from typing import NamedTuple
 
 import asyncpg
 
+from interactions_server.keyring import SubjectHash
+from interactions_server.storage._audit import DELETE_USER_DATA, AuditRecord, record_audit
+
 
 class DeletionCounts(NamedTuple):
     events: int
@@ -20,6 +23,7 @@ class DeletionCounts(NamedTuple):
     wishlist_lines: int
     purchases: int
     deleted_through: datetime  # the watermark (on a dry run: what it would be)
+    audit_id: int | None = None  # the audit_log record of a deletion (None on a dry run)
 
 
 # Step 1, before the lock: the user's events (found through the per-user
@@ -55,7 +59,8 @@ WITH keys AS (DELETE FROM event_keys WHERE user_id = $1 RETURNING event_id, occu
         INSERT INTO user_deletions AS d (user_id, deleted_through)
         SELECT $1, greatest(clock_timestamp(), $3::timestamptz, (SELECT max(occurred_at) FROM keys))
         ON CONFLICT (user_id) DO UPDATE
-        SET deleted_through = greatest(d.deleted_through, excluded.deleted_through), deleted_at = now()
+        SET deleted_through = greatest(d.deleted_through, excluded.deleted_through), deleted_at = now(),
+            deleted_xid = pg_current_xact_id()
         RETURNING deleted_through
      )
 SELECT (SELECT count(*) FROM cart), (SELECT count(*) FROM wishlist), (SELECT count(*) FROM purchases),
@@ -85,8 +90,9 @@ SELECT (SELECT count(*) FROM events WHERE user_id = $1),
 """
 
 
-async def delete_user_data(pool: asyncpg.Pool, user_id: str) -> DeletionCounts:
-    """Deletes every row of the user and records the watermark, in one transaction."""
+async def delete_user_data(pool: asyncpg.Pool, user_id: str, *, actor: str, subject: SubjectHash) -> DeletionCounts:
+    """Deletes every row of the user and records the watermark and the audit
+    record (`actor` asked; `subject`: the user's keyed hash), in one transaction."""
     async with pool.acquire() as conn, conn.transaction():
         events, latest, deleted_ids = await conn.fetchrow(_DELETE_EVENTS, user_id)
         await conn.execute(_LOCK, user_id)
@@ -95,7 +101,10 @@ async def delete_user_data(pool: asyncpg.Pool, user_id: str) -> DeletionCounts:
         )
         if late_ids:
             events += await conn.fetchval(_DELETE_LATE_EVENTS, user_id, late_ids, late_times)
-        return DeletionCounts(events, cart, wishlist, purchases, deleted_through)
+        counts = {"events": events, "cart_lines": cart, "wishlist_lines": wishlist, "purchases": purchases}
+        record = AuditRecord(DELETE_USER_DATA, actor, subject, counts, {"deleted_through": deleted_through.isoformat()})
+        audit_id = await record_audit(conn, record)
+        return DeletionCounts(events, cart, wishlist, purchases, deleted_through, audit_id)
 
 
 async def count_user_data(pool: asyncpg.Pool, user_id: str) -> DeletionCounts:
