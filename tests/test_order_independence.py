@@ -1,11 +1,16 @@
 """State equals the fold of each user's events in (occurred_at, event_id)
 order, whatever order the events arrive in, in whatever batches, however often
-they are resent.
+they are resent, and whatever retention removes from the log meanwhile.
 
 A hypothesis state machine sends random cart and wishlist events, shuffled and
-with repeats, in random batch sizes, through the real server, and compares the
-state tables with a model fold. The machine makes blocking gRPC calls from a
-worker thread while the event loop keeps serving.
+with repeats, in random batch sizes, through the real server, runs retention
+over every event it sent (the log and its dedup keys forget them, so resends
+are logged again), and compares the state tables with a model fold of every
+distinct event sent, and the fold's checkpoints with its history
+(tests/fold_checks.py). The second test makes the fold's segments 2 events
+long, so that sealing, late events in sealed segments and splits happen all
+the time. The machine makes blocking gRPC calls from a worker thread while the
+event loop keeps serving.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
@@ -26,8 +32,11 @@ from interactions_client.rules import STANDARD
 from interactions_client.v1 import interaction_service_pb2 as pb
 from interactions_client.v1 import interaction_service_pb2_grpc as pb_grpc
 from interactions_client.v1.event_pb2 import Event
+from interactions_server.ingest import _sync
+from tests.fold_checks import check_fold_invariants
 
 BASE = datetime(2026, 1, 1, tzinfo=UTC)
+RETENTION_CUTOFF = (BASE + timedelta(days=40)).date()  # retention by whole months: every event of the machine
 PRODUCTS = ["p1", "p2", "p3"]
 CART_TYPES = ("add_to_cart", "remove_from_cart", "update_cart_quantity")
 
@@ -110,6 +119,13 @@ class OrderMachine(RuleBasedStateMachine):
             for event in batch:
                 self.sent[event.event_id] = event
 
+    @rule()
+    def retention(self) -> None:
+        """Drops every event the machine sent from the log and from the dedup keys."""
+        asyncio.run_coroutine_threadsafe(
+            self.pool.execute("SELECT drop_event_partitions_before($1)", RETENTION_CUTOFF), self.loop
+        ).result(timeout=30)
+
     @invariant()
     def state_equals_the_fold(self) -> None:
         if not self.users:
@@ -118,6 +134,7 @@ class OrderMachine(RuleBasedStateMachine):
         cart, wishlist = asyncio.run_coroutine_threadsafe(self._read_state(), self.loop).result(timeout=30)
         assert cart == expected_cart
         assert wishlist == expected_wishlist
+        asyncio.run_coroutine_threadsafe(check_fold_invariants(self.pool, self.users), self.loop).result(timeout=30)
 
     async def _read_state(self) -> tuple[dict[Any, tuple[int, datetime]], dict[Any, datetime]]:
         cart = await self.pool.fetch(
@@ -136,6 +153,15 @@ class OrderMachine(RuleBasedStateMachine):
 
 
 async def test_state_is_the_fold_whatever_the_arrival_order(server: Any) -> None:
+    await run_machine(server)
+
+
+async def test_state_is_the_fold_with_segments_of_two_events(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_sync, "SEGMENT_EVENTS", 2)
+    await run_machine(server)
+
+
+async def run_machine(server: Any) -> None:
     loop = asyncio.get_running_loop()
 
     def factory() -> OrderMachine:

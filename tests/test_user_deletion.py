@@ -28,7 +28,15 @@ from tests.events import valid_event
 from tests.support import eventually, field_violations
 from tests.test_cli import cli
 
-TABLES = ("events", "event_keys", "cart_lines", "wishlist_lines", "purchase_history")
+TABLES = (
+    "events",
+    "event_keys",
+    "cart_lines",
+    "wishlist_lines",
+    "purchase_history",
+    "state_history",
+    "state_segments",
+)
 
 
 def history(user_id: str) -> list[Event]:
@@ -69,7 +77,7 @@ async def admin(server: App, histories: dict[str, list[Event]]) -> AsyncIterator
 
 async def test_counts_dry_run_deletion_and_idempotence(server: App, admin: InteractionsClient) -> None:
     before = await rows_by_table(server.pool, "u1")
-    assert before == {t: n for t, n in zip(TABLES, (6, 6, 2, 1, 1), strict=True)}
+    assert before == {t: n for t, n in zip(TABLES, (6, 6, 2, 1, 1, 4, 0), strict=True)}
 
     started = datetime.now(UTC)
     dry = await admin.delete_user_data("u1", dry_run=True)
@@ -141,7 +149,7 @@ async def test_a_replay_is_refused_and_new_activity_accepted(
 
     # New activity after the deletion is accepted and syncs state again.
     assert [(i.product_id, i.quantity) for i in await admin.get_cart("u1")] == [("p9", 1)]
-    assert await rows_by_table(server.pool, "u1") == {t: n for t, n in zip(TABLES, (1, 1, 1, 0, 0), strict=True)}
+    assert await rows_by_table(server.pool, "u1") == {t: n for t, n in zip(TABLES, (1, 1, 1, 0, 0, 1, 0), strict=True)}
 
 
 async def test_the_watermark_covers_events_from_the_near_future(server: App, admin: InteractionsClient) -> None:
@@ -184,13 +192,15 @@ async def test_a_deletion_waits_for_an_ingest_of_the_user_in_flight(
     writer = await asyncpg.connect(database_url)
     try:
         async with writer.transaction():
-            # What storage.INSERT_EVENTS does for one event of u1, uncommitted.
+            # What storage.INSERT_EVENTS and the state sync do for one event of u1, uncommitted.
             await writer.fetch("SELECT * FROM lock_users_for_ingest(ARRAY['u1'])")
             await writer.execute(
                 """
-                WITH k AS (INSERT INTO event_keys (user_id, event_id, occurred_at) VALUES ('u1', $1, $2))
+                WITH k AS (INSERT INTO event_keys (user_id, event_id, occurred_at) VALUES ('u1', $1, $2)),
+                     h AS (INSERT INTO state_history VALUES ('u1', 'p7', 'cart_lines', $2, $1, 'add_to_cart', 1)),
+                     s AS (INSERT INTO state_segments VALUES ('u1', 'p7', 'cart_lines', $2, $1, 1, 1, 0))
                 INSERT INTO events (user_id, event_id, event_type, event_value, occurred_at, syncs_state)
-                VALUES ('u1', $1, 'view', 1, $2, false)
+                VALUES ('u1', $1, 'add_to_cart', 1, $2, true)
                 """,
                 uuid.uuid4(),
                 now,

@@ -5,7 +5,11 @@ Every fault test ends with `check_log_and_state(url, ledger)`:
 
 - every acknowledged event is in the log exactly once, with the content sent;
 - no other event is there (the log holds only events the test sent);
-- the state tables equal the fold of the log (cart, wishlist, purchases);
+- the state tables equal the fold of every accepted event (cart, wishlist,
+  purchases): those of the log, and those the state holds that the log may
+  have lost to retention (state_history, purchase_history); the state's
+  history holds exactly the accepted cart and wishlist events, and its fold
+  checkpoints agree with it (tests/fold_checks.py);
 - zero INTERNAL and zero UNKNOWN answers (`ledger.codes`).
 """
 
@@ -29,6 +33,7 @@ from interactions_client.rules import RULES, STANDARD, stored_name
 from interactions_client.v1 import interaction_service_pb2 as pb
 from interactions_client.v1.event_pb2 import Event
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
+from tests.fold_checks import check_fold_invariants
 from tests.test_order_independence import model_fold
 
 Key = tuple[str, str]  # (user_id, event_id): the idempotency key
@@ -270,7 +275,8 @@ async def check_log_and_state(database_url: str, ledger: Ledger, *, all_acknowle
     rows = await read_log(database_url)
     assert not duplicated_keys(rows), f"events logged more than once: {list(duplicated_keys(rows).items())[:5]}"
     logged = {(r.user_id, r.event_id): r for r in rows}
-    strangers = logged.keys() - ledger.sent.keys()
+    accepted = logged.keys() | await state_keys(database_url)  # retention may have cut the log, not the state
+    strangers = accepted - ledger.sent.keys()
     assert not strangers, f"{len(strangers)} logged events were never sent, e.g. {sorted(strangers)[:3]}"
     missing = ledger.acknowledged - logged.keys()
     assert not missing, f"{len(missing)} acknowledged events are not in the log, e.g. {sorted(missing)[:3]}"
@@ -282,26 +288,52 @@ async def check_log_and_state(database_url: str, ledger: Ledger, *, all_acknowle
         occurred_us = _occurred_us(event) if event.HasField("occurred_at") else row.occurred_us
         sent = (stored_name(event), event.product_id or None, _value(event), occurred_us)
         assert (row.event_type, row.product_id, row.event_value, row.occurred_us) == sent, f"{k}: {row} != {event}"
-    await check_state_is_the_fold(database_url, [ledger.sent[k] for k in logged])
+    await check_state_is_the_fold(database_url, [ledger.sent[k] for k in accepted], logged=len(logged))
     return rows
 
 
-async def check_state_is_the_fold(database_url: str, logged: Sequence[Event]) -> None:
+async def state_keys(database_url: str) -> set[Key]:
+    """The (user_id, event_id) of the events the state holds (its history and the purchases)."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        records = await connection.fetch(
+            "SELECT user_id, event_id::text FROM state_history"
+            " UNION SELECT user_id, event_id::text FROM purchase_history"
+        )
+    finally:
+        await connection.close()
+    return {(r[0], r[1]) for r in records}
+
+
+_FOLDED = frozenset(
+    STANDARD[name].event_type for name in ("add_to_cart", "remove_from_cart", "update_cart_quantity", "wishlist")
+)
+
+
+async def check_state_is_the_fold(database_url: str, accepted: Sequence[Event], *, logged: int | None = None) -> None:
+    """The state tables against the fold of the `accepted` events (every event
+    ever accepted, retention or not); `logged`: how many of them the log still
+    holds (all of them when None), which is what event_keys must hold."""
     connection = await asyncpg.connect(database_url)
     try:
         cart = await connection.fetch("SELECT user_id, product_id, quantity, updated_at FROM user_cart")
         wishlist = await connection.fetch("SELECT user_id, product_id, added_at FROM user_wishlist")
         purchases = await connection.fetch("SELECT user_id, event_id::text, product_id FROM purchase_history")
+        history = await connection.fetch("SELECT user_id, event_id::text FROM state_history")
         keys = await connection.fetchval("SELECT count(*) FROM event_keys")
+        await check_fold_invariants(connection)
     finally:
         await connection.close()
-    expected_cart, expected_wishlist = model_fold(logged)
-    assert {(r[0], r[1]): (r[2], r[3]) for r in cart} == expected_cart, "user_cart is not the fold of the log"
-    assert {(r[0], r[1]): r[2] for r in wishlist} == expected_wishlist, "user_wishlist is not the fold of the log"
+    expected_cart, expected_wishlist = model_fold(accepted)
+    assert {(r[0], r[1]): (r[2], r[3]) for r in cart} == expected_cart, "user_cart is not the fold of the events"
+    assert {(r[0], r[1]): r[2] for r in wishlist} == expected_wishlist, "user_wishlist is not the fold of the events"
     purchase = STANDARD["purchase"].event_type
-    expected_purchases = {(e.user_id, e.event_id, e.product_id) for e in logged if e.event_type == purchase}
-    assert {tuple(r) for r in purchases} == expected_purchases, "purchase_history is not the purchases of the log"
-    assert keys == len(logged), "event_keys does not hold exactly the logged events' keys"
+    expected_purchases = {(e.user_id, e.event_id, e.product_id) for e in accepted if e.event_type == purchase}
+    assert {tuple(r) for r in purchases} == expected_purchases, "purchase_history is not the purchases of the events"
+    expected_history = {(e.user_id, e.event_id) for e in accepted if e.event_type in _FOLDED}
+    assert len(history) == len(expected_history), "state_history holds an event twice"
+    assert {tuple(r) for r in history} == expected_history, "state_history is not the cart and wishlist events"
+    assert keys == (len(accepted) if logged is None else logged), "event_keys does not hold exactly the log's keys"
 
 
 class TracebackCatcher(logging.Handler):

@@ -1,12 +1,15 @@
 """The write path, without gRPC: a batch of events in, one transaction,
 per-event outcomes out. The Ingestor validates and writes a batch (the log
-insert and, in the same transaction, the state sync of _sync.py); the
-GroupCommitter makes concurrent single-event calls share transactions; the
-stored JSON of details and attributes is _event_json.py's."""
+insert and, in the same transaction, the state sync of _sync.py, whose fold
+algebra is _fold.py's); the GroupCommitter makes concurrent single-event
+calls share transactions; the stored JSON of details and attributes is
+_event_json.py's. `fold_events` folds accepted events into the state outside
+the write path (SyncEvent: what it needs of each)."""
 
 from interactions_server.ingest._event_json import attributes_json, details_json
 from interactions_server.ingest._group_commit import GroupCommitter, Outcome
 from interactions_server.ingest._ingestor import CONFLICT_DESCRIPTION, BatchResult, Ingestor, Rejection, fingerprint
+from interactions_server.ingest._sync import SyncEvent, fold_events
 
 __all__ = [
     "CONFLICT_DESCRIPTION",
@@ -15,7 +18,9 @@ __all__ = [
     "Ingestor",
     "Outcome",
     "Rejection",
+    "SyncEvent",
     "attributes_json",
     "details_json",
     "fingerprint",
+    "fold_events",
 ]

@@ -2,24 +2,65 @@
 target the schema declares for each type (EventRule.sync).
 
 State is order-independent: each (user, product) line always equals the fold
-of that key's events in (occurred_at, event_id) order. New events are folded
-onto the stored line when they are all newer than the last event folded into
-it (the common, in-order case); otherwise the line is recomputed from the log.
-Handlers run inside the batch's transaction, after the log insert, and see
-only events that were new to the log, so a resend is never applied twice;
-sync_new runs them all with one read and one write of the state tables.
+of every event ever accepted for that key, in (occurred_at, event_id) order.
+The fold never reads the event log (retention and purges cut it): the state
+keeps its own history of the events that fold into a line (state_history),
+and checkpoints of the fold (migrations/0006_fold_checkpoints.sql):
+
+- every fold step is a function of a closed family (_fold.py), so a run of
+  events composes into one (a, b) pair;
+- a key's history is cut into sealed segments of SEGMENT_EVENTS events, each
+  stored as its composed function (state_segments); the line keeps the end
+  of its last segment, the state there (base), and the function and count of
+  the events since (its open tail).
+
+New events are folded onto the stored line when they are all newer than its
+last event (the common, in-order case): the tail's function is extended and,
+once the tail holds SEGMENT_EVENTS events, sealed into a segment in the same
+write, so no extra read. A late event costs a bounded amount, whatever the
+key's history: one more statement reads the rows of the open tail (fewer
+than SEGMENT_EVENTS plus a batch) when it falls there, or, when it falls in
+a sealed segment, the rows of that segment (at most 2 * SEGMENT_EVENTS: a
+segment is split when it grows past that) and the functions of the key's
+segments (history / SEGMENT_EVENTS rows), from which the base is recomposed.
+
+Handlers run inside the batch's transaction, after the log insert, with the
+keys' locks held, and see only events that were new to the log, so a resend
+is never applied twice. One more case: retention also forgets dedup keys, so
+the resend of an event older than the retention cutoff is new to the log;
+its position is then already in the key's history (an event is always late
+to its own key), and the fold skips it. sync_new runs everything with one
+read and one write of the state tables (plus one read when a key is late).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import asyncpg
 
 from interactions_client.rules import RULES, SyncTarget, TypeRule, ValueRule
 from interactions_server import storage
+from interactions_server.ingest._fold import (
+    CART,
+    WISHLIST,
+    Family,
+    Fn,
+    Step,
+    add_or_remove,
+    add_quantity,
+    remove_quantity,
+    set_quantity,
+)
+
+# Events per sealed segment (the unit of a late event's cost). 1024: a late
+# event reads at most 2,048 history rows of its segment plus one row per
+# 1,024 events of the key (about 200 for 200k events). Read at call time, so
+# that tests can make it small.
+SEGMENT_EVENTS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,36 +76,47 @@ class SyncEvent:
     rule: TypeRule
 
 
-# A fold step: (state, event_value, occurred_at us) -> new state.
-Step = Callable[[int | None, int, int], int | None]
-
-
-def _add(q: int | None, v: int, _: int) -> int:
-    return (q or 0) + v
-
-
-def _remove(q: int | None, v: int, _: int) -> int:
-    return 0 if v == 0 else max((q or 0) - v, 0)
-
-
-def _set(_q: int | None, v: int, _: int) -> int:
-    return v
-
-
-def _wishlist(added_at: int | None, v: int, occurred_us: int) -> int | None:
-    if v == 0:
-        return None
-    return occurred_us if added_at is None else added_at
+Position = tuple[int, str]  # (occurred_at us, event_id): the fold's order
+Key = tuple[str, str]  # (user_id, product_id)
 
 
 # How each value rule acts on a target's state. Which types sync where, and
 # with which value rule, comes from the schema; these are the semantics.
 CART_STEPS: Mapping[int, Step] = {
-    ValueRule.VALUE_RULE_QUANTITY: _add,
-    ValueRule.VALUE_RULE_QUANTITY_OR_ALL: _remove,
-    ValueRule.VALUE_RULE_NEW_QUANTITY: _set,
+    ValueRule.VALUE_RULE_QUANTITY: add_quantity,
+    ValueRule.VALUE_RULE_QUANTITY_OR_ALL: remove_quantity,
+    ValueRule.VALUE_RULE_NEW_QUANTITY: set_quantity,
 }
-WISHLIST_STEPS: Mapping[int, Step] = {ValueRule.VALUE_RULE_ADD_OR_REMOVE: _wishlist}
+WISHLIST_STEPS: Mapping[int, Step] = {ValueRule.VALUE_RULE_ADD_OR_REMOVE: add_or_remove}
+
+
+@dataclass(slots=True)
+class _Item:
+    """One history row (stored or new) as the fold uses it."""
+
+    position: Position
+    fn: Fn
+    row: storage.HistoryRow
+
+
+@dataclass(slots=True)
+class _Fold:
+    """What a batch writes for one state table."""
+
+    lines: list[storage.StateLine] = field(default_factory=list)
+    history: list[storage.HistoryRow] = field(default_factory=list)
+    segments: list[storage.Segment] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Late:
+    """A key with events at or before its line's last position."""
+
+    key: Key
+    line: storage.StateLine
+    events: list[_Item]  # the key's new events, in fold order
+    in_segments: list[_Item]  # those at or before the end of its last segment
+    tail_read: bool  # some fall in the open tail before the line's last event: read the tail
 
 
 class KeyedFold:
@@ -72,8 +124,9 @@ class KeyedFold:
 
     needs_key_lock = True
 
-    def __init__(self, table: str, target: int, steps_by_value_rule: Mapping[int, Step]) -> None:
+    def __init__(self, table: str, target: int, family: Family, steps_by_value_rule: Mapping[int, Step]) -> None:
         self.table = table
+        self.family = family
         self.steps: dict[str, Step] = {}
         for rule in RULES.values():
             if rule.sync != target:
@@ -82,45 +135,178 @@ class KeyedFold:
                 raise RuntimeError(f"{rule.name} syncs to {table} with a value rule it cannot apply")
             self.steps[rule.name] = steps_by_value_rule[rule.value]
 
-    def fold(self, state: int | None, events: Sequence[tuple[str, int, int]]) -> int | None:
-        for event_type, value, occurred_us in events:
-            state = self.steps[event_type](state, value, occurred_us)
-        return state
+    def fn(self, event_type: str, value: int, occurred_us: int) -> Fn:
+        return self.steps[event_type](value, occurred_us)
 
-    def lines(
-        self, events: Sequence[SyncEvent], current: Mapping[tuple[str, str], storage.StateLine]
-    ) -> tuple[list[storage.StateLine], list[tuple[str, str]]]:
-        """The new lines of the keys of `events` folded onto their `current`
-        lines, and the keys whose new events arrived out of order (stale: to
-        be refolded from the log)."""
-        by_key: dict[tuple[str, str], list[SyncEvent]] = defaultdict(list)
+    def _item(self, row: storage.HistoryRow) -> _Item:
+        return _Item((row.occurred_us, row.event_id), self.fn(row.event_type, row.event_value, row.occurred_us), row)
+
+    def plan(self, events: Sequence[SyncEvent], current: Mapping[Key, storage.StateLine], out: _Fold) -> list[_Late]:
+        """Folds the keys of `events` whose new events all come after their
+        line's last one onto their `current` lines (into `out`); returns the
+        late keys, which need the rows fetch_fold_rows reads."""
+        by_key: dict[Key, list[_Item]] = defaultdict(list)
         for e in events:
-            by_key[(e.user_id, e.product_id)].append(e)
-        lines: list[storage.StateLine] = []
-        stale: list[tuple[str, str]] = []
-        for key in sorted(by_key):
-            new = sorted(by_key[key], key=lambda e: (e.occurred_us, e.event_id))
-            line = current.get(key)
-            if line is not None and (new[0].occurred_us, new[0].event_id) < (line.updated_us, line.last_event_id):
-                stale.append(key)  # arrived out of order: refold the key from the log
-                continue
-            state = self.fold(
-                None if line is None else line.value, [(e.rule.name, e.value, e.occurred_us) for e in new]
+            row = storage.HistoryRow(
+                self.table, e.user_id, e.product_id, e.occurred_us, e.event_id, e.rule.name, e.value
             )
-            lines.append(storage.StateLine(key[0], key[1], state, new[-1].occurred_us, new[-1].event_id))
-        return lines, stale
+            by_key[(e.user_id, e.product_id)].append(self._item(row))
+        late: list[_Late] = []
+        for key in sorted(by_key):
+            new = sorted(by_key[key], key=lambda i: i.position)
+            line = current.get(key)
+            if line is None:
+                line = storage.StateLine(key[0], key[1], None, 0, "", None, None, None, *self.family.identity, 0)
+            elif new[0].position <= (line.updated_us, line.last_event_id):
+                late.append(self._late(key, line, new))
+                continue
+            # In order: onto the stored value, as before; the tail's function grows.
+            value = line.value
+            for item in new:
+                value = self.family.apply(item.fn, value)
+            out.history += [i.row for i in new]
+            out.lines.append(self._extend(line, line.base, new, out, value=value))
+        return late
 
-    async def refold(self, conn: asyncpg.Connection, stale: Sequence[tuple[str, str]]) -> list[storage.StateLine]:
-        """The lines of `stale` keys folded from all their logged events."""
-        logged: dict[tuple[str, str], list[storage.KeyEvent]] = defaultdict(list)
-        for event in await storage.fetch_key_events(conn, stale, list(self.steps)):
-            logged[(event.user_id, event.product_id)].append(event)
-        lines: list[storage.StateLine] = []
-        for key in stale:
-            history = logged[key]
-            state = self.fold(None, [(e.event_type, e.event_value, e.occurred_us) for e in history])
-            lines.append(storage.StateLine(key[0], key[1], state, history[-1].occurred_us, history[-1].event_id))
-        return lines
+    @staticmethod
+    def _late(key: Key, line: storage.StateLine, new: list[_Item]) -> _Late:
+        """What a late key needs read: the segments its events fall in, and
+        its open tail when one falls there before the line's last event."""
+        last = (line.updated_us, line.last_event_id)
+        if line.sealed_us is None:
+            return _Late(key, line, new, [], True)
+        sealed_end = (line.sealed_us, line.sealed_event_id or "")
+        in_segments = [i for i in new if i.position <= sealed_end]
+        tail_read = any(sealed_end < i.position <= last for i in new)
+        return _Late(key, line, new, in_segments, tail_read)
+
+    def _extend(
+        self,
+        line: storage.StateLine,
+        base: int | None,
+        items: Sequence[_Item],
+        out: _Fold,
+        *,
+        value: int | None = None,
+        late: bool = False,
+    ) -> storage.StateLine:
+        """`line` with `items` (all after the end of its segments, in fold
+        order) appended to its open tail, which is sealed into a segment every
+        SEGMENT_EVENTS rows; `base` is the state at the end of its segments.
+        Its value is `value`, or when `late` the tail applied to the base."""
+        limit = SEGMENT_EVENTS
+        family = self.family
+        sealed_us, sealed_id = line.sealed_us, line.sealed_event_id
+        tail: Fn = (line.tail_a, line.tail_b)
+        count = line.tail_events
+        for item in items:
+            tail = family.then(tail, item.fn)
+            count += 1
+            if count >= limit:
+                sealed_us, sealed_id = item.position
+                out.segments.append(
+                    storage.Segment(self.table, line.user_id, line.product_id, *item.position, count, *tail)
+                )
+                base = family.apply(tail, base)
+                tail, count = family.identity, 0
+        if late:
+            value = family.apply(tail, base)
+        last = max((line.updated_us, line.last_event_id), items[-1].position) if items else None
+        updated_us, last_event_id = last if last is not None else (line.updated_us, line.last_event_id)
+        return storage.StateLine(
+            line.user_id,
+            line.product_id,
+            value,
+            updated_us,
+            last_event_id,
+            sealed_us,
+            sealed_id,
+            base,
+            *tail,
+            count,
+            line.origin,
+        )
+
+    def refold(
+        self,
+        late: Sequence[_Late],
+        rows: Sequence[storage.HistoryRow],
+        segments: Sequence[storage.Segment],
+        out: _Fold,
+    ) -> None:
+        """The lines of the late keys, from the rows fetch_fold_rows read for them."""
+        rows_by_key: dict[Key, list[_Item]] = defaultdict(list)
+        for row in rows:
+            rows_by_key[(row.user_id, row.product_id)].append(self._item(row))
+        segments_by_key: dict[Key, list[storage.Segment]] = defaultdict(list)
+        for segment in segments:
+            segments_by_key[(segment.user_id, segment.product_id)].append(segment)
+        family = self.family
+        for k in late:
+            line = k.line
+            stored = rows_by_key.get(k.key, [])
+            known = {i.position for i in stored}
+            # Already in the history: the resend of an event whose dedup key retention forgot.
+            new = [i for i in k.events if i.position not in known]
+            if not new:
+                continue
+            out.history += [i.row for i in new]
+            sealed_end = None if line.sealed_us is None else (line.sealed_us, line.sealed_event_id or "")
+            in_segments = [i for i in new if sealed_end is not None and i.position <= sealed_end]
+            in_tail = new[len(in_segments) :]
+            base = line.base
+            if in_segments:  # the base is recomposed from the key's segments
+                key_segments = sorted(segments_by_key[k.key], key=lambda s: (s.until_us, s.until_event_id))
+                base = self._resegment(line, key_segments, stored, in_segments, out)
+            if k.tail_read:
+                # The open tail refolded from the base: its stored rows and the new ones.
+                stored_tail = [i for i in stored if sealed_end is None or i.position > sealed_end]
+                start = line._replace(tail_a=family.identity[0], tail_b=family.identity[1], tail_events=0)
+                merged = sorted([*stored_tail, *in_tail], key=lambda i: i.position)
+                folded = self._extend(start, base, merged, out, late=True)
+            else:  # every new event of the tail comes after the line's last one
+                folded = self._extend(line, base, in_tail, out, late=True)
+            last = max((line.updated_us, line.last_event_id), new[-1].position)
+            out.lines.append(folded._replace(updated_us=last[0], last_event_id=last[1]))
+
+    def _resegment(
+        self,
+        line: storage.StateLine,
+        segments: Sequence[storage.Segment],
+        stored: Sequence[_Item],
+        new: Sequence[_Item],
+        out: _Fold,
+    ) -> int | None:
+        """Recomputes the segments that the `new` events fall in from their
+        `stored` rows and the new ones (split in runs of SEGMENT_EVENTS past
+        twice that: the last run keeps the segment's end, so every write is
+        an upsert); returns the state at the end of the key's segments."""
+        limit = SEGMENT_EVENTS
+        family = self.family
+        ends = [(s.until_us, s.until_event_id) for s in segments]
+        members: dict[int, list[_Item]] = defaultdict(list)
+        for item in new:
+            index = bisect.bisect_left(ends, item.position)
+            if index == len(ends):
+                raise RuntimeError(f"a late event after the segments of a {self.table} key")
+            members[index].append(item)
+        for item in stored:
+            index = bisect.bisect_left(ends, item.position)
+            if index in members:
+                members[index].append(item)
+        functions: list[list[Fn]] = [[(s.a, s.b)] for s in segments]
+        for index, items in members.items():
+            items.sort(key=lambda i: i.position)
+            size = len(items) if len(items) <= 2 * limit else limit
+            functions[index] = []
+            for first in range(0, len(items), size):
+                run = items[first : first + size]
+                fn = family.compose(i.fn for i in run)
+                functions[index].append(fn)
+                out.segments.append(
+                    storage.Segment(self.table, line.user_id, line.product_id, *run[-1].position, len(run), *fn)
+                )
+        return family.apply(family.compose(fn for fns in functions for fn in fns), line.origin)
 
 
 class AppendPurchases:
@@ -140,9 +326,9 @@ def build_registry() -> dict[int, SyncHandler]:
     """Handlers by SyncTarget; fails at start-up if the schema declares a
     target (or a value rule on it) that no handler implements."""
     registry: dict[int, SyncHandler] = {
-        SyncTarget.SYNC_TARGET_USER_CART: KeyedFold("cart_lines", SyncTarget.SYNC_TARGET_USER_CART, CART_STEPS),
+        SyncTarget.SYNC_TARGET_USER_CART: KeyedFold("cart_lines", SyncTarget.SYNC_TARGET_USER_CART, CART, CART_STEPS),
         SyncTarget.SYNC_TARGET_USER_WISHLIST: KeyedFold(
-            "wishlist_lines", SyncTarget.SYNC_TARGET_USER_WISHLIST, WISHLIST_STEPS
+            "wishlist_lines", SyncTarget.SYNC_TARGET_USER_WISHLIST, WISHLIST, WISHLIST_STEPS
         ),
         SyncTarget.SYNC_TARGET_PURCHASE_HISTORY: AppendPurchases(),
     }
@@ -158,8 +344,9 @@ async def sync_new(
 ) -> None:
     """Applies a batch's newly logged events to every state table, inside its
     transaction (the keys' locks held): one statement reads the current lines
-    of every keyed table, one writes every table's new state (plus a read of
-    the log per table with out-of-order keys)."""
+    of every keyed table, one writes every table's new state, history and
+    segments (plus, when some keys are late, one read of their history and
+    segments for every table together)."""
     folds: list[tuple[KeyedFold, Sequence[SyncEvent]]] = []
     purchases: list[storage.PurchaseRow] = []
     for target, events in by_target.items():
@@ -171,10 +358,54 @@ async def sync_new(
     current = await storage.fetch_state_lines(
         conn, {fold.table: sorted({(e.user_id, e.product_id) for e in events}) for fold, events in folds}
     )
-    lines: dict[str, list[storage.StateLine]] = {}
+    outs: dict[str, _Fold] = {}
+    late: list[tuple[KeyedFold, list[_Late]]] = []
     for fold, events in folds:
-        folded, stale = fold.lines(events, current.get(fold.table, {}))
-        if stale:
-            folded += await fold.refold(conn, stale)
-        lines[fold.table] = folded
-    await storage.write_state(conn, lines, purchases)
+        out = outs[fold.table] = _Fold()
+        if fold_late := fold.plan(events, current.get(fold.table, {}), out):
+            late.append((fold, fold_late))
+    if late:
+        positions: list[storage.LatePosition] = []
+        tails: list[storage.TailStart] = []
+        for fold, keys in late:
+            for k in keys:
+                positions += [(fold.table, *k.key, *i.position) for i in k.in_segments]
+                if k.tail_read:
+                    tails.append((fold.table, *k.key, k.line.sealed_us, k.line.sealed_event_id))
+        rows, segments = await storage.fetch_fold_rows(conn, positions, tails)
+        for fold, keys in late:
+            fold.refold(
+                keys,
+                [r for r in rows if r.state_table == fold.table],
+                [s for s in segments if s.state_table == fold.table],
+                outs[fold.table],
+            )
+    await storage.write_state(
+        conn,
+        {table: out.lines for table, out in outs.items()},
+        [row for out in outs.values() for row in out.history],
+        [segment for out in outs.values() for segment in out.segments],
+        purchases,
+    )
+
+
+async def fold_events(conn: asyncpg.Connection, events: Sequence[SyncEvent]) -> None:
+    """Folds `events` (of any syncing types, in any order, late or not) into
+    the state, in the caller's transaction, for whoever adds accepted events
+    to the state outside the write path (an identity link moving a user's
+    events onto another, say). Takes their keys' locks first, in one
+    statement: call it holding no other state-sync lock. An event already in
+    its key's history is skipped (its position is then never after its
+    line's last event, so the fold reads the rows around it), so folding the
+    same events twice changes nothing; purchases are appended once too."""
+    registry = build_registry()
+    by_target: dict[int, list[SyncEvent]] = defaultdict(list)
+    for e in events:
+        by_target[e.rule.sync].append(e)
+    keyed = {
+        (e.user_id, e.product_id) for target, es in by_target.items() for e in es if registry[target].needs_key_lock
+    }
+    if keyed:
+        await storage.lock_state_keys(conn, sorted(keyed))
+    if by_target:
+        await sync_new(conn, registry, by_target)

@@ -4,8 +4,9 @@ upkeep. Nothing here knows of gRPC; callers pass pools and connections in.
 
 - `_pool`: pools, connections terminated when broken, deadline-bounded
   transactions, the health probe's connection;
-- `_events`: the write path's statements (event log, state tables) and the
-  reads of the state (cart, wishlist, purchases);
+- `_events`: the write path's log statement and the reads of the state
+  (cart, wishlist, purchases); `_state`: the state tables' sync (lines,
+  their history and sealed segments, purchases);
 - `_analytics`: the AnalyticsService's reads; `_deletion`: DeleteUserData;
 - `_keys`: the server's keys (load_keyring); `_audit`: the audit log
   (record_audit, in the transaction of what it records; audit_records);
@@ -50,25 +51,33 @@ from interactions_server.storage._events import (
     CartRow,
     EventColumns,
     InsertOutcome,
-    KeyEvent,
     PurchaseRecord,
-    PurchaseRow,
-    StateLine,
     WishlistRow,
     fetch_cart,
-    fetch_key_events,
     fetch_purchases,
-    fetch_state_lines,
     fetch_wishlist,
     insert_events,
-    write_state,
 )
 from interactions_server.storage._keys import load_keyring
 from interactions_server.storage._migrate import MigrationError, migrate
 from interactions_server.storage._pool import Probe, acquire, close_pool, open_pool, quiet_pool_logs, transaction
+from interactions_server.storage._state import (
+    STATE_TABLES,
+    HistoryRow,
+    LatePosition,
+    PurchaseRow,
+    Segment,
+    StateLine,
+    TailStart,
+    fetch_fold_rows,
+    fetch_state_lines,
+    lock_state_keys,
+    write_state,
+)
 
 __all__ = [
     "DELETE_USER_DATA",
+    "STATE_TABLES",
     "ActiveUsers",
     "AuditRecord",
     "CartRow",
@@ -77,17 +86,20 @@ __all__ = [
     "EmbeddedPostgres",
     "EventColumns",
     "EventRow",
+    "HistoryRow",
     "InsertOutcome",
-    "KeyEvent",
+    "LatePosition",
     "MigrationError",
     "Probe",
     "PurchaseRecord",
     "PurchaseRow",
     "SearchOutcome",
+    "Segment",
     "SessionEvent",
     "SessionStart",
     "StateLine",
     "StoredAuditRecord",
+    "TailStart",
     "TrainingRow",
     "TypeActivity",
     "TypeFilter",
@@ -103,12 +115,13 @@ __all__ = [
     "delete_user_data",
     "export_events",
     "fetch_cart",
-    "fetch_key_events",
+    "fetch_fold_rows",
     "fetch_purchases",
     "fetch_state_lines",
     "fetch_wishlist",
     "insert_events",
     "load_keyring",
+    "lock_state_keys",
     "migrate",
     "migrate_when_reachable",
     "open_pool",

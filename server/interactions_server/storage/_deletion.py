@@ -27,12 +27,16 @@ class DeletionCounts(NamedTuple):
 
 
 # Step 1, before the lock: the user's events (found through the per-user
-# index events_user_time of 0002); doing it before taking the lock keeps
-# batches of the users in the lock's bucket from waiting for it. It cannot
-# deadlock with them: the write path never waits for a row of `events` (it
-# only inserts there, and no unique index can make it wait).
+# index events_user_time of 0002) and the state's history of them
+# (migrations/0006); doing it before taking the lock keeps batches of the
+# users in the lock's bucket from waiting for it. It cannot deadlock with
+# them: the write path never waits for a row of either table. It only inserts
+# there, and no unique index can make it wait: a history row it inserts is
+# never one already stored, as the fold reads the key's stored rows (which
+# it still sees) before it inserts any whose position could be taken.
 _DELETE_EVENTS = """
-WITH logged AS (DELETE FROM events WHERE user_id = $1 RETURNING event_id, occurred_at)
+WITH logged AS (DELETE FROM events WHERE user_id = $1 RETURNING event_id, occurred_at),
+     history AS (DELETE FROM state_history WHERE user_id = $1)
 SELECT count(*), max(occurred_at), coalesce(array_agg(event_id), '{}') FROM logged
 """
 
@@ -53,6 +57,10 @@ WITH keys AS (DELETE FROM event_keys WHERE user_id = $1 RETURNING event_id, occu
         WHERE NOT EXISTS (SELECT FROM unnest($2::uuid[]) AS gone(event_id) WHERE gone.event_id = k.event_id)
      ),
      cart AS (DELETE FROM cart_lines WHERE user_id = $1 RETURNING 1),
+     -- The state's history rows committed since step 1, and the segments,
+     -- which the write path updates (so only under the lock).
+     history AS (DELETE FROM state_history WHERE user_id = $1),
+     segments AS (DELETE FROM state_segments WHERE user_id = $1),
      wishlist AS (DELETE FROM wishlist_lines WHERE user_id = $1 RETURNING 1),
      purchases AS (DELETE FROM purchase_history WHERE user_id = $1 RETURNING 1),
      mark AS (

@@ -1,4 +1,5 @@
-"""All SQL of the service outside migrations/.
+"""The write path's log statement and the reads of the state (the state
+tables' writes are _state.py's).
 
 Writes are set-based: each function takes a whole batch as arrays and runs
 one statement. Timestamps travel as epoch microseconds and event ids as text,
@@ -7,7 +8,7 @@ so that PostgreSQL does the conversions in C (see docs/performance.md).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -152,143 +153,6 @@ async def _raced_conflicts(
         _STORED_FINGERPRINTS, [k[0] for k in raced], [k[1] for k in raced], [prints[k] for k in raced]
     )
     return {(r["user_id"], r["event_id"]) for r in records}
-
-
-# --- per-(user, product) state: cart_lines and wishlist_lines -------------
-
-
-class StateLine(NamedTuple):
-    """A line of cart_lines or wishlist_lines, in the column order of write_state."""
-
-    user_id: str
-    product_id: str
-    value: int | None  # the quantity for the cart, added_at in epoch us (or None) for the wishlist
-    updated_us: int
-    last_event_id: str
-
-
-# Per state table: its value column, that column as read into Python, and
-# the expression that writes the value `v` back.
-_STATE_VALUE: dict[str, tuple[str, str, str]] = {
-    "cart_lines": ("quantity", "l.quantity", "v"),
-    "wishlist_lines": ("added_at", _TS_TO_US.format("l.added_at"), _US_TO_TS.format("v")),
-}
-
-
-_STATE_TABLES = tuple(_STATE_VALUE)
-
-
-# The current lines of given keys in every state table, tagged with the table's index.
-_FETCH_STATE_LINES = "\nUNION ALL\n".join(
-    f"""SELECT {n} AS t, l.user_id, l.product_id, ({value_out})::int8, {_TS_TO_US.format("l.updated_at")}, l.last_event_id::text
-FROM unnest(${2 * n + 1}::text[], ${2 * n + 2}::text[]) AS k(u, p)
-JOIN {table} AS l ON l.user_id = k.u AND l.product_id = k.p"""
-    for n, (table, (_, value_out, _)) in enumerate(_STATE_VALUE.items())
-)
-
-
-async def fetch_state_lines(
-    conn: asyncpg.Connection, keys: Mapping[str, Sequence[tuple[str, str]]]
-) -> dict[str, dict[tuple[str, str], StateLine]]:
-    """The current lines of the given keys of each state table (by table name), in one statement."""
-    if not any(keys.values()):
-        return {}
-    params: list[list[str]] = []
-    for table in _STATE_TABLES:
-        table_keys = keys.get(table, ())
-        params += [[k[0] for k in table_keys], [k[1] for k in table_keys]]
-    lines: dict[str, dict[tuple[str, str], StateLine]] = {table: {} for table in _STATE_TABLES}
-    for t, *line in await conn.fetch(_FETCH_STATE_LINES, *params):
-        state_line = StateLine(*line)
-        lines[_STATE_TABLES[t]][(state_line.user_id, state_line.product_id)] = state_line
-    return lines
-
-
-# Writes the new state of each line of every state table, and appends the
-# purchases: one statement, each table's rows in key order (no deadlocks).
-_WRITE_STATE = (
-    "WITH "
-    + ",\n".join(
-        f"""{table}_written AS (
-    INSERT INTO {table} AS l (user_id, product_id, {value}, updated_at, last_event_id)
-    SELECT u, p, {value_in}, {_US_TO_TS.format("t")}, e::uuid
-    FROM unnest(${n * 5 + 1}::text[], ${n * 5 + 2}::text[], ${n * 5 + 3}::int8[], ${n * 5 + 4}::int8[],
-                ${n * 5 + 5}::text[]) AS r(u, p, v, t, e)
-    ORDER BY u, p
-    ON CONFLICT (user_id, product_id) DO UPDATE
-    SET {value} = excluded.{value}, updated_at = excluded.updated_at,
-        last_event_id = excluded.last_event_id
-)"""
-        for n, (table, (value, _, value_in)) in enumerate(_STATE_VALUE.items())
-    )
-    + f""",
-purchases_written AS (
-    INSERT INTO purchase_history (user_id, purchased_at, event_id, product_id, session_id)
-    SELECT u, {_US_TO_TS.format("t")}, e::uuid, p, s
-    FROM unnest(${len(_STATE_VALUE) * 5 + 1}::text[], ${len(_STATE_VALUE) * 5 + 2}::int8[],
-                ${len(_STATE_VALUE) * 5 + 3}::text[], ${len(_STATE_VALUE) * 5 + 4}::text[],
-                ${len(_STATE_VALUE) * 5 + 5}::text[]) AS r(u, t, e, p, s)
-    ORDER BY u, t, e
-    ON CONFLICT DO NOTHING
-)
-SELECT"""
-)
-
-
-async def write_state(
-    conn: asyncpg.Connection, lines: Mapping[str, Sequence[StateLine]], purchases: Sequence[PurchaseRow]
-) -> None:
-    """Writes the new state lines of each state table (by table name) and the new purchases, in one statement."""
-    if not purchases and not any(lines.values()):
-        return
-    params: list[list[Any]] = []
-    for table in _STATE_TABLES:
-        params += _columns(sorted(lines.get(table, ())), 5)
-    await conn.execute(_WRITE_STATE, *params, *_columns(purchases, 5))
-
-
-class KeyEvent(NamedTuple):
-    """A logged event that syncs a (user, product) line, as the fold reads it."""
-
-    user_id: str
-    product_id: str
-    event_type: str
-    event_value: int
-    occurred_us: int
-    event_id: str
-
-
-async def fetch_key_events(
-    conn: asyncpg.Connection, keys: Sequence[tuple[str, str]], event_types: Sequence[str]
-) -> list[KeyEvent]:
-    """The logged events of the given types for each (user, product) key, in fold order."""
-    records = await conn.fetch(
-        f"""
-        SELECT e.user_id, e.product_id, e.event_type, e.event_value,
-               {_TS_TO_US.format("e.occurred_at")}, e.event_id::text
-        FROM unnest($1::text[], $2::text[]) AS k(u, p)
-        JOIN events AS e ON e.user_id = k.u AND e.product_id = k.p
-        WHERE e.syncs_state AND e.event_type = ANY($3::text[])
-        ORDER BY e.user_id, e.product_id, e.occurred_at, e.event_id
-        """,
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-        list(event_types),
-    )
-    return [KeyEvent(*r) for r in records]
-
-
-# --- purchase_history ------------------------------------------------------
-
-
-class PurchaseRow(NamedTuple):
-    """A row of purchase_history, in the column order of write_state."""
-
-    user_id: str
-    purchased_us: int
-    event_id: str
-    product_id: str
-    session_id: str | None
 
 
 # --- reads -------------------------------------------------------------------
