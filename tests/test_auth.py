@@ -114,10 +114,15 @@ async def refused_stream(call: Any, request: Any) -> grpc.StatusCode:
 
 
 async def call(
-    channel: grpc.aio.Channel, service: ServiceDescriptor, method: MethodDescriptor, token: str | None
+    channel: grpc.aio.Channel,
+    service: ServiceDescriptor,
+    method: MethodDescriptor,
+    token: str | None,
+    *,
+    metadata: tuple[tuple[str, str], ...] | None = None,
 ) -> grpc.StatusCode:
     """Calls the method with an empty request (an empty stream for a client
-    stream); returns the status code it ends with."""
+    stream) and `token`'s metadata (or `metadata`); returns the status code it ends with."""
     request_class = message_factory.GetMessageClass(method.input_type)
     response_class = message_factory.GetMessageClass(method.output_type)
     path = f"/{service.full_name}/{method.name}"
@@ -130,7 +135,8 @@ async def call(
     multicallable: Callable[..., Any] = kind(
         path, request_serializer=request_class.SerializeToString, response_deserializer=response_class.FromString
     )
-    metadata = bearer(token) if token else None
+    if metadata is None and token:
+        metadata = bearer(token)
     request: Any = iter([]) if method.client_streaming else request_class()
     try:
         result = multicallable(request, metadata=metadata, timeout=10)
@@ -159,6 +165,19 @@ async def test_every_served_rpc_checks_its_token_and_scope(secured: App, secured
             for allowed in (token_with(scope), "operator"):  # admin holds every scope
                 code = await call(secured_channel, service, method, allowed)
                 assert code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED), what
+
+
+async def test_every_served_rpc_refuses_more_than_one_authorization_header(
+    secured: App, secured_channel: grpc.aio.Channel
+) -> None:
+    """Only one bearer token per call: with two, which one counts would depend
+    on who reads the headers (a proxy, a logger, this server)."""
+    for service in secured.served_services:
+        for method in service.methods:
+            for first, second in (("operator", "operator"), ("operator", "nobody"), ("unknown", "operator")):
+                metadata = bearer(first) + bearer(second)
+                code = await call(secured_channel, service, method, None, metadata=metadata)
+                assert code == grpc.StatusCode.UNAUTHENTICATED, (method.name, first, second)
 
 
 async def test_the_scopes_cover_every_service_the_server_answers(
@@ -469,8 +488,11 @@ async def test_the_interceptor_keeps_every_streaming_shape(tokens_file: Path) ->
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
 
-            async def run(name: str, token: str | None) -> Any:
-                metadata = bearer(token) if token else None
+            async def run(name: str, token: str | tuple[str, str] | None) -> Any:
+                if isinstance(token, tuple):
+                    metadata: Any = bearer(token[0]) + bearer(token[1])
+                else:
+                    metadata = bearer(token) if token else None
                 if name == "UU":
                     return await channel.unary_unary("/t.S/UU")(b"", metadata=metadata)
                 if name == "US":
@@ -483,10 +505,15 @@ async def test_the_interceptor_keeps_every_streaming_shape(tokens_file: Path) ->
                 for token, code in (
                     (None, grpc.StatusCode.UNAUTHENTICATED),
                     ("writer", grpc.StatusCode.PERMISSION_DENIED),
+                    (("reader", "reader"), grpc.StatusCode.UNAUTHENTICATED),  # two authorization headers
+                    (("reader", "nobody"), grpc.StatusCode.UNAUTHENTICATED),
+                    (("unknown", "reader"), grpc.StatusCode.UNAUTHENTICATED),
                 ):
                     with pytest.raises(grpc.aio.AioRpcError) as refused:
                         await run(name, token)
-                    assert refused.value.code() == code, name
+                    assert refused.value.code() == code, (name, token)
+                    if isinstance(token, tuple):
+                        assert "more than one authorization header" in (refused.value.details() or "")
             assert entered == []
             assert await run("UU", "reader") == b"reader"
             assert await run("US", "operator") == [b"operator", b"operator"]

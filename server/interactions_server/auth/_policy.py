@@ -75,11 +75,16 @@ class TokenPolicy:
         return True
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Token | None:
-        """The token the metadata's bearer token matches, else None."""
-        presented = next((v for k, v in metadata or () if k == AUTHORIZATION), None)
-        if not isinstance(presented, str) or presented[: len(_BEARER)].lower() != _BEARER:
+        """The token the metadata's bearer token matches, else None (also when
+        the call carries more than one `authorization` header: which one a
+        proxy or another reader of the call would take is anyone's guess)."""
+        presented = [v for k, v in metadata or () if k.lower() == AUTHORIZATION]
+        if len(presented) != 1:
             return None
-        digest = token_digest(presented[len(_BEARER) :].strip())
+        (bearer,) = presented
+        if not isinstance(bearer, str) or bearer[: len(_BEARER)].lower() != _BEARER:
+            return None
+        digest = token_digest(bearer[len(_BEARER) :].strip())
         found = None
         for token in self._tokens:  # every entry, no early exit: the time does not depend on which matched
             if hmac.compare_digest(digest, token.digest):
@@ -88,6 +93,9 @@ class TokenPolicy:
 
     def authorize(self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> Caller | Refusal:
         """The caller of `method`, or why the call is refused."""
+        metadata = tuple(metadata or ())
+        if sum(k.lower() == AUTHORIZATION for k, _ in metadata) > 1:
+            return Refusal(UNAUTHENTICATED, "more than one authorization header; send exactly one bearer token")
         token = self.authenticate(metadata)
         if token is None:
             return Refusal(UNAUTHENTICATED, "missing or unknown bearer token (authorization: Bearer <token>)")
