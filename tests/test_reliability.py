@@ -20,7 +20,7 @@ from interactions_client.v1 import user_state_service_pb2 as state_pb
 from interactions_client.v1.event_pb2 import Event, EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
 from interactions_client.v1.user_state_service_pb2_grpc import UserStateServiceStub
-from interactions_server.errors import is_conflict, is_database_unavailable
+from interactions_server.errors import is_conflict, is_database_read_only, is_database_unavailable
 from interactions_server.ingest import fingerprint
 from interactions_server.rpc import ByteBudget, ConcurrencyLimit, CoreCalls
 from interactions_server.server import App
@@ -46,6 +46,7 @@ UNAVAILABLE_ERRORS: list[BaseException] = [
     _EXC.TooManyConnectionsError("sorry, too many clients already"),
     _EXC.DiskFullError("could not extend file"),
     _EXC.IdleInTransactionSessionTimeoutError("idle-in-transaction timeout"),
+    _EXC.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction"),
     ConnectionRefusedError(111, "Connection refused"),
     ConnectionResetError(104, "Connection reset by peer"),
     TimeoutError(),
@@ -74,6 +75,32 @@ def test_deadlocks_and_serialization_failures_are_conflicts() -> None:
     assert is_conflict(_EXC.DeadlockDetectedError("deadlock detected"))
     assert is_conflict(_EXC.SerializationError("could not serialize access"))
     assert not is_conflict(_EXC.AdminShutdownError("terminating connection"))
+
+
+def test_a_read_only_database_is_its_own_kind_of_unavailable() -> None:
+    read_only = _EXC.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction")
+    assert is_database_read_only(read_only) and is_database_unavailable(read_only)
+    assert is_database_read_only(ExceptionGroup("several", [ValueError("x"), read_only]))
+    assert not is_database_read_only(_EXC.AdminShutdownError("terminating connection"))
+
+
+async def test_a_session_that_refused_a_write_as_read_only_is_not_pooled_again(database_url: str) -> None:
+    """A session keeps the read-only default it started with; the pool must
+    replace it, or writes fail after the database is writable again."""
+    pool = await db.open_pool(database_url, min_size=1, max_size=1, statement_cache_size=100)
+    try:
+        async with db.acquire(pool) as conn:
+            await conn.execute("SET default_transaction_read_only = on")  # as if it had started read-only
+            pid = conn.get_server_pid()
+        with pytest.raises(_EXC.ReadOnlySQLTransactionError):
+            async with db.transaction(pool, 5.0) as conn:
+                assert conn.get_server_pid() == pid  # the same session
+                await conn.execute("CREATE TABLE never_created (x int)")
+        async with db.transaction(pool, 5.0) as conn:  # a new session, writable
+            assert conn.get_server_pid() != pid
+            assert await conn.fetchval("SELECT current_setting('transaction_read_only')") == "off"
+    finally:
+        await db.close_pool(pool)
 
 
 def _cart_event(user: str, quantity: int, event_id: str | None = None) -> Event:

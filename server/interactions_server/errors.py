@@ -6,8 +6,9 @@ Each exception below becomes one gRPC status (rpc/_status.py, the one place
 the mapping lives): InvalidArgument → INVALID_ARGUMENT with field
 violations, Unavailable → UNAVAILABLE, NotFound → NOT_FOUND, AlreadyExists →
 ALREADY_EXISTS, ResourceExhausted → RESOURCE_EXHAUSTED, DeadlineExceeded →
-DEADLINE_EXCEEDED; `is_database_unavailable` → UNAVAILABLE, `is_conflict` →
-ABORTED; anything else → INTERNAL.
+DEADLINE_EXCEEDED; `is_database_unavailable` → UNAVAILABLE (a read-only
+database, `is_database_read_only`, with a message of its own), `is_conflict`
+→ ABORTED; anything else → INTERNAL.
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ MAX_MESSAGE_LENGTH = 300  # of a status message
 # - operator intervention (57: admin/crash shutdown, cannot connect now, and
 #   a statement cancelled by our own deadline-derived statement_timeout);
 # - insufficient resources (53), system errors (58), an idle transaction
-#   timed out (25P03).
+#   timed out (25P03);
+# - a read-only database (25006: a standby after a failover, or
+#   default_transaction_read_only on): writes cannot commit here now.
+_READ_ONLY_CLASSES: tuple[type[BaseException], ...] = (asyncpg.exceptions.ReadOnlySQLTransactionError,)
 _UNAVAILABLE_CLASSES: tuple[type[BaseException], ...] = (
+    *_READ_ONLY_CLASSES,
     OSError,  # includes TimeoutError (pool acquire and connect timeouts)
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
@@ -90,6 +95,14 @@ def is_database_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return any(is_database_unavailable(e) for e in exc.exceptions)
     return isinstance(exc, _UNAVAILABLE_CLASSES) and not isinstance(exc, _NOT_UNAVAILABLE_CLASSES)
+
+
+def is_database_read_only(exc: BaseException) -> bool:
+    """Whether `exc` is a write refused because the database is read-only now
+    (one kind of `is_database_unavailable`: retry, here later or elsewhere)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(is_database_read_only(e) for e in exc.exceptions)
+    return isinstance(exc, _READ_ONLY_CLASSES)
 
 
 def is_conflict(exc: BaseException) -> bool:

@@ -139,6 +139,13 @@ class _Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+        self.database_writable = Gauge(
+            "interactions_database_writable",
+            "1 while the health probe finds the database accepting writes (0: down, or read-only: a standby, "
+            "default_transaction_read_only on; with workers: every live worker's probe).",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self._grpc_children: dict[tuple[str, str, str], tuple[Counter, Counter, Counter, Histogram]] = {}
 
     def grpc_children(self, labels: tuple[str, str, str]) -> tuple[Counter, Counter, Counter, Histogram]:
@@ -315,6 +322,10 @@ def group_commit_queued(delta: int) -> None:
 
 def set_database_up(up: bool) -> None:
     instruments().database_up.set(1 if up else 0)
+
+
+def set_database_writable(writable: bool) -> None:
+    instruments().database_writable.set(1 if writable else 0)
 
 
 def watch_pool(pool: asyncpg.Pool, interval: float = POOL_SAMPLE_INTERVAL) -> None:

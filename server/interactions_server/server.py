@@ -63,6 +63,7 @@ class Parts:
 class Service:
     descriptor: ServiceDescriptor
     create: Callable[[Parts], object]  # the servicer
+    reads_only: bool = False  # serves on a read-only database (health stays SERVING there)
 
 
 # Every service the server registers (health and reflection aside), in one list.
@@ -79,10 +80,12 @@ SERVICES: tuple[Service, ...] = (
     Service(
         user_state_service_pb2.DESCRIPTOR.services_by_name["UserStateService"],
         lambda parts: UserStateService(parts.pool, parts.keyring),
+        reads_only=True,
     ),
     Service(
         analytics_service_pb2.DESCRIPTOR.services_by_name["AnalyticsService"],
         lambda parts: AnalyticsService(parts.pool, parts.analytics_pool, parts.keyring),
+        reads_only=True,
     ),
     Service(
         admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"],
@@ -91,6 +94,7 @@ SERVICES: tuple[Service, ...] = (
 )
 SERVICE_DESCRIPTORS: tuple[ServiceDescriptor, ...] = tuple(s.descriptor for s in SERVICES)
 SERVICE_NAMES: tuple[str, ...] = tuple(d.full_name for d in SERVICE_DESCRIPTORS)
+READ_SERVICE_NAMES: tuple[str, ...] = tuple(s.descriptor.full_name for s in SERVICES if s.reads_only)
 
 
 def required_scopes() -> dict[str, str]:
@@ -178,9 +182,12 @@ class Server:
             max_size=config.analytics_pool_max_size,
             statement_cache_size=config.statement_cache_size,
         )
+        pools = (self._pool, self._analytics_pool)
         self._health = rpc.DatabaseHealth(
             self.dsn,
             SERVICE_NAMES,
+            read_services=READ_SERVICE_NAMES,
+            on_writability_change=lambda: storage.renew_connections(*pools),
             interval=config.health_interval,
             timeout=config.health_timeout,
             statement_cache_size=config.statement_cache_size,

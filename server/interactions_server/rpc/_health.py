@@ -1,8 +1,9 @@
 """grpc.health.v1 status that follows the database.
 
 Every service is SERVING while the database answers the probe
-(storage.Probe: `SELECT 1` within a short timeout, on a connection of its own)
-and NOT_SERVING otherwise.
+(storage.Probe: within a short timeout, on a connection of its own) and
+accepts writes; NOT_SERVING when it does not answer; while it answers
+read-only, only the services that merely read stay SERVING (DatabaseHealth).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -71,23 +72,38 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             self._changed.notify_all()
 
 
+UP, READ_ONLY, DOWN = "up", "read-only", "down"  # what the probe found
+
+
 class DatabaseHealth:
-    """Owns the health servicer and the periodic database probe."""
+    """Owns the health servicer and the periodic database probe.
+
+    The database up and writable: every service SERVING. Up but read-only (a
+    standby after a failover, or default_transaction_read_only on): the
+    services that only read (`read_services`) stay SERVING, the overall
+    status ("") and every other service go NOT_SERVING, as their writes are
+    answered UNAVAILABLE. Down: every service NOT_SERVING. When writability
+    changes, `on_writability_change` runs (the server renews its pools'
+    sessions, which keep the read-only state they started with)."""
 
     def __init__(
         self,
         dsn: str,
         services: Iterable[str],
         *,
+        read_services: Iterable[str] = (),
         interval: float = 1.0,
         timeout: float = 1.0,
         statement_cache_size: int = 100,
+        on_writability_change: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.servicer = HealthServicer()
         self._probe = storage.Probe(dsn, timeout=timeout, statement_cache_size=statement_cache_size)
         self._services = [health.OVERALL_HEALTH, *services]
+        self._read_services = frozenset(read_services)
         self._interval = interval
-        self._up: bool | None = None  # None until the first probe
+        self._on_writability_change = on_writability_change
+        self._state: str | None = None  # None until the first probe
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -97,13 +113,13 @@ class DatabaseHealth:
         self._task = asyncio.create_task(self._run(), name="database-health")
 
     async def check(self) -> bool:
-        """Probes the database once and publishes the result; returns it."""
+        """Probes the database once and publishes the result; returns whether it answered."""
         try:
-            await self._probe.check()
+            writable = await self._probe.check()
         except Exception as exc:  # whatever the reason, the database did not answer
-            await self._publish(False, f"{type(exc).__name__}: {exc}".strip())
+            await self._publish(DOWN, f"{type(exc).__name__}: {exc}".strip())
             return False
-        await self._publish(True, "")
+        await self._publish(UP if writable else READ_ONLY, "")
         return True
 
     async def shutdown(self) -> None:
@@ -121,14 +137,26 @@ class DatabaseHealth:
             await asyncio.sleep(self._interval)
             await self.check()
 
-    async def _publish(self, up: bool, reason: str) -> None:
-        if up == self._up:
+    async def _publish(self, state: str, reason: str) -> None:
+        previous, self._state = self._state, state
+        if state == previous:
             return
-        self._up = up
-        metrics.set_database_up(up)
-        if up:
-            _log.info("database up")
+        metrics.set_database_up(state != DOWN)
+        metrics.set_database_writable(state == UP)
+        if state == UP:
+            _log.info("database writable again" if previous == READ_ONLY else "database up")
+        elif state == READ_ONLY:
+            _log.warning(
+                "database read-only (a standby, or default_transaction_read_only on): writes are answered "
+                "UNAVAILABLE and health is NOT_SERVING but for the services that only read (%s)",
+                ", ".join(sorted(self._read_services)) or "none",
+            )
         else:
             _log.warning("database down: %s", reason)
         for service in self._services:
-            await self.servicer.set(service, SERVING if up else NOT_SERVING)
+            serving = state == UP or (state == READ_ONLY and service in self._read_services)
+            await self.servicer.set(service, SERVING if serving else NOT_SERVING)
+        if previous is not None and state != DOWN and self._on_writability_change is not None:
+            # Back from down, the pools' broken sessions are replaced anyway;
+            # either way, every session should start anew in the new state.
+            await self._on_writability_change()

@@ -14,7 +14,8 @@ StatusInterceptor applies `abort_for` around every handler:
 - `DeadlineExceeded(message)` → DEADLINE_EXCEEDED (our own deadline guard or
   statement_timeout cancelled the transaction);
 - a database failure that is not the caller's fault (see
-  `is_database_unavailable`: classified by asyncpg's exception classes) → UNAVAILABLE;
+  `is_database_unavailable`: classified by asyncpg's exception classes) → UNAVAILABLE,
+  saying so when the database is read-only (`is_database_read_only`);
 - a transaction conflict (deadlock, serialization failure) → ABORTED;
 - anything else → INTERNAL with a generic message; the traceback is logged
   here and never sent to the caller.
@@ -49,6 +50,7 @@ from interactions_server.errors import (
     ResourceExhausted,
     Unavailable,
     is_conflict,
+    is_database_read_only,
     is_database_unavailable,
     summarize,
 )
@@ -58,6 +60,10 @@ from interactions_server.rpc._handlers import MalformedRequest
 _log = logging.getLogger("interactions_server.errors")
 
 DATABASE_UNAVAILABLE_MESSAGE = "database unavailable; retry later"
+DATABASE_READ_ONLY_MESSAGE = (
+    "the database is read-only (a standby after a failover, or default_transaction_read_only on): "
+    "writes cannot commit now; retry later"
+)
 INTERNAL_MESSAGE = "internal error"
 CONFLICT_MESSAGE = "transaction conflict; retry"
 
@@ -96,6 +102,10 @@ async def abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: s
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, DeadlineExceeded):
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+    if is_database_read_only(exc):
+        # Health says it once (NOT_SERVING, one WARNING); reads go on.
+        _log.debug("%s: database read-only: %s", method, _short(exc))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_READ_ONLY_MESSAGE)
     if is_database_unavailable(exc):
         # No traceback, and DEBUG only: the health probe logs one WARNING when
         # the database goes away and one INFO when it is back.

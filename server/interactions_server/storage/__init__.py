@@ -60,7 +60,15 @@ from interactions_server.storage._events import (
 )
 from interactions_server.storage._keys import load_keyring
 from interactions_server.storage._migrate import MigrationError, migrate
-from interactions_server.storage._pool import Probe, acquire, close_pool, open_pool, quiet_pool_logs, transaction
+from interactions_server.storage._pool import (
+    Probe,
+    acquire,
+    close_pool,
+    open_pool,
+    quiet_pool_logs,
+    renew_connections,
+    transaction,
+)
 from interactions_server.storage._state import (
     STATE_TABLES,
     HistoryRow,
@@ -127,6 +135,7 @@ __all__ = [
     "open_pool",
     "quiet_pool_logs",
     "record_audit",
+    "renew_connections",
     "search_outcomes",
     "session_events",
     "session_timeline",

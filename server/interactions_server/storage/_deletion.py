@@ -15,6 +15,7 @@ import asyncpg
 
 from interactions_server.keyring import SubjectHash
 from interactions_server.storage._audit import DELETE_USER_DATA, AuditRecord, record_audit
+from interactions_server.storage._pool import acquire
 
 
 class DeletionCounts(NamedTuple):
@@ -101,7 +102,7 @@ SELECT (SELECT count(*) FROM events WHERE user_id = $1),
 async def delete_user_data(pool: asyncpg.Pool, user_id: str, *, actor: str, subject: SubjectHash) -> DeletionCounts:
     """Deletes every row of the user and records the watermark and the audit
     record (`actor` asked; `subject`: the user's keyed hash), in one transaction."""
-    async with pool.acquire() as conn, conn.transaction():
+    async with acquire(pool) as conn, conn.transaction():
         events, latest, deleted_ids = await conn.fetchrow(_DELETE_EVENTS, user_id)
         await conn.execute(_LOCK, user_id)
         cart, wishlist, purchases, deleted_through, late_ids, late_times = await conn.fetchrow(

@@ -36,7 +36,7 @@ class PartitionKeeper:
         self._pool = pool
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
-        self._lock_busy = False  # logged once per run of failed tries
+        self._lock_busy = False  # lock busy or database read-only: logged once per run of failed tries
 
     async def start(self) -> None:
         done = await self.ensure()
@@ -55,17 +55,18 @@ class PartitionKeeper:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
                 created = await ensure_event_partitions(conn, MONTHS_BACK, MONTHS_AHEAD)
-        except asyncpg.LockNotAvailableError:
+        except (asyncpg.LockNotAvailableError, asyncpg.ReadOnlySQLTransactionError) as exc:
             if not self._lock_busy:
-                _log.warning(
-                    "event log partitions not created yet: the event log is locked by a long "
-                    "transaction (an export?); retrying every %.0f s",
-                    RETRY_INTERVAL,
+                why = (
+                    "the database is read-only (a standby, or default_transaction_read_only on)"
+                    if isinstance(exc, asyncpg.ReadOnlySQLTransactionError)
+                    else "the event log is locked by a long transaction (an export?)"
                 )
+                _log.warning("event log partitions not created yet: %s; retrying every %.0f s", why, RETRY_INTERVAL)
                 self._lock_busy = True
             return False
         if self._lock_busy:
-            _log.info("event log partitions checked after waiting for the lock")
+            _log.info("event log partitions checked after waiting")
             self._lock_busy = False
         if created:
             _log.info("created %d monthly partition(s) of the event log", created)

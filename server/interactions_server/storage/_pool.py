@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from interactions_server.errors import is_database_unavailable
+from interactions_server.errors import is_database_read_only, is_database_unavailable
 
 _log = logging.getLogger("interactions_server.server")
 
@@ -65,10 +65,17 @@ def _healthy_after(exc: BaseException) -> bool:
     """Whether the connection may go back to the pool after `exc`: PostgreSQL
     reported an error on a live connection (the pool's reset rolls back), or
     the call was cancelled (asyncpg then cancels the running statement
-    in PostgreSQL, and the pool waits for that before reusing the connection)."""
+    in PostgreSQL, and the pool waits for that before reusing the connection).
+    Not a session that refused a write as read-only: it may stay read-only
+    (default_transaction_read_only is read when a session starts) after the
+    database is writable again; a new session gets the database's state."""
     if isinstance(exc, asyncio.CancelledError):
         return True
-    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, asyncpg.PostgresConnectionError)
+    return (
+        isinstance(exc, asyncpg.PostgresError)
+        and not isinstance(exc, asyncpg.PostgresConnectionError)
+        and not is_database_read_only(exc)
+    )
 
 
 @contextlib.asynccontextmanager
@@ -136,30 +143,81 @@ def quiet_pool_logs() -> None:
         logger.addFilter(_QUIET)
 
 
+# Whether this session can write: not on a standby, not read-only by default
+# (default_transaction_read_only, from postgresql.conf, the database, the role).
+_WRITABLE = "SELECT NOT (pg_is_in_recovery() OR current_setting('transaction_read_only')::bool)"
+PROBE_RECONNECT_SECONDS = 5.0  # the longest the probe keeps one session while the database is writable
+
+
 class Probe:
     """`SELECT 1` on a connection of its own, not the pool's, so that a pool
-    saturated by ingestion is not mistaken for a dead database."""
+    saturated by ingestion is not mistaken for a dead database; it also asks
+    whether a session can write.
 
-    def __init__(self, dsn: str, *, timeout: float, statement_cache_size: int) -> None:
+    A session reads default_transaction_read_only when it starts (from the
+    database's or role's settings; postgresql.conf is re-read on reload), so
+    the probe takes a new session to see what the pool's next sessions will
+    get: at every check while the database is read-only (to see it become
+    writable), else every PROBE_RECONNECT_SECONDS (to see `ALTER DATABASE ...
+    SET default_transaction_read_only` without waiting for a restart). A
+    session that fails (terminated by an administrator, say) is replaced
+    once before the database counts as not answering."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        timeout: float,
+        statement_cache_size: int,
+        reconnect_after: float = PROBE_RECONNECT_SECONDS,
+    ) -> None:
         self._dsn = dsn
         self._timeout = timeout
         self._statement_cache_size = statement_cache_size
+        self._reconnect_after = reconnect_after
         self._connection: asyncpg.Connection | None = None
+        self._connected_at = 0.0
+        self._writable = True
 
-    async def check(self) -> None:
-        """Returns when the database answered within the timeout; raises (and
-        drops the connection) otherwise."""
+    async def check(self) -> bool:
+        """True when the database answered within the timeout and accepts
+        writes, False when it answered read-only; raises (and drops the
+        connection) when it did not answer."""
+        loop = asyncio.get_running_loop()
+        stale = not self._writable or loop.time() - self._connected_at >= self._reconnect_after
+        if stale:
+            self.close()
+        try:
+            self._writable = await self._ask()
+        except Exception:
+            self.close()
+            if stale:  # already a new session: the database did not answer
+                raise
+            self._writable = await self._ask()  # one new session, then give up
+        return self._writable
+
+    async def _ask(self) -> bool:
         try:
             if self._connection is None or self._connection.is_closed():
                 self._connection = await asyncpg.connect(
                     self._dsn, timeout=self._timeout, statement_cache_size=self._statement_cache_size
                 )
-            await self._connection.fetchval("SELECT 1", timeout=self._timeout)
+                self._connected_at = asyncio.get_running_loop().time()
+            writable: bool = await self._connection.fetchval(_WRITABLE, timeout=self._timeout)
         except Exception:  # whatever the reason, the database did not answer
             self.close()
             raise
+        return writable
 
     def close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed():
             connection.terminate()  # no graceful close: the database may be gone
+
+
+async def renew_connections(*pools: asyncpg.Pool) -> None:
+    """Replaces every connection of `pools` with a new session, when each is
+    next acquired (idle ones at once, those in use when released): after the
+    database turned read-only or writable, so that every session has its state."""
+    for pool in pools:
+        await pool.expire_connections()
