@@ -96,6 +96,26 @@ async def test_an_unreachable_database_after_the_start_up_timeout() -> None:
     assert "secret" not in line  # never the password
 
 
+@pytest.mark.parametrize("command", ["migrate", "serve"])
+async def test_a_migration_the_database_refuses_is_named_with_the_databases_error(
+    empty_database_url: str, command: str
+) -> None:
+    """As after an upgrade where plpgsql no longer loads: the line says which
+    migration failed and why, at once (not "cannot reach the database" after
+    --startup-timeout), exit status 2, no traceback."""
+    connection = await asyncpg.connect(empty_database_url)
+    try:
+        await connection.execute("DROP EXTENSION plpgsql")
+    finally:
+        await connection.close()
+    line = await operator_error(
+        command, "--listen", "127.0.0.1:0", "--database-url", empty_database_url, "--startup-timeout", "60"
+    )
+    assert "migration 0001_initial.sql failed and was rolled back" in line
+    assert 'language "plpgsql" does not exist' in line and "SQLSTATE 42704" in line
+    assert "cannot reach" not in line
+
+
 async def test_the_migrate_command_reports_the_same_way(postgres_url: str) -> None:
     line = await operator_error("migrate", "--database-url", with_database(postgres_url, "no_such_database"))
     assert "does not exist" in line

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ from interactions_client.v1.event_pb2 import EventType
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
 from interactions_client.v1.user_state_service_pb2_grpc import UserStateServiceStub
 from interactions_server.rpc import DATABASE_UNAVAILABLE_MESSAGE, INTERNAL_MESSAGE
-from interactions_server.server import SERVICE_NAMES, App, StartupError
+from interactions_server.server import SERVICE_NAMES, App, ServerConfig, StartupError
 from interactions_server.storage import _migrate as migrate
+from interactions_server.storage import migrate_when_reachable
 from tests.events import valid_event
 from tests.support import (
     StartServer,
@@ -273,14 +275,44 @@ async def test_a_failing_migration_leaves_no_trace_and_is_retried(tmp_path: Path
         tmp_path / "migrations",
         {"0001_ok.sql": "CREATE TABLE ok (id int);", "0002_broken.sql": "CREATE TABLE half (id int); SELECT 1/0;"},
     )
-    with pytest.raises(asyncpg.DivisionByZeroError):
+    with pytest.raises(
+        migrate.MigrationFailed, match=r"migration 0002_broken\.sql failed .*division by zero"
+    ) as failed:
         await migrate.migrate(empty_database_url, directory)
+    assert isinstance(failed.value.__cause__, asyncpg.DivisionByZeroError)
     versions = await fetch(empty_database_url, "SELECT version FROM schema_migrations")
     assert [r["version"] for r in versions] == [1]
     assert (await fetch(empty_database_url, "SELECT to_regclass('half') AS t"))[0]["t"] is None
 
     (directory / "0002_broken.sql").write_text("CREATE TABLE half (id int);")
     assert [m.version for m in await migrate.migrate(empty_database_url, directory)] == [2]
+
+
+async def test_a_migration_the_database_refuses_is_reported_at_once_naming_it(
+    tmp_path: Path, empty_database_url: str
+) -> None:
+    """A library PostgreSQL cannot load (as when plpgsql would not load after an
+    upgrade: SQLSTATE 58P01, a "system error" class that also means a
+    database in trouble) is the migration's failure, reported at once, not
+    30 s of waiting ending in "cannot reach the database"."""
+    directory = write_migrations(
+        tmp_path / "migrations",
+        {
+            "0001_ok.sql": "CREATE TABLE ok (id int);",
+            "0002_needs_a_library.sql": "CREATE FUNCTION f() RETURNS int AS '$libdir/no_such_library', 'f' LANGUAGE C;",
+        },
+    )
+    config = ServerConfig(database_url=empty_database_url, startup_timeout=30)
+    started = time.monotonic()
+    with pytest.raises(StartupError) as failed:
+        await migrate_when_reachable(config, empty_database_url, directory)
+    assert time.monotonic() - started < 5
+    message = str(failed.value)
+    assert message.startswith("migration 0002_needs_a_library.sql failed and was rolled back: ")
+    assert "no_such_library" in message and "SQLSTATE 58P01" in message
+    assert "cannot reach" not in message
+    versions = await fetch(empty_database_url, "SELECT version FROM schema_migrations")
+    assert [r["version"] for r in versions] == [1]
 
 
 @pytest.mark.parametrize("name", ["1-initial.sql", "0001_initial.SQL.sql", "initial.sql"])

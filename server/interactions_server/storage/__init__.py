@@ -59,7 +59,7 @@ from interactions_server.storage._events import (
     insert_events,
 )
 from interactions_server.storage._keys import load_keyring
-from interactions_server.storage._migrate import MigrationError, migrate
+from interactions_server.storage._migrate import MigrationError, MigrationFailed, migrate
 from interactions_server.storage._pool import (
     Probe,
     acquire,
@@ -98,6 +98,7 @@ __all__ = [
     "InsertOutcome",
     "LatePosition",
     "MigrationError",
+    "MigrationFailed",
     "Probe",
     "PurchaseRecord",
     "PurchaseRow",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.parse
+from pathlib import Path
 
 import asyncpg
 
@@ -77,17 +78,21 @@ class Database:
             await asyncio.to_thread(embedded.stop)
 
 
-async def migrate_when_reachable(config: ServerConfig, dsn: str) -> None:
-    """Applies the migrations, waiting up to config.startup_timeout for the
-    database to become reachable (it may be starting alongside this server).
-    A database that refuses this server (no such database, a wrong password,
-    a bad URL) is a StartupError at once."""
+async def migrate_when_reachable(config: ServerConfig, dsn: str, directory: Path | None = None) -> None:
+    """Applies the migrations (of `directory`, default the shipped ones),
+    waiting up to config.startup_timeout for the database to become reachable
+    (it may be starting alongside this server). A database that refuses this
+    server (no such database, a wrong password, a bad URL) or a migration
+    (MigrationFailed: which one, and the database's error) is a StartupError
+    at once."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     while True:
         try:
-            await _migrate.migrate(dsn, statement_cache_size=config.statement_cache_size)
+            await _migrate.migrate(dsn, directory, statement_cache_size=config.statement_cache_size)
             return
+        except StartupError:
+            raise
         except Exception as exc:
             if (operator_error := database_error(exc, dsn)) is not None:
                 raise operator_error from exc

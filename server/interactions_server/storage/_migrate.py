@@ -16,6 +16,8 @@ from pathlib import Path
 
 import asyncpg
 
+from interactions_server.errors import StartupError
+
 _log = logging.getLogger("interactions_server.migrate")
 
 # pg_advisory_lock key shared by every runner of this service ("interact").
@@ -33,6 +35,40 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 
 class MigrationError(Exception):
     """The migrations directory or one of its files is not usable as is."""
+
+
+class MigrationFailed(StartupError):
+    """PostgreSQL refused a migration (rolled back; nothing of it applied):
+    the message names the file and gives the database's error. Not retried:
+    the database answered, and waiting will not change its answer."""
+
+    def __init__(self, step: str, exc: asyncpg.PostgresError) -> None:
+        self.step = step
+        super().__init__(f"{step} failed and was rolled back: {describe_postgres_error(exc)}; fix that and start again")
+
+
+# The connection went away, or the server is shutting down or starting up:
+# the database did not answer the migration (retried by the caller).
+_CONNECTION_LOST = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+
+
+def describe_postgres_error(exc: asyncpg.PostgresError) -> str:
+    """PostgreSQL's own words: "message (SQLSTATE xxxxx, ClassName); detail; hint"."""
+    parts = [f"{exc.args[0] if exc.args else exc} (SQLSTATE {exc.sqlstate}, {type(exc).__name__})"]
+    parts += [f"{label}: {text}" for label, text in (("detail", exc.detail), ("hint", exc.hint)) if text]
+    return "; ".join(parts)
+
+
+def _refused(step: str, exc: BaseException) -> BaseException:
+    """`exc` as a MigrationFailed when PostgreSQL answered it, else as it is."""
+    if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _CONNECTION_LOST):
+        return MigrationFailed(step, exc)
+    return exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +127,10 @@ async def apply(connection: asyncpg.Connection, directory: Path | None = None) -
     # then find nothing left to do.
     await connection.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
     try:
-        await connection.execute(_CREATE_TABLE)
+        try:
+            await connection.execute(_CREATE_TABLE)
+        except Exception as exc:  # a read-only database, a role that may not create tables...
+            raise _refused("creating the table schema_migrations", exc) from exc
         applied_versions = {r["version"] for r in await connection.fetch("SELECT version FROM schema_migrations")}
         _warn_unknown(applied_versions, migrations)
         applied: list[Migration] = []
@@ -107,8 +146,8 @@ async def apply(connection: asyncpg.Connection, directory: Path | None = None) -
                         migration.name,
                     )
             except Exception as exc:
-                _log.error("migration %s failed (rolled back): %s: %s", migration.path.name, type(exc).__name__, exc)
-                raise
+                # Reported once, by whoever called (the command's one line).
+                raise _refused(f"migration {migration.path.name}", exc) from exc
             _log.info("applied migration %04d_%s", migration.version, migration.name)
             applied.append(migration)
         return applied
