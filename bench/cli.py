@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {defaults.busy_calls:,})",
     )
     parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra argument of interactions-server, e.g. --server-arg=--interactive-latency-target=0 "
+        "(repeatable; for A/B runs of its settings)",
+    )
+    parser.add_argument(
         "--no-prevalidate",
         dest="prevalidate",
         action="store_false",
@@ -168,6 +176,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         "connections": args.connections,
         "busy_events": args.busy_events,
         "busy_calls": args.busy_calls,
+        "server_args": tuple(args.server_arg) or None,
         # The two switches override only when given (None: the config's own value).
         "prevalidate": None if args.prevalidate else False,
         "pg_defaults": True if args.pg_defaults else None,
@@ -205,6 +214,7 @@ async def run(config: BenchConfig) -> Results:
         connections=config.connections,
         prevalidate=config.prevalidate,
         pg_defaults=config.pg_defaults,
+        server_args=config.server_args,
     )
     log_dir = Path(tempfile.mkdtemp(prefix="interactions-bench-logs-"))
     db = EmbeddedDatabase(pg_defaults=config.pg_defaults)
@@ -212,7 +222,7 @@ async def run(config: BenchConfig) -> Results:
     try:
         _progress("starting the embedded PostgreSQL")
         await asyncio.to_thread(db.start)
-        server = ServiceProcess.interactions_server(db.url, log_dir, workers=config.workers)
+        server = ServiceProcess.interactions_server(db.url, log_dir, workers=config.workers, extra=config.server_args)
         _progress(f"starting {' '.join(server.command)}")
         await server.start()
         bench = measures.Bench(config, db, server, log_dir, _progress)
@@ -247,6 +257,8 @@ async def _measure(bench: measures.Bench, results: Results) -> None:
         results.latency = await measures.latency(bench, results.unary.rate)
     if "k" in only:
         results.busy = await measures.busy_latency(bench)
+    if "k2" in only:
+        results.inline = await measures.inline_latency(bench, results.unary, results.bulk)
     if "e" in only:
         results.memory = await measures.memory(bench)
     if "g" in only:

@@ -17,6 +17,7 @@ MEASURES: dict[str, str] = {
     "i": "ExportTrainingData over the analytics log: seconds and server RSS",
     "j": "TopSearchQueries and CountActiveUsers over 7 days of the analytics log: latency",
     "k": "LogEvent latency at 200 calls/s while a bulk stream runs at full speed",
+    "k2": "LogEvent at a quarter of its own maximum, alone and beside a full-speed stream; 1 and 2 workers",
 }
 
 
@@ -43,6 +44,9 @@ class BenchConfig:
     busy_events: int = 200_000  # (k): the bulk stream, about 10 s at full speed
     busy_calls: int = 2_000  # (k): LogEvent calls at busy_rate, as long as the stream or longer
     busy_rate: float = 200.0  # (k): calls/s
+    inline_share: float = 0.25  # (k2): the LogEvent rate, as a share of its own closed-loop maximum
+    inline_workers: tuple[int, ...] = (1, 2)  # (k2): the server's --workers (as many client connections)
+    server_args: tuple[str, ...] = ()  # extra arguments of interactions-server (A/B runs of its settings)
     prevalidate: bool = True  # the bulk streams' client pre-validates (the shipped default)
     pg_defaults: bool = False  # PostgreSQL's own defaults instead of the embedded server's machine settings
     seed: int = 5

@@ -23,6 +23,7 @@ Progress = Callable[[str], None]
 # Seeds per measure: the ceiling copies exactly the events of (b).
 SEED_BULK, SEED_UNARY_CEILING, SEED_UNARY, SEED_LATENCY, SEED_MEMORY, SEED_GROWTH, SEED_FANOUT, SEED_WARMUP = range(8)
 SEED_BUSY_BULK, SEED_BUSY_UNARY = 8, 9
+SEED_INLINE_BULK, SEED_INLINE_UNARY, SEED_INLINE_MAX = 10, 11, 12
 
 
 @dataclass(slots=True)
@@ -460,6 +461,150 @@ async def busy_latency(bench: Bench) -> BusyLatency:
         f"(k) p99 {result.p99 * 1000:.1f} ms over {result.calls} calls; the stream ran at {bulk.rate:,.0f} events/s"
     )
     return result
+
+
+# --- (k2) -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class CallLatency:
+    """Open-loop LogEvent calls: latency from each call's scheduled start."""
+
+    calls: int  # the calls counted (for "beside": those scheduled while the stream ran)
+    p50: float
+    p99: float
+    max: float
+    run: Throughput  # every call of the run (its problems void the figure)
+
+
+@dataclass(slots=True)
+class InlineLatency:
+    """(k2) for one server set-up: LogEvent at a quarter of its own maximum,
+    alone and beside one full-speed stream, and the stream alone and beside."""
+
+    workers: int
+    connections: int
+    max_rate: float  # closed-loop LogEvent calls/s, the same set-up
+    rate: float  # offered
+    alone: CallLatency
+    beside: CallLatency
+    stream_solo: Throughput
+    stream_beside: Throughput
+
+
+def _latency_of(result: LoadResult, run: Throughput, window: tuple[float, float] | None = None) -> CallLatency:
+    due = result.due_times
+    latencies = sorted(
+        latency
+        for when, latency in zip(due, result.latencies, strict=True)
+        if window is None or window[0] <= when <= window[1]
+    )
+    return CallLatency(
+        len(latencies),
+        percentile(latencies, 0.5),
+        percentile(latencies, 0.99),
+        latencies[-1] if latencies else float("nan"),
+        run,
+    )
+
+
+async def _k2_run(
+    bench: Bench, service: ServiceProcess, jobs: list[StreamJob | UnaryJob], label: str
+) -> tuple[LoadOutcome, CpuShares]:
+    bench.progress(label)
+    async with LoadRun(jobs, timeout=bench.load_timeout(bench.config.busy_events)) as run:
+        await database.reset_log(bench.url)
+        meter = bench.meter(service.pid)
+        meter.start()
+        outcome = await run.go()
+        cpu = meter.stop(outcome.cpu_seconds)
+    return outcome, cpu
+
+
+async def inline_latency(
+    bench: Bench, unary_max: Throughput | None, bulk_solo: Throughput | None
+) -> list[InlineLatency]:
+    """(k2) with one worker and one client connection (the main server; the
+    maxima of (d) and (b) when they ran), then with each other --workers of
+    the configuration and as many client connections (a server of its own)."""
+    results = []
+    for workers in bench.config.inline_workers:
+        if workers == bench.config.workers:
+            server, connections = bench.server, bench.config.connections
+            results.append(await _inline(bench, server, workers, connections, unary_max, bulk_solo))
+            continue
+        service = ServiceProcess.interactions_server(
+            bench.url, bench.log_dir, workers=workers, extra=bench.config.server_args, name=f"server-{workers}w"
+        )
+        bench.progress(f"(k2) starting {' '.join(service.command)}")
+        await service.start()
+        try:
+            results.append(await _inline(bench, service, workers, workers, None, None))
+        finally:
+            await service.stop()
+    return results
+
+
+async def _inline(
+    bench: Bench,
+    service: ServiceProcess,
+    workers: int,
+    connections: int,
+    unary_max: Throughput | None,
+    bulk_solo: Throughput | None,
+) -> InlineLatency:
+    config = bench.config
+    where = f"(k2) {workers} worker(s), {connections} connection(s)"
+    base_time = time.time()
+
+    def stream_job(seed: int) -> StreamJob:
+        return StreamJob(
+            service.target,
+            bench.seed(seed),
+            (0,),
+            1,
+            config.busy_events,
+            base_time,
+            batch_size=config.batch_size,
+            own_connections=connections > 1,
+            validate=config.prevalidate,
+        )
+
+    def unary_job(seed: int, calls: int, callers: int, rate: float | None) -> UnaryJob:
+        return UnaryJob(
+            service.target, bench.seed(seed), 0, 1, calls, callers, base_time, rate, connections=connections
+        )
+
+    if unary_max is None or bulk_solo is None:
+        outcome, _ = await _k2_run(
+            bench, service, [unary_job(SEED_INLINE_MAX, config.unary_calls, config.callers, None)], f"{where}: maximum"
+        )
+        max_rate = outcome.rate
+        outcome, cpu = await _k2_run(bench, service, [stream_job(SEED_INLINE_BULK)], f"{where}: the stream alone")
+        stream_solo = _job_throughput(outcome.results[0], cpu)
+    else:
+        max_rate, stream_solo = unary_max.rate, bulk_solo
+    rate = config.inline_share * max_rate
+    # Calls for twice the stream's solo time: the stream beside them is slower.
+    seconds = 2 * config.busy_events / max(stream_solo.rate, 1.0)
+    calls = max(200, int(rate * seconds))
+    bench.progress(f"{where}: maximum {max_rate:,.0f} calls/s, so {rate:,.0f} calls/s; {calls:,} calls alone")
+    outcome, cpu = await _k2_run(bench, service, [unary_job(SEED_INLINE_UNARY, calls, 1, rate)], f"{where}: alone")
+    alone = _latency_of(outcome.results[0], _job_throughput(outcome.results[0], cpu))
+    outcome, cpu = await _k2_run(
+        bench,
+        service,
+        [stream_job(SEED_INLINE_BULK), unary_job(SEED_INLINE_UNARY + 100, calls, 1, rate)],
+        f"{where}: beside a {config.busy_events:,}-event stream",
+    )
+    streamed, called = outcome.results
+    beside = _latency_of(called, _job_throughput(called, cpu), (streamed.started, streamed.finished))
+    stream_beside = _job_throughput(streamed, cpu)
+    bench.progress(
+        f"{where}: p99 alone {alone.p99 * 1000:.1f} ms, beside {beside.p99 * 1000:.1f} ms; "
+        f"the stream {stream_beside.rate:,.0f} events/s beside, {stream_solo.rate:,.0f} alone"
+    )
+    return InlineLatency(workers, connections, max_rate, rate, alone, beside, stream_solo, stream_beside)
 
 
 # --- profiling ---------------------------------------------------------------------

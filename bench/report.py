@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.analytics import AnalyticsResults, QueryLatency
-from bench.measures import BusyLatency, Latency, Memory, Profile, Throughput
+from bench.measures import BusyLatency, CallLatency, InlineLatency, Latency, Memory, Profile, Throughput
 
 MB = 1024.0  # kB per MB
 RSS_LIMIT_MB = 250.0
@@ -33,6 +33,7 @@ class Results:
     fanout: dict[int, Throughput] = field(default_factory=dict)  # (g)
     analytics: AnalyticsResults | None = None  # (h), (i), (j)
     busy: BusyLatency | None = None  # (k)
+    inline: list[InlineLatency] = field(default_factory=list)  # (k2), one per server set-up
     profiles: dict[str, Profile] = field(default_factory=dict)
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -45,6 +46,7 @@ class Results:
     connections: int = 1  # client connections per load process
     prevalidate: bool = True  # the bulk streams' client pre-validated
     pg_defaults: bool = False  # PostgreSQL ran with its own defaults, not the embedded server's machine settings
+    server_args: tuple[str, ...] = ()  # extra arguments the server ran with
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,8 @@ def rows(results: Results) -> list[Row]:
                 noise=_noise(c),
             )
         )
+    if c is not None:
+        out.append(Row("c", "(c) CPU per call", _per_call(c), void=_void(c), noise=_noise(c)))
     if d is not None:
         text, ratio = _ratio(d.rate, c, "(c)")
         out.append(
@@ -151,6 +155,8 @@ def rows(results: Results) -> list[Row]:
                 _noise(c, d),
             )
         )
+    if d is not None:
+        out.append(Row("d", "(d) CPU per call", _per_call(d, postgres=True), void=_void(d), noise=_noise(d)))
     if (lat := results.latency) is not None:
         where = f"at {lat.rate:,.0f} calls/s (half max)"
         run = lat.throughput
@@ -227,6 +233,8 @@ def rows(results: Results) -> list[Row]:
         out.extend(analytics_rows(results.analytics))
     if (k := results.busy) is not None:
         out.extend(busy_rows(k, b))
+    for inline in results.inline:
+        out.extend(inline_rows(inline))
     for key, why in results.skipped.items():
         out.append(Row(key, f"({key}) skipped", why))
     return out
@@ -316,6 +324,56 @@ def busy_rows(k: BusyLatency, b: Throughput | None) -> list[Row]:
     ]
 
 
+def _per_call(t: Throughput, *, postgres: bool = False) -> str:
+    """CPU µs per call or event: the server's, PostgreSQL's, the clients'."""
+
+    def us(cores: float) -> str:
+        return f"{cores * t.cpu.wall_seconds / max(t.count, 1) * 1e6:,.0f} µs"
+
+    parts = [f"server {us(t.cpu.server)}"]
+    if postgres:
+        parts.append(f"PostgreSQL {us(t.cpu.postgres)}")
+    parts.append(f"client {us(t.cpu.client)}")
+    return ", ".join(parts)
+
+
+def inline_rows(k: InlineLatency) -> list[Row]:
+    setup = f"{k.workers} worker{'s' if k.workers > 1 else ''}, {k.connections} conn."
+    runs = (k.alone.run, k.beside.run, k.stream_solo, k.stream_beside)
+    void, noise = _void(*runs), _noise(*runs)
+    at = f"at {k.rate:,.0f}/s (1/4 of {k.max_rate:,.0f})"
+
+    def figures(c: CallLatency) -> str:
+        return f"p50 {_ms(c.p50)}, p99 {_ms(c.p99)}, max {_ms(c.max)} ({c.calls:,} calls)"
+
+    enough = k.beside.calls >= 100
+    floor = min(3 * k.alone.p99, 0.025)
+    stream_ratio = k.stream_beside.rate / k.stream_solo.rate if k.stream_solo.rate else 0.0
+    return [
+        Row("k2", f"(k2) {setup}: LogEvent {at}, alone", figures(k.alone), void=void, noise=noise),
+        Row(
+            "k2",
+            f"(k2) {setup}: LogEvent {at}, beside a stream",
+            figures(k.beside),
+            f"{k.beside.p99 / k.alone.p99:.1f}x alone p99" if k.alone.p99 > 0 else "",
+            "p99 <= 3x alone, <= 25 ms (aim 2x, 10)",
+            k.beside.p99 <= floor if enough else None,
+            void,
+            noise,
+        ),
+        Row(
+            "k2",
+            f"(k2) {setup}: the stream beside LogEvent",
+            f"{k.stream_beside.rate:,.0f} events/s (alone {k.stream_solo.rate:,.0f})",
+            f"{stream_ratio:.2f} of alone",
+            ">= 0.5 of alone (aim 0.7)",
+            stream_ratio >= 0.5,
+            void,
+            noise,
+        ),
+    ]
+
+
 def cpu_rows(results: Results) -> list[tuple[str, Throughput]]:
     named: list[tuple[str, Throughput | None]] = [
         ("(a) DB ceiling", results.ceiling),
@@ -328,6 +386,8 @@ def cpu_rows(results: Results) -> list[tuple[str, Throughput]]:
         *((f"(g) {s} stream(s)", g) for s, g in results.fanout.items()),
         *_analytics_cpu(results.analytics),
         ("(k) bulk + LogEvent", results.busy.bulk if results.busy else None),
+        *((f"(k2) {k.workers}w alone", k.alone.run) for k in results.inline),
+        *((f"(k2) {k.workers}w beside", k.stream_beside) for k in results.inline),
     ]
     return [(name, r) for name, r in named if r is not None]
 
@@ -383,6 +443,7 @@ def render(results: Results) -> str:
         f"{profiled}code: {results.code}; server --workers {results.workers}, {results.connections} client "
         f"connection(s) per load process; streamer pre-validation {'on' if results.prevalidate else 'OFF'}; "
         f"PostgreSQL {'own defaults' if results.pg_defaults else 'sized for the machine (embedded_db)'}; throughputs: best of {results.repeat} run(s); "
+        f"{'server args: ' + ' '.join(results.server_args) + '; ' if results.server_args else ''}"
         f"machine: {os.cpu_count()} cores; load average {results.load_before[0]:.2f} before, "
         f"{results.load_after[0]:.2f} after. CPU in cores (CPU s / wall s): irq = interrupt and softirq time (loopback "
         "networking), other = processes outside the benchmark, steal = taken by the hypervisor for other machines; "
@@ -443,6 +504,22 @@ def to_json(results: Results) -> dict[str, Any]:
             "bulk": throughput(results.busy.bulk),
             "unary": throughput(results.busy.unary),
         },
+        "k2_inline_latency": [
+            {
+                "workers": k.workers,
+                "connections": k.connections,
+                "max_rate": k.max_rate,
+                "rate": k.rate,
+                **{
+                    name: {"calls": c.calls, "p50": c.p50, "p99": c.p99, "max": c.max, "run": throughput(c.run)}
+                    for name, c in (("alone", k.alone), ("beside", k.beside))
+                },
+                "stream_solo": throughput(k.stream_solo),
+                "stream_beside": throughput(k.stream_beside),
+            }
+            for k in results.inline
+        ],
+        "server_args": list(results.server_args),
         "profiles": {name: asdict(p) for name, p in results.profiles.items()},
         "skipped": results.skipped,
     }

@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from interactions_client import InteractionsClient
@@ -44,11 +45,13 @@ class ServiceProcess:
         self._process: asyncio.subprocess.Process | None = None
 
     @classmethod
-    def interactions_server(cls, database_url: str, log_dir: Path, *, workers: int = 1) -> ServiceProcess:
-        command = [*server_command(), "--database-url", database_url, "--log-level", "WARNING"]
+    def interactions_server(
+        cls, database_url: str, log_dir: Path, *, workers: int = 1, extra: Sequence[str] = (), name: str = "server"
+    ) -> ServiceProcess:
+        command = [*server_command(), "--database-url", database_url, "--log-level", "WARNING", *extra]
         if workers > 1:
             command += ["--workers", str(workers)]
-        return cls("interactions-server", command, log_dir / "server.log")
+        return cls("interactions-server", command, log_dir / f"{name}.log")
 
     @classmethod
     def noop_server(cls, log_dir: Path) -> ServiceProcess:

@@ -60,7 +60,7 @@ def rss_mib(pid: int) -> tuple[int, int]:
 async def run(streams: int, batches: int) -> None:
     database = EmbeddedDatabase()
     url = await asyncio.to_thread(database.start)
-    server = ServiceProcess.interactions_server(url, database.directory)
+    server = ServiceProcess.interactions_server(url, database.directory, extra=sys.argv[3:])
     try:
         await server.start()
         async with grpc.aio.insecure_channel(server.target) as channel:

@@ -31,6 +31,7 @@ PACKAGE_NAMES = [
     "LogResult",
     "NotFoundError",
     "OverloadedError",
+    "ParallelStreamer",
     "PermissionDeniedError",
     "Rejection",
     "StreamTotals",
@@ -48,7 +49,7 @@ PACKAGE_NAMES = [
 MODULE_NAMES = {
     "interactions_client.client": ["InteractionsClient"],
     "interactions_client.sync_client": ["SyncInteractionsClient"],
-    "interactions_client.streamer": ["EventStreamer", "StreamTotals", "Undelivered"],
+    "interactions_client.streamer": ["EventStreamer", "ParallelStreamer", "StreamTotals", "Undelivered"],
     "interactions_client.sync_streamer": ["SyncEventStreamer"],
     "interactions_client.analytics": ["AsyncExport", "SyncExport", "ResumePolicy", "event_type_number", "to_datetime"],
     "interactions_client.errors": [

@@ -14,7 +14,8 @@ import asyncpg
 import grpc
 import pytest
 
-from interactions_client import limits
+from interactions_client import InteractionsClient, limits
+from interactions_client.streamer import EventStreamer
 from interactions_client.v1 import interaction_service_pb2 as pb
 from interactions_client.v1 import user_state_service_pb2 as state_pb
 from interactions_client.v1.event_pb2 import Event, EventType
@@ -312,24 +313,37 @@ async def test_keys_logged_before_fingerprints_existed_count_as_the_same_content
 # --- bounded load and memory ------------------------------------------------------
 
 
-async def test_calls_over_max_concurrent_rpcs_get_resource_exhausted_at_once(start_server: StartServer) -> None:
-    app = await start_server(max_concurrent_rpcs=2)
+async def test_streams_are_bounded_apart_from_calls_and_the_excess_gets_resource_exhausted_at_once(
+    start_server: StartServer,
+) -> None:
+    """Open streams (idle ones too) never take the slots of unary calls
+    (issue 17 item 4); streams beyond --max-open-streams are refused at once."""
+    app = await start_server(max_concurrent_rpcs=2, max_open_streams=2)
     async with grpc.aio.insecure_channel(app.address) as channel:
         stub = InteractionServiceStub(channel)
         streams = [stub.StreamEvents() for _ in range(2)]
         for stream in streams:
             await stream.write(pb.StreamEventsRequest(sequence=1, events=[]))
             await stream.read()
+        # Two streams open, the call limit 2: unary calls are still served.
+        answers = await asyncio.gather(*(stub.ListEventTypes(pb.ListEventTypesRequest(), timeout=5) for _ in range(2)))
+        assert all(a.event_types for a in answers)
         loop = asyncio.get_running_loop()
         started = loop.time()
+        third = stub.StreamEvents(timeout=5)
         with pytest.raises(grpc.aio.AioRpcError) as failure:
-            await stub.ListEventTypes(pb.ListEventTypesRequest(), timeout=5)
+            await third.read()
         assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "open streams" in (failure.value.details() or "")
         assert loop.time() - started < 1.0
         for stream in streams:
             await stream.done_writing()
             assert await stream.code() == grpc.StatusCode.OK
-        assert (await stub.ListEventTypes(pb.ListEventTypesRequest())).event_types
+        fourth = stub.StreamEvents(timeout=5)  # the slots are free again
+        await fourth.write(pb.StreamEventsRequest(sequence=1, events=[]))
+        assert (await fourth.read()).sequence == 1
+        await fourth.done_writing()
+        assert await fourth.code() == grpc.StatusCode.OK
 
 
 async def test_calls_waiting_in_core_count_toward_max_concurrent_rpcs(start_server: StartServer) -> None:
@@ -421,17 +435,73 @@ async def test_a_stream_reads_no_further_batch_while_the_budget_is_full(
 
 
 async def test_streams_whose_senders_are_idle_hold_no_budget(start_server: StartServer) -> None:
+    """A stream holds budget only for the batches it has received: idle
+    streams hold none, from the moment they open (issue 17 item 4)."""
     app = await start_server(max_inflight_bytes=100_000)
     async with grpc.aio.insecure_channel(app.address) as channel:
         stub = InteractionServiceStub(channel)
-        idle = [stub.StreamEvents() for _ in range(6)]  # each first reserves a quarter of the budget
+        idle = [stub.StreamEvents() for _ in range(6)]
         for call in idle:
             await call.wait_for_connection()
-        await asyncio.sleep(service.IDLE_RESERVATION_SECONDS + 0.3)
-        response = await stub.LogEvents(pb.LogEventsRequest(events=[_cart_event("u1", 1)]), timeout=5)
-        assert response.accepted_count == 1
+        await eventually(lambda: _streams_open(app, 6))
+        assert _budget(app).used == 0
+        response = await stub.LogEvents(pb.LogEventsRequest(events=[_cart_event("u1", 1)] * 25), timeout=5)
+        assert response.accepted_count == 1 and response.duplicate_count == 24
         for call in idle:
             call.cancel()
+
+
+def _budget(app: App) -> ByteBudget:
+    assert app.server is not None
+    servicer = app.server._servicers[0]
+    assert isinstance(servicer, service.InteractionService)
+    return servicer._budget
+
+
+async def _streams_open(app: App, count: int) -> bool:
+    assert app.server is not None
+    servicer = app.server._servicers[0]
+    assert isinstance(servicer, service.InteractionService)
+    return servicer.streams_open == count
+
+
+async def test_a_stream_idle_past_the_limit_is_closed_with_unavailable_unless_it_waits_for_answers(
+    start_server: StartServer, database_url: str
+) -> None:
+    app = await start_server(stream_idle_timeout=0.3)
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        stub = InteractionServiceStub(channel)
+        # A batch in flight for longer than the limit (its write blocked): the
+        # stream waits for its answer, it is not idle.
+        async with events_table_locked(database_url) as lock:
+            busy = stub.StreamEvents(timeout=20)
+            await busy.write(pb.StreamEventsRequest(sequence=1, events=[_cart_event("u1", 1)]))
+            await eventually(lambda: has_blocked_writes(lock, 1))
+            await asyncio.sleep(0.6)
+        assert (await busy.read()).accepted_count == 1
+        # Then nothing is sent: closed, with a status that says why and what to do.
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await busy.read()
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "--stream-idle-timeout" in (failure.value.details() or "")
+        assert asyncio.get_running_loop().time() - started < 5
+
+
+async def test_the_streamer_reopens_a_stream_the_server_closed_for_idleness(start_server: StartServer) -> None:
+    app = await start_server(stream_idle_timeout=0.2)
+    async with InteractionsClient(app.address) as client:
+        async with client.stream(linger=0.01) as streamer:
+            await streamer.send(_cart_event("u1", 1))
+            await eventually(lambda: _acknowledged(streamer, 1))
+            await asyncio.sleep(0.6)  # closed by the server meanwhile
+            await streamer.send(_cart_event("u2", 1))
+        assert streamer.totals.accepted == 2 and streamer.totals.failed == 0
+        assert streamer.totals.reconnects == 1
+
+
+async def _acknowledged(streamer: EventStreamer, count: int) -> bool:
+    return streamer.totals.accepted == count
 
 
 async def test_byte_budget_grants_in_order_and_lets_an_oversized_request_through_alone() -> None:

@@ -21,7 +21,7 @@ from interactions_client.errors import (
 from interactions_client.results import BatchResult, LogResult, Rejection
 from interactions_client.rpc_protos import Violation
 from interactions_client.rules import RULES, STANDARD, TypeRule
-from interactions_client.streamer import EventStreamer, StreamTotals, Undelivered
+from interactions_client.streamer import EventStreamer, ParallelStreamer, StreamTotals, Undelivered
 from interactions_client.sync_client import SyncInteractionsClient
 from interactions_client.sync_streamer import SyncEventStreamer
 from interactions_client.v1.event_pb2 import Event, EventType, FieldViolation
@@ -46,6 +46,7 @@ __all__ = [
     "LogResult",
     "NotFoundError",
     "OverloadedError",
+    "ParallelStreamer",
     "PermissionDeniedError",
     "Rejection",
     "StreamTotals",

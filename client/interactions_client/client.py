@@ -32,7 +32,7 @@ from interactions_client.rpc_protos import (
     parse_health_check_status,
     serialize_health_check_request,
 )
-from interactions_client.streamer import EventStreamer, RejectionCallback
+from interactions_client.streamer import OWN_CONNECTION_OPTION, EventStreamer, ParallelStreamer, RejectionCallback
 from interactions_client.v1.admin_service_pb2 import DeleteUserDataRequest, DeleteUserDataResponse
 from interactions_client.v1.admin_service_pb2_grpc import AdminServiceStub
 from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
@@ -105,8 +105,11 @@ class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], Analytics
         self.target = target or default_target()
         self.deadline = deadline
         self.validate = validate
-        self._channel = create_aio_channel(self.target, resolve_tls(tls), options)
+        self._tls = resolve_tls(tls)
+        self._options = tuple(options)
+        self._channel = create_aio_channel(self.target, self._tls, options)
         metadata = bearer_metadata(token)
+        self._metadata = metadata
         self._interactions = with_metadata(InteractionServiceStub(self._channel), metadata)
         self._state = with_metadata(UserStateServiceStub(self._channel), metadata)
         self._admin = with_metadata(AdminServiceStub(self._channel), metadata)
@@ -178,22 +181,56 @@ class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], Analytics
         on_rejected: RejectionCallback | None = None,
         raise_on_failure: bool = True,
         validate: bool | None = None,
-    ) -> EventStreamer:
+        connections: int = 1,
+    ) -> EventStreamer | ParallelStreamer:
         """The bulk streamer (streamer.py): `async with client.stream() as s: await s.send(event)`.
 
         validate: pre-validate each event (default: the client's `validate`).
         False saves the client about half its CPU per event (streamer.py); the
         server validates anyway, and a bad event comes back in the rejections.
+        connections: above 1, a ParallelStreamer of that many streams, each on
+        a TCP connection of its own (channels of one process otherwise share
+        one connection), so that `interactions-server --workers N` gets the
+        streams on several workers; the events are dealt a batch at a time.
         """
-        return EventStreamer(
-            self._interactions.StreamEvents,
-            batch_size=batch_size,
-            linger=linger,
-            max_in_flight=max_in_flight,
-            retry_timeout=retry_timeout,
-            validate=self.validate if validate is None else validate,
-            on_rejected=on_rejected,
-            raise_on_failure=raise_on_failure,
+        validate = self.validate if validate is None else validate
+        if connections < 1:
+            raise ValueError("connections must be at least 1")
+        if connections == 1:
+            return EventStreamer(
+                self._interactions.StreamEvents,
+                batch_size=batch_size,
+                linger=linger,
+                max_in_flight=max_in_flight,
+                retry_timeout=retry_timeout,
+                validate=validate,
+                on_rejected=on_rejected,
+                raise_on_failure=raise_on_failure,
+            )
+        options = (*self._options, OWN_CONNECTION_OPTION)
+        channels = [create_aio_channel(self.target, self._tls, options) for _ in range(connections)]
+
+        def streamers(report: RejectionCallback) -> list[EventStreamer]:
+            return [
+                EventStreamer(
+                    with_metadata(InteractionServiceStub(channel), self._metadata).StreamEvents,
+                    batch_size=batch_size,
+                    linger=linger,
+                    max_in_flight=max_in_flight,
+                    retry_timeout=retry_timeout,
+                    validate=validate,
+                    on_rejected=report,
+                    raise_on_failure=False,
+                )
+                for channel in channels
+            ]
+
+        async def close() -> None:
+            for channel in channels:
+                await channel.close()
+
+        return ParallelStreamer(
+            streamers, batch_size=batch_size, on_rejected=on_rejected, raise_on_failure=raise_on_failure, close=close
         )
 
     # Reads.

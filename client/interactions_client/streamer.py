@@ -462,3 +462,114 @@ class EventStreamer:
             await asyncio.wait(tasks)
         if self._pending or self._buffer:
             self._fail_everything(None)
+
+
+OWN_CONNECTION_OPTION = ("grpc.use_local_subchannel_pool", 1)
+"""A channel option: the channel gets a TCP connection of its own. Without it,
+grpc shares one connection among the channels of a process that have the same
+target and options (its global subchannel pool)."""
+
+
+class ParallelStreamer:
+    """Several EventStreamers, each on a connection of its own
+    (`client.stream(connections=N)`), used like one: `send` deals the events
+    to them a batch at a time, round robin. With `interactions-server
+    --workers N` the kernel spreads connections, not calls, over the workers,
+    so this is how one producer reaches every worker; a worker's death breaks
+    only the streams on its connections (each resends its own batches).
+
+    Totals add up; `rejections`, `undelivered` and the Rejections given to
+    `on_rejected` carry each event's position in this streamer's `send` order.
+    """
+
+    def __init__(
+        self,
+        streamers: Callable[[RejectionCallback], Sequence[EventStreamer]],
+        *,
+        batch_size: int,
+        on_rejected: RejectionCallback | None = None,
+        raise_on_failure: bool = True,
+        close: Callable[[], Any] | None = None,
+    ) -> None:
+        self._on_rejected = on_rejected
+        self._raise_on_failure = raise_on_failure
+        self._close = close
+        self._streamers = list(streamers(self._report))
+        if not self._streamers:
+            raise ValueError("a ParallelStreamer needs at least one streamer")
+        self._batch_size = batch_size
+        self._current = 0
+        self._dealt = 0  # events sent to the current streamer since it was chosen
+        self._sent = 0
+        self.rejections: list[Rejection] = []
+
+    @property
+    def streamers(self) -> list[EventStreamer]:
+        return list(self._streamers)
+
+    @property
+    def totals(self) -> StreamTotals:
+        total = StreamTotals()
+        for streamer in self._streamers:
+            t = streamer.totals
+            total.sent += t.sent
+            total.accepted += t.accepted
+            total.duplicate += t.duplicate
+            total.rejected += t.rejected
+            total.failed += t.failed
+            total.resent += t.resent
+            total.reconnects += t.reconnects
+        return total
+
+    @property
+    def undelivered(self) -> list[Undelivered]:
+        return [Undelivered(u.event, *cast(tuple[int, object], u.tag)) for s in self._streamers for u in s.undelivered]
+
+    @property
+    def buffered(self) -> int:
+        return sum(s.buffered for s in self._streamers)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(s.in_flight for s in self._streamers)
+
+    async def send(self, event: Event, tag: object = None) -> None:
+        """Queues `event` on the current streamer (see EventStreamer.send)."""
+        if self._dealt >= self._batch_size:
+            self._current = (self._current + 1) % len(self._streamers)
+            self._dealt = 0
+        self._dealt += 1
+        index = self._sent
+        self._sent += 1
+        await self._streamers[self._current].send(event, (index, tag))
+
+    async def flush(self) -> None:
+        await asyncio.gather(*(s.flush() for s in self._streamers))
+
+    def _report(self, rejection: Rejection) -> None:
+        index, tag = cast(tuple[int, object], rejection.tag)
+        rejection = Rejection(rejection.event, rejection.violations, rejection.local, index, tag)
+        if self._on_rejected is None:
+            self.rejections.append(rejection)
+        else:
+            self._on_rejected(rejection)
+
+    async def __aenter__(self) -> ParallelStreamer:
+        for streamer in self._streamers:
+            await streamer.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await asyncio.gather(*(s.__aexit__(exc_type, exc, tb) for s in self._streamers))
+        finally:
+            if self._close is not None:
+                await self._close()
+        failed = self.totals.failed
+        if exc_type is None and failed and self._raise_on_failure:
+            causes = [s._failure for s in self._streamers if s._failure is not None]
+            cause = causes[0] if causes else None
+            reason = f": {cause}" if cause is not None else ""
+            raise DeliveryFailedError(f"{failed} event(s) were not confirmed{reason}", failed=failed, cause=cause)

@@ -32,7 +32,16 @@ from pathlib import Path
 
 from interactions_client.cli.args import count
 from interactions_server import logs, metrics, process
-from interactions_server.config import DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_MAX_INFLIGHT_BYTES
+from interactions_server.config import (
+    DEFAULT_INTERACTIVE_LATENCY_TARGET,
+    DEFAULT_MAX_CONCURRENT_RPCS,
+    DEFAULT_MAX_INFLIGHT_BYTES,
+    DEFAULT_MAX_OPEN_STREAMS,
+    DEFAULT_MAX_OPEN_STREAMS_PER_CLIENT,
+    DEFAULT_STREAM_IDLE_TIMEOUT,
+    EVENT_LOOPS,
+    loop_factory,
+)
 from interactions_server.errors import EXIT_DATABASE_DIED, EXIT_OPERATOR_ERROR, is_database_unavailable
 from interactions_server.server import App, Server, ServerConfig, StartupError
 from interactions_server.storage import Database, EmbeddedPostgres, MigrationError, migrate_when_reachable
@@ -163,8 +172,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-concurrent-rpcs",
         type=int,
         default=int(env("INTERACTIONS_MAX_CONCURRENT_RPCS", str(DEFAULT_MAX_CONCURRENT_RPCS))),
-        help="calls served at once; the excess gets RESOURCE_EXHAUSTED "
+        help="unary calls served at once; the excess gets RESOURCE_EXHAUSTED "
         "(env INTERACTIONS_MAX_CONCURRENT_RPCS; default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-open-streams",
+        type=_at_least_one,
+        default=env("INTERACTIONS_MAX_OPEN_STREAMS", str(DEFAULT_MAX_OPEN_STREAMS)),
+        help="streams (StreamEvents, exports, Watch) open at once, apart from --max-concurrent-rpcs; the excess "
+        "gets RESOURCE_EXHAUSTED (env INTERACTIONS_MAX_OPEN_STREAMS; default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-open-streams-per-client",
+        type=_at_least_one,
+        default=env("INTERACTIONS_MAX_OPEN_STREAMS_PER_CLIENT", str(DEFAULT_MAX_OPEN_STREAMS_PER_CLIENT)),
+        help="with --auth-tokens: streams one client (token) may have open at once "
+        "(env INTERACTIONS_MAX_OPEN_STREAMS_PER_CLIENT; default %(default)s)",
+    )
+    parser.add_argument(
+        "--stream-idle-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        default=env("INTERACTIONS_STREAM_IDLE_TIMEOUT", f"{DEFAULT_STREAM_IDLE_TIMEOUT:g}"),
+        help="a StreamEvents call that sends no request for this long, with nothing in flight, is closed "
+        "with UNAVAILABLE; 0: never (env INTERACTIONS_STREAM_IDLE_TIMEOUT; default %(default)s)",
+    )
+    parser.add_argument(
+        "--interactive-latency-target",
+        type=_seconds,
+        metavar="SECONDS",
+        default=env("INTERACTIONS_INTERACTIVE_LATENCY_TARGET", f"{DEFAULT_INTERACTIVE_LATENCY_TARGET:g}"),
+        help="while an interactive call (LogEvent, state reads) takes longer than this, bulk work (streams, "
+        "exports) gives way; 0: never (env INTERACTIONS_INTERACTIVE_LATENCY_TARGET; default %(default)s)",
+    )
+    parser.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default=env("INTERACTIONS_EVENT_LOOP", "auto"),
+        help="the event loop of each serving process; auto: uvloop when installed "
+        "(env INTERACTIONS_EVENT_LOOP; default %(default)s)",
     )
     return parser
 
@@ -227,6 +273,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         reflection=args.reflection,
         max_inflight_bytes=args.max_inflight_bytes,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_open_streams=args.max_open_streams,
+        max_open_streams_per_client=args.max_open_streams_per_client,
+        stream_idle_timeout=args.stream_idle_timeout,
+        interactive_latency_target=args.interactive_latency_target,
+        event_loop=args.event_loop,
     )
     try:
         if args.command == "migrate":
@@ -235,8 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return process.supervise(
                 config, target=Server, database=Database(config), log_level=args.log_level, log_format=log_format
             )
-        with contextlib.closing(metrics.serve_metrics(config.metrics_listen)):
-            return asyncio.run(_serve(config))
+        with (
+            contextlib.closing(metrics.serve_metrics(config.metrics_listen)),
+            asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner,
+        ):
+            return runner.run(_serve(config))
     except (StartupError, MigrationError) as exc:
         _log.error("%s", exc)
         return EXIT_OPERATOR_ERROR

@@ -4,7 +4,10 @@ and the checks of the listen address."""
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,16 @@ ASYNCPG_STATEMENT_CACHE_SIZE = 100  # asyncpg's default
 DEFAULT_MAX_CONCURRENT_RPCS = 1_000
 DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 DEFAULT_BATCHES_IN_FLIGHT = 3
+# Streams are bounded apart from calls, so that open streams (idle ones
+# included) never take the slots of unary calls.
+# An open stream costs about 23 KiB (grpc core's call, mostly), and after
+# thousands close the C heap keeps much of it (fragmentation): 3,000 open at
+# once left RSS at 1.5-2.3x its start, 1,000 at 1.0-1.2x (docs/reliability.md).
+DEFAULT_MAX_OPEN_STREAMS = 1_000  # per process
+DEFAULT_MAX_OPEN_STREAMS_PER_CLIENT = 100  # per authenticated client (--auth-tokens)
+DEFAULT_STREAM_IDLE_TIMEOUT = 120.0  # seconds without a request, nothing in flight
+DEFAULT_INTERACTIVE_LATENCY_TARGET = 0.005  # seconds (precedence.py); 0: bulk never gives way
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +43,12 @@ class ServerConfig:
     analytics_pool_max_size: int = 3  # exports and window queries: never the connections ingest needs
     batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT  # per stream
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES  # request bytes held by all calls at once
-    max_concurrent_rpcs: int | None = DEFAULT_MAX_CONCURRENT_RPCS  # the excess gets RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int | None = DEFAULT_MAX_CONCURRENT_RPCS  # unary calls; the excess gets RESOURCE_EXHAUSTED
+    max_open_streams: int = DEFAULT_MAX_OPEN_STREAMS  # streaming calls, apart from max_concurrent_rpcs
+    max_open_streams_per_client: int = DEFAULT_MAX_OPEN_STREAMS_PER_CLIENT  # with auth_tokens
+    stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT  # 0: streams are never closed for idleness
+    interactive_latency_target: float = DEFAULT_INTERACTIVE_LATENCY_TARGET
+    event_loop: str = "auto"  # one of EVENT_LOOPS
     # asyncpg's prepared-statement cache per connection; 0 for pgbouncer in
     # transaction mode, where a connection's statements do not follow it.
     statement_cache_size: int = ASYNCPG_STATEMENT_CACHE_SIZE
@@ -94,3 +112,20 @@ def reserve_port(listen: str) -> str:
         probe.bind((host, 0))
         free: int = probe.getsockname()[1]
     return f"{listen.rpartition(':')[0]}:{free}"
+
+
+def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop a serving process runs on: uvloop ("auto" when it is
+    installed), or asyncio's own (None: asyncio.Runner's default)."""
+    if kind not in EVENT_LOOPS:
+        raise StartupError(f"unknown event loop {kind!r}: expected one of {', '.join(EVENT_LOOPS)}")
+    if kind == "asyncio":
+        return None
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        if kind == "uvloop":
+            raise StartupError("--event-loop uvloop: uvloop is not installed (pip install uvloop)") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory

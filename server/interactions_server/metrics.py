@@ -71,6 +71,7 @@ _TYPE_LABELS[EventType.EVENT_TYPE_UNSPECIFIED] = "unspecified"
 _UNKNOWN_TYPE = "unknown"
 
 POOL_SAMPLE_INTERVAL = 1.0  # seconds between samples of the database pool
+_MAX_CACHED_CHILDREN = 10_000
 
 
 class _Metrics:
@@ -146,7 +147,36 @@ class _Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+        # Interactive before bulk (precedence.py).
+        self.bulk_held = Counter(
+            "interactions_bulk_held_seconds_total",
+            "Seconds bulk work (a stream's next batch, an export's next response) waited for interactive calls.",
+            ("grpc_method",),
+            registry=r,
+        )
+        self.interactive_queue = Histogram(
+            "interactions_interactive_queue_seconds",
+            "Seconds a LogEvent waited in the server before its group-commit write started.",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=r,
+        )
+        self.streams_closed_idle = Counter(
+            "interactions_streams_closed_idle_total",
+            "StreamEvents calls the server closed after --stream-idle-timeout without a request.",
+            registry=r,
+        )
         self._grpc_children: dict[tuple[str, str, str], tuple[Counter, Counter, Counter, Histogram]] = {}
+        self._handled_children: dict[tuple[str, ...], Counter] = {}
+
+    def handled_child(self, labels: tuple[str, str, str], code: str, client: str) -> Counter:
+        """grpc_server_handled_total for one method, code and client (cached: labels() takes a lock)."""
+        key = (*labels, code, client)
+        child = self._handled_children.get(key)
+        if child is None:
+            if len(self._handled_children) >= _MAX_CACHED_CHILDREN:  # clients are few; stay bounded anyway
+                self._handled_children.clear()
+            child = self._handled_children[key] = self.handled.labels(*key)
+        return child
 
     def grpc_children(self, labels: tuple[str, str, str]) -> tuple[Counter, Counter, Counter, Histogram]:
         """started, received, sent and handling for one method (cached: labels() takes a lock)."""
@@ -318,6 +348,21 @@ def stream_closed() -> None:
 def group_commit_queued(delta: int) -> None:
     """`delta` events joined (positive) or left (negative) the group-commit queue."""
     instruments().group_commit_queue.inc(delta)
+
+
+def bulk_held(rpc: str, seconds: float) -> None:
+    instruments().bulk_held.labels(rpc).inc(seconds)
+
+
+def interactive_queued(seconds: Sequence[float]) -> None:
+    """The queue times of the LogEvent calls of one group-commit write."""
+    histogram = instruments().interactive_queue
+    for s in seconds:
+        histogram.observe(s)
+
+
+def stream_closed_idle() -> None:
+    instruments().streams_closed_idle.inc()
 
 
 def set_database_up(up: bool) -> None:

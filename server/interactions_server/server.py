@@ -18,9 +18,9 @@ Adding a service touches one place: SERVICES. Cross-cutting concerns are
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import asyncpg
 import grpc
@@ -39,7 +39,9 @@ from interactions_server.config import ServerConfig, check_port_free
 from interactions_server.errors import StartupError
 from interactions_server.ingest import GroupCommitter, Ingestor
 from interactions_server.keyring import Keyring
+from interactions_server.precedence import Precedence
 from interactions_server.services import AdminService, AnalyticsService, InteractionService, UserStateService
+from interactions_server.services.interactions import is_interactive_batch
 
 __all__ = ["SERVICES", "SERVICE_NAMES", "App", "Server", "ServerConfig", "StartupError"]
 
@@ -57,6 +59,12 @@ class Parts:
     committer: GroupCommitter
     budget: rpc.ByteBudget  # request bytes held by all calls at once
     keyring: Keyring  # seals the tokens handed to callers; hashes the ids of the audit log
+    precedence: Precedence  # interactive before bulk
+
+
+# Group commit's write slots and two reads: the pool's connections that bulk
+# writes (stream batches, large LogEvents) never take.
+INTERACTIVE_CONNECTIONS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +72,9 @@ class Service:
     descriptor: ServiceDescriptor
     create: Callable[[Parts], object]  # the servicer
     reads_only: bool = False  # serves on a read-only database (health stays SERVING there)
+    # The interactive methods (precedence.py), by name: None for every call,
+    # else a test of the request. The others are bulk or neither.
+    interactive: Mapping[str, Callable[[Any], bool] | None] = field(default_factory=dict)
 
 
 # Every service the server registers (health and reflection aside), in one list.
@@ -75,17 +86,22 @@ SERVICES: tuple[Service, ...] = (
             parts.committer,
             batches_in_flight=parts.config.batches_in_flight,
             budget=parts.budget,
+            precedence=parts.precedence,
+            stream_idle_timeout=parts.config.stream_idle_timeout,
         ),
+        interactive={"LogEvent": None, "LogEvents": is_interactive_batch},
     ),
     Service(
         user_state_service_pb2.DESCRIPTOR.services_by_name["UserStateService"],
         lambda parts: UserStateService(parts.pool, parts.keyring),
         reads_only=True,
+        interactive={"GetCart": None, "GetWishlist": None, "ListPurchases": None},
     ),
     Service(
         analytics_service_pb2.DESCRIPTOR.services_by_name["AnalyticsService"],
         lambda parts: AnalyticsService(parts.pool, parts.analytics_pool, parts.keyring),
         reads_only=True,
+        interactive={"GetSession": None, "ListSessions": None, "GetUserActivity": None, "ListUserEvents": None},
     ),
     Service(
         admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"],
@@ -95,6 +111,9 @@ SERVICES: tuple[Service, ...] = (
 SERVICE_DESCRIPTORS: tuple[ServiceDescriptor, ...] = tuple(s.descriptor for s in SERVICES)
 SERVICE_NAMES: tuple[str, ...] = tuple(d.full_name for d in SERVICE_DESCRIPTORS)
 READ_SERVICE_NAMES: tuple[str, ...] = tuple(s.descriptor.full_name for s in SERVICES if s.reads_only)
+INTERACTIVE: dict[str, Callable[[Any], bool] | None] = {
+    f"/{s.descriptor.full_name}/{name}": applies for s in SERVICES for name, applies in s.interactive.items()
+}
 
 
 def required_scopes() -> dict[str, str]:
@@ -192,7 +211,12 @@ class Server:
             timeout=config.health_timeout,
             statement_cache_size=config.statement_cache_size,
         )
-        ingestor = Ingestor(self._pool)
+        precedence = Precedence(config.interactive_latency_target)
+        ingestor = Ingestor(
+            self._pool,
+            bulk_connections=max(1, config.pool_max_size - INTERACTIVE_CONNECTIONS),
+            precedence=precedence,
+        )
         self._committer = GroupCommitter(ingestor)
         self._committer.start()
         parts = Parts(
@@ -203,9 +227,10 @@ class Server:
             self._committer,
             rpc.ByteBudget(config.max_inflight_bytes),
             await storage.load_keyring(self._pool),
+            precedence,
         )
 
-        server = rpc.grpc_server(config, self._auth)
+        server = rpc.grpc_server(config, self._auth, precedence, INTERACTIVE)
         for entry in SERVICES:
             servicer = entry.create(parts)
             rpc.register(

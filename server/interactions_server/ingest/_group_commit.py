@@ -45,6 +45,7 @@ class _Pending(NamedTuple):
     event: Event
     future: asyncio.Future[Outcome]
     deadline: float | None  # loop time; None: the caller set no deadline
+    queued_at: float  # loop time
 
 
 class GroupCommitter:
@@ -63,7 +64,8 @@ class GroupCommitter:
         """Writes `event` with a batch; `time_limit`: the caller's remaining deadline in seconds."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outcome] = loop.create_future()
-        await self._queue.put(_Pending(event, future, None if time_limit is None else loop.time() + time_limit))
+        now = loop.time()
+        self._queue.put_nowait(_Pending(event, future, None if time_limit is None else now + time_limit, now))
         metrics.group_commit_queued(1)
         return await future
 
@@ -103,6 +105,7 @@ class GroupCommitter:
                 p.future.set_exception(TimeoutError("the call's deadline passed before its batch started"))
             else:
                 batch.append(p)
+        metrics.interactive_queued([now - p.queued_at for p in batch])
         deadlines = [p.deadline for p in batch]
         timeout = None if None in deadlines else max(d - now for d in deadlines if d is not None)
         try:

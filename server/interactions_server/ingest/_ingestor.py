@@ -27,12 +27,14 @@ from interactions_server.auth import event_type_violation
 from interactions_server.errors import DeadlineExceeded
 from interactions_server.ingest._event_json import attributes_json, details_json
 from interactions_server.ingest._sync import SyncEvent, SyncHandler, build_registry, sync_new
+from interactions_server.precedence import Precedence
 
 CONFLICT_DESCRIPTION = "already used for a different event"
 # A cancelled statement this close to the deadline was cancelled by it
 # (statement_timeout and the deadline guard use the same deadline).
 _DEADLINE_SLACK = 0.05
 YIELD_EVERY = 127  # events between yields to the event loop (a power of two, less one)
+YIELD_EVERY_INTERACTIVE = 31  # the same while interactive calls are in flight (precedence.py)
 
 
 def fingerprint(event: Event) -> int:
@@ -88,18 +90,30 @@ class Ingestor:
     """Validates and writes batches. Database failures propagate as asyncpg /
     OSError exceptions (the caller maps them to UNAVAILABLE)."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, bulk_connections: int | None = None, precedence: Precedence | None = None
+    ) -> None:
         self._pool = pool
+        # Bulk writes take at most this many of the pool's connections, so
+        # that group commit and the reads never wait for one held by bulk work.
+        self._bulk_slots = asyncio.Semaphore(bulk_connections) if bulk_connections else None
+        self._precedence = precedence or Precedence(0)
         self._sync: dict[int, SyncHandler] = build_registry()
         self._locked_targets = frozenset(t for t, handler in self._sync.items() if handler.needs_key_lock)
 
     async def write(
-        self, events: Sequence[Event], time_limit: float | None = None, *, allowed_types: frozenset[str] | None = None
+        self,
+        events: Sequence[Event],
+        time_limit: float | None = None,
+        *,
+        allowed_types: frozenset[str] | None = None,
+        bulk: bool = False,
     ) -> BatchResult:
         """Writes the valid events of the batch in one transaction, bounded by
         `time_limit` seconds per statement (the caller's remaining deadline).
         `allowed_types`: the type names the caller's token may log (None: any);
-        an event of another type is rejected like an invalid one."""
+        an event of another type is rejected like an invalid one. `bulk`: a
+        stream's batch or a large LogEvents (not group commit's)."""
         now = time.time()
         received_us = int(now * 1_000_000)
         result = BatchResult(event_ids=[""] * len(events), duplicate=[False] * len(events))
@@ -112,10 +126,14 @@ class Ingestor:
         row_index: dict[tuple[str, str], int] = {}  # first occurrence of each key in the batch
         prints: dict[tuple[str, str], int] = {}  # fingerprint of each key's first occurrence
         repeats: list[tuple[int, tuple[str, str]]] = []  # later occurrences with the same content
+        precedence = self._precedence
         for i, event in enumerate(events):
-            if i & YIELD_EVERY == YIELD_EVERY:
+            if i & YIELD_EVERY_INTERACTIVE == YIELD_EVERY_INTERACTIVE and (
+                i & YIELD_EVERY == YIELD_EVERY or precedence.interactive
+            ):
                 # A bulk batch's events are 5-6 ms of work: other calls' next
-                # steps (a unary call's statement, its answer) go in between.
+                # steps (a unary call's statement, its answer) go in between,
+                # four times as often while interactive calls are in flight.
                 await asyncio.sleep(0)
             event_id = event.event_id.lower() or str(uuid.uuid4())
             result.event_ids[i] = event_id
@@ -176,7 +194,11 @@ class Ingestor:
         # and are bounded by a statement_timeout.
         deadline = None if time_limit is None else now + time_limit
         try:
-            inserted = await self._insert(columns, syncing, locked, time_limit, deadline)
+            if bulk and self._bulk_slots is not None:
+                async with self._bulk_slots:
+                    inserted = await self._insert(columns, syncing, locked, time_limit, deadline)
+            else:
+                inserted = await self._insert(columns, syncing, locked, time_limit, deadline)
         except asyncpg.exceptions.QueryCanceledError as exc:
             if deadline is not None and time.time() >= deadline - _DEADLINE_SLACK:
                 raise DeadlineExceeded("the call's deadline passed; nothing was written") from exc

@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 from typing import Protocol
 
 from interactions_server import logs
-from interactions_server.config import ServerConfig
+from interactions_server.config import ServerConfig, loop_factory
 from interactions_server.errors import EXIT_OPERATOR_ERROR, StartupError
 from interactions_server.process._malloc import memory_returned
 
@@ -57,7 +57,9 @@ def run(
     # alone decides, and tells the workers with SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logs.configure(log_format, log_level, worker=index)  # the same set-up as the supervisor's
-    sys.exit(asyncio.run(_serve(target, config, index, report)))
+    with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
+        status = runner.run(_serve(target, config, index, report))
+    sys.exit(status)
 
 
 async def _serve(target: ServerFactory, config: ServerConfig, index: int, report: Connection) -> int:

@@ -6,7 +6,7 @@ limit, the token check (auth's policy, applied), the byte budget, the
 largest message, TLS, health and reflection."""
 
 from interactions_server.rpc._auth import TokenAuth
-from interactions_server.rpc._budget import ByteBudget, footprint
+from interactions_server.rpc._budget import EXPECTATION_SECONDS, ByteBudget, footprint
 from interactions_server.rpc._concurrency import ConcurrencyLimit, CoreCalls
 from interactions_server.rpc._grpc_server import KEEPALIVE_OPTIONS, SERVER_OPTIONS, grpc_server, listen
 from interactions_server.rpc._handlers import register
@@ -18,6 +18,7 @@ from interactions_server.rpc._status import DATABASE_UNAVAILABLE_MESSAGE, INTERN
 
 __all__ = [
     "DATABASE_UNAVAILABLE_MESSAGE",
+    "EXPECTATION_SECONDS",
     "INTERNAL_MESSAGE",
     "KEEPALIVE_OPTIONS",
     "MAX_MESSAGE_BYTES",

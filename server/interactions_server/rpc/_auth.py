@@ -39,13 +39,25 @@ class TokenAuth(TokenPolicy, grpc.aio.ServerInterceptor):  # type: ignore[misc] 
         method: str = handler_call_details.method
         if handler is None or is_open(method):
             return handler
-        outcome = self.check(method, handler_call_details.invocation_metadata)
-        revoked = self.revocation_check(method, outcome) if isinstance(outcome, Caller) else _never
-        return _guarded(handler, outcome, revoked)
+        return self.guarded(handler, method)
+
+    def guarded(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """`handler` behind the token check of `method`. Made once per method
+        (rpc's chain caches it): each call's metadata is checked as it starts."""
+
+        def decide(context: grpc.aio.ServicerContext) -> tuple[Caller | Status, Callable[[], Refusal | None]]:
+            outcome = self.check(method, context.invocation_metadata())
+            revoked = self.revocation_check(method, outcome) if isinstance(outcome, Caller) else _never
+            return outcome, revoked
+
+        return _guarded(handler, decide)
 
 
 def _never() -> Refusal | None:
     return None
+
+
+Decide = Callable[[grpc.aio.ServicerContext], tuple[Caller | Status, Callable[[], Refusal | None]]]
 
 
 class _Revoked(grpc.aio.AbortError):  # type: ignore[misc]  # grpc has no type hints
@@ -59,42 +71,43 @@ class _Revoked(grpc.aio.AbortError):  # type: ignore[misc]  # grpc has no type h
         self.status = _status(refusal)
 
 
-def _guarded(
-    handler: grpc.RpcMethodHandler, outcome: Caller | Status, revoked: Callable[[], Refusal | None]
-) -> grpc.RpcMethodHandler:
-    """`handler` behind the auth outcome, as a handler of the same streaming
-    shape: a refused call ends before the servicer runs (for a client stream,
-    before any request is read); an accepted one runs with its Caller set.
+def _guarded(handler: grpc.RpcMethodHandler, decide: Decide) -> grpc.RpcMethodHandler:
+    """`handler` behind the auth outcome `decide` gives each call, as a handler
+    of the same streaming shape: a refused call ends before the servicer runs
+    (for a client stream, before any request is read); an accepted one runs
+    with its Caller set.
     A token revoked (or a scope taken away) by a reload also ends the calls
     it has open: a request stream before its next message reaches the
     servicer, a response stream before its next response."""
     behavior = handlers.behavior(handler)
 
-    async def admit(context: grpc.aio.ServicerContext) -> None:
+    async def admit(context: grpc.aio.ServicerContext) -> Callable[[], Refusal | None]:
+        outcome, revoked = decide(context)
         if not isinstance(outcome, Caller):
             await context.abort(*outcome)  # raises
         else:
             set_caller(outcome)
+        return revoked
 
-    async def rechecked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async def rechecked(requests: AsyncIterator[Any], revoked: Callable[[], Refusal | None]) -> AsyncIterator[Any]:
         async for request in requests:
             if (refusal := revoked()) is not None:
                 raise _Revoked(refusal)
             yield request
 
-    def requests_of(request: Any) -> Any:
-        return rechecked(request) if handler.request_streaming else request
+    def requests_of(request: Any, revoked: Callable[[], Refusal | None]) -> Any:
+        return rechecked(request, revoked) if handler.request_streaming else request
 
     async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await admit(context)
+        revoked = await admit(context)
         try:
-            return await behavior(requests_of(request), context)
+            return await behavior(requests_of(request, revoked), context)
         except _Revoked as exc:
             await context.abort(*exc.status)
 
     async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await admit(context)
-        responses = behavior(requests_of(request), context)
+        revoked = await admit(context)
+        responses = behavior(requests_of(request, revoked), context)
         try:
             if inspect.isawaitable(responses):  # a handler that writes with context.write()
                 await responses

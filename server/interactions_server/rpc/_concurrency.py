@@ -1,5 +1,8 @@
 """--max-concurrent-rpcs: calls beyond the limit are refused with
-RESOURCE_EXHAUSTED at once, every time.
+RESOURCE_EXHAUSTED at once, every time. Streams (a streaming request or
+response: StreamEvents, the exports, health's Watch) are bounded apart, by
+--max-open-streams (and, with tokens, --max-open-streams-per-client), so that
+open streams, idle ones included, never take the slots of unary calls.
 
 What counts is every call gRPC core holds for this server, the calls that
 have arrived but that grpc.aio has not taken yet included. grpc.aio takes one
@@ -23,6 +26,7 @@ server raises that bound (_grpc_server.py, MAX_PENDING_CALLS).
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import json
 import logging
@@ -36,10 +40,14 @@ from grpc._cython import cygrpc  # channelz, as the grpcio-channelz servicer rea
 from interactions_server.rpc import _handlers as handlers
 
 OVERLOADED = "the server is serving its maximum of concurrent calls; retry later"
+TOO_MANY_STREAMS = "the server has its maximum of open streams; retry later"
+TOO_MANY_CLIENT_STREAMS = "this client has its maximum of open streams; close one or retry later"
 SAMPLE_SECONDS = 0.01  # a channelz read costs 60-100 µs: at most 1% of the loop
 BACKLOG_GAP_SECONDS = 0.005  # calls taken from a backlog come one per loop iteration, even on a slow machine
 
 _log = logging.getLogger("interactions_server.concurrency")
+# The client a stream was counted for (each call runs in a task of its own).
+_CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("stream_client", default=None)
 
 
 class CoreCalls:
@@ -83,13 +91,21 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
     """Counts calls while their handler runs, and reads core's count of the
     calls it holds; a call over the limit is refused before its request is
     parsed, or, if the handlers filled up while it was read, before the
-    service sees it. A single event loop: check and count need no lock."""
+    service sees it. Streams are counted apart (`streams`, bounded by
+    `max_streams`) and left out of core's count for the unary limit. A single
+    event loop: check and count need no lock."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(
+        self, limit: int, *, max_streams: int | None = None, max_streams_per_client: int | None = None
+    ) -> None:
         if limit <= 0:
             raise ValueError("the concurrent call limit must be positive")
         self.limit = limit
-        self.active = 0
+        self.max_streams = max_streams
+        self.max_streams_per_client = max_streams_per_client
+        self.active = 0  # unary calls in their handlers
+        self.streams = 0  # streaming calls in their handlers
+        self._client_streams: dict[str, int] = {}
         self.core: CoreCalls | None = None  # set by watch() once the server exists
         self._core_in_flight = 0  # at the last sample, less the calls ended since
         self._sampled_at = float("-inf")
@@ -104,11 +120,33 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        if self._over_limit():  # before the request is read and parsed
+        streaming = is_streaming(handler)
+        if self.over_limit(streaming):  # before the request is read and parsed
+            return self.refusal(handler)
+        return handlers.rewrapped(handler, self.wrap(handler))
+
+    def refusal(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        message = TOO_MANY_STREAMS if is_streaming(handler) else OVERLOADED
+        return handlers.refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+    def wrap(self, handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+        """The behavior of `handler`, counted while it runs."""
+        behavior = handlers.behavior(handler)
+        if is_streaming(handler):
+            return self._streaming(behavior)
+        return self._unary(behavior)
+
+    def over_limit(self, streaming: bool) -> bool:
+        """Whether a new call is refused now (it is refused before its request is parsed)."""
+        if streaming:
+            if self.max_streams is not None and self.streams >= self.max_streams:
+                self._core_in_flight -= 1
+                return True
+            return False
+        if self._over_limit():
             self._core_in_flight -= 1
-            return handlers.refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED)
-        wrap = self._streaming if handler.response_streaming else self._unary
-        return handlers.rewrapped(handler, wrap(handlers.behavior(handler)))
+            return True
+        return False
 
     def _over_limit(self) -> bool:
         if self.active >= self.limit:
@@ -130,8 +168,9 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
                     return False
                 self._sampled_at = now
             else:  # after a pause there is no backlog; the next call, if it follows at once, samples
-                self._core_in_flight = 0
-        return self._core_in_flight > self.limit  # the count includes this call
+                self._core_in_flight = self.streams
+        # Core's count includes this call, and the open streams (bounded apart).
+        return self._core_in_flight - self.streams > self.limit
 
     async def _enter(self, context: grpc.aio.ServicerContext) -> None:
         if self.active >= self.limit:  # taken by calls admitted since this one was
@@ -141,6 +180,16 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
 
     def _leave(self) -> None:
         self.active -= 1
+        self._core_in_flight -= 1
+
+    async def _enter_stream(self, context: grpc.aio.ServicerContext) -> None:
+        if self.max_streams is not None and self.streams >= self.max_streams:
+            self._core_in_flight -= 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, TOO_MANY_STREAMS)
+        self.streams += 1
+
+    def _leave_stream(self) -> None:
+        self.streams -= 1
         self._core_in_flight -= 1
 
     def _unary(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
@@ -154,24 +203,67 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         return limited
 
     def _streaming(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        if inspect.isasyncgenfunction(inspect.unwrap(behavior)):
+        return _counted(behavior, self._enter_stream, self._leave_stream)
 
-            async def limited_generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                await self._enter(context)
-                try:
-                    async for response in behavior(request, context):
-                        yield response
-                finally:
-                    self._leave()
+    def per_client(self, handler: grpc.RpcMethodHandler, client: Callable[[], str | None]) -> Callable[..., Any]:
+        """The behavior of a streaming `handler`, bounded per client (`client()`:
+        the caller's name, set by the token check that runs before it)."""
+        if self.max_streams_per_client is None:
+            return handlers.behavior(handler)
+        bound = self.max_streams_per_client
+        counts = self._client_streams
 
-            return limited_generator
+        async def enter(context: grpc.aio.ServicerContext) -> None:
+            name = client()
+            if name is None:
+                return
+            if counts.get(name, 0) >= bound:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, TOO_MANY_CLIENT_STREAMS)
+            counts[name] = counts.get(name, 0) + 1
+            _CLIENT.set(name)
 
-        async def limited_writer(request: Any, context: grpc.aio.ServicerContext) -> None:
-            # A handler that writes its responses with context.write().
-            await self._enter(context)
+        def leave() -> None:
+            name = _CLIENT.get()
+            if name is None:
+                return
+            left = counts.get(name, 1) - 1
+            if left:
+                counts[name] = left
+            else:
+                counts.pop(name, None)
+
+        return _counted(handlers.behavior(handler), enter, leave)
+
+
+def is_streaming(handler: grpc.RpcMethodHandler) -> bool:
+    return bool(handler.request_streaming or handler.response_streaming)
+
+
+def _counted(
+    behavior: Callable[..., Any],
+    enter: Callable[[grpc.aio.ServicerContext], Any],
+    leave: Callable[[], None],
+) -> Callable[..., Any]:
+    """`behavior` (a streaming one) between `await enter(context)` and `leave()`."""
+    if inspect.isasyncgenfunction(inspect.unwrap(behavior)):
+
+        async def counted_generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await enter(context)
             try:
-                await behavior(request, context)
+                async for response in behavior(request, context):
+                    yield response
             finally:
-                self._leave()
+                leave()
 
-        return limited_writer
+        return counted_generator
+
+    async def counted_writer(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        # A handler that writes its responses with context.write(), or a
+        # unary response to a request stream.
+        await enter(context)
+        try:
+            return await behavior(request, context)
+        finally:
+            leave()
+
+    return counted_writer

@@ -1,19 +1,25 @@
 """The grpc.aio server as this service builds it: its options, its interceptor
 chain (the one place it is put together, and in which order) and its port.
 
-The chain, outermost first; each call goes through them in this order:
+The chain is one interceptor (`Chain`): grpc.aio runs every interceptor's
+intercept_service on every call, so the four steps below are composed once
+per method, at its first call, and the wrapped handler is reused; per call
+only the concurrency check runs before the handler is returned. Each call
+goes through the steps in this order, outermost first:
 
-1. MetricsInterceptor: outermost, so that it sees the final status of every
-   call, the refusals of the two below included (a RESOURCE_EXHAUSTED or
-   UNAUTHENTICATED is counted like any other code).
-2. ConcurrencyLimit (--max-concurrent-rpcs): refuses a call beyond the limit
-   before anything else works on it; a refusal is cheap, its request never
-   parsed. Before authentication, so that a burst of unauthenticated calls is
-   bounded too.
-3. TokenAuth (--auth-tokens): refuses a call without a valid token or scope
-   before it reaches the services; sets the caller (its name becomes the
-   `client` label and log field) for what runs inside it.
-4. StatusInterceptor: innermost, around the servicer: the exceptions a
+1. metrics (rpc/_metrics.py): outermost, so that it sees the final status of
+   every call, the refusals of the steps below included (a
+   RESOURCE_EXHAUSTED or UNAUTHENTICATED is counted like any other code).
+2. the concurrency limit (--max-concurrent-rpcs for unary calls,
+   --max-open-streams for streams): refuses a call beyond the limit before
+   anything else works on it; a refusal is cheap, its request never parsed.
+   Before authentication, so that a burst of unauthenticated calls is
+   bounded too. Interactive calls (precedence.py) are counted from here.
+3. the token check (--auth-tokens, rpc/_auth.py): refuses a call without a
+   valid token or scope before it reaches the services; sets the caller (its
+   name becomes the `client` label and log field) for what runs inside it;
+   then a client's streams are bounded (--max-open-streams-per-client).
+4. status (rpc/_status.py): innermost, around the servicer: the exceptions a
    servicer raises become status codes, and a request that did not parse
    becomes INVALID_ARGUMENT. Refusals from above never reach it.
 """
@@ -21,16 +27,22 @@ The chain, outermost first; each call goes through them in this order:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
+from interactions_server.auth import current_caller, is_open
 from interactions_server.config import ServerConfig
 from interactions_server.errors import StartupError
+from interactions_server.precedence import Precedence
+from interactions_server.rpc import _handlers as handlers
+from interactions_server.rpc import _metrics, _status
 from interactions_server.rpc import _tls as tls
-from interactions_server.rpc._concurrency import ConcurrencyLimit, CoreCalls
+from interactions_server.rpc._auth import TokenAuth
+from interactions_server.rpc._concurrency import ConcurrencyLimit, CoreCalls, is_streaming
 from interactions_server.rpc._message_size import MAX_MESSAGE_BYTES
-from interactions_server.rpc._metrics import MetricsInterceptor
-from interactions_server.rpc._status import StatusInterceptor
 
 _log = logging.getLogger("interactions_server.server")
 
@@ -72,19 +84,111 @@ def server_options(config: ServerConfig) -> tuple[tuple[str, int], ...]:
     return (*SERVER_OPTIONS[:-1], ("grpc.so_reuseport", int(config.reuse_port)))
 
 
-def interceptor_chain(
-    limit: ConcurrencyLimit | None, auth: grpc.aio.ServerInterceptor | None
-) -> list[grpc.aio.ServerInterceptor]:
-    """The interceptors, outermost first, in the order the module docstring gives."""
-    optional = [interceptor for interceptor in (limit, auth) if interceptor is not None]
-    return [MetricsInterceptor(), *optional, StatusInterceptor()]
+# Which calls are interactive (precedence.py), by method path: None for every
+# call of the method, else a test of its request (e.g. a small LogEvents).
+Interactive = Mapping[str, Callable[[Any], bool] | None]
 
 
-def grpc_server(config: ServerConfig, auth: grpc.aio.ServerInterceptor | None) -> grpc.aio.Server:
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    handler: grpc.RpcMethodHandler
+    refusal: grpc.RpcMethodHandler | None  # what a call over the limit gets (None: no limit)
+    streaming: bool
+
+
+class Chain(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is untyped
+    """The interceptor chain of the module docstring as one interceptor,
+    each method's handler wrapped once and reused."""
+
+    def __init__(
+        self,
+        *,
+        limit: ConcurrencyLimit | None = None,
+        auth: TokenAuth | None = None,
+        precedence: Precedence | None = None,
+        interactive: Interactive | None = None,
+    ) -> None:
+        self.limit = limit
+        self._auth = auth
+        self._precedence = precedence
+        self._interactive = interactive or {}
+        self._entries: dict[str, _Entry] = {}
+
+    async def intercept_service(
+        self, continuation: handlers.Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method
+        entry = self._entries.get(method)
+        if entry is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:  # an unknown method (UNIMPLEMENTED): nothing is kept for it
+                return None
+            entry = self._entries[method] = self._build(handler, method)
+        if entry.refusal is not None and self.limit is not None and self.limit.over_limit(entry.streaming):
+            return entry.refusal  # before the request is read and parsed
+        return entry.handler
+
+    def _build(self, handler: grpc.RpcMethodHandler, method: str) -> _Entry:
+        streaming = is_streaming(handler)
+        status = _status.wrap(handler, method)
+        if status is None:  # a synchronous behavior (none here): left as it is
+            return _Entry(handler, None, streaming)
+        h = handlers.rewrapped(handler, status)
+        limit = self.limit
+        if self._auth is not None and not is_open(method):
+            if streaming and limit is not None:
+                h = handlers.rewrapped(h, limit.per_client(h, _client_name))
+            h = self._auth.guarded(h, method)
+        if self._precedence is not None and self._precedence.enabled and method in self._interactive:
+            h = handlers.rewrapped(h, _interactive(handlers.behavior(h), self._precedence, self._interactive[method]))
+        refusal = None
+        if limit is not None:
+            refusal = limit.refusal(h)
+            h = handlers.rewrapped(h, limit.wrap(h))
+        counted = _metrics.wrap(h, method)
+        assert counted is not None
+        return _Entry(handlers.rewrapped(h, counted), refusal, streaming)
+
+
+def _client_name() -> str | None:
+    caller = current_caller()
+    return None if caller is None else caller.name
+
+
+def _interactive(
+    behavior: Callable[..., Any], precedence: Precedence, applies: Callable[[Any], bool] | None
+) -> Callable[..., Any]:
+    """A unary-response behavior counted as interactive while it runs (when `applies` to its request)."""
+
+    async def interactive(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if applies is not None and not applies(request):
+            return await behavior(request, context)
+        ticket = precedence.begin()
+        try:
+            return await behavior(request, context)
+        finally:
+            precedence.end(ticket)
+
+    return interactive
+
+
+def grpc_server(
+    config: ServerConfig,
+    auth: TokenAuth | None,
+    precedence: Precedence | None = None,
+    interactive: Interactive | None = None,
+) -> grpc.aio.Server:
     """A grpc.aio server with the options and the interceptor chain, no service yet."""
-    limit = None if config.max_concurrent_rpcs is None else ConcurrencyLimit(config.max_concurrent_rpcs)
+    limit = None
+    if config.max_concurrent_rpcs is not None:
+        limit = ConcurrencyLimit(
+            config.max_concurrent_rpcs,
+            max_streams=config.max_open_streams,
+            max_streams_per_client=config.max_open_streams_per_client,
+        )
+    chain = Chain(limit=limit, auth=auth, precedence=precedence, interactive=interactive)
     servers_before = CoreCalls.server_ids() if limit is not None else set()
-    server = grpc.aio.server(interceptors=interceptor_chain(limit, auth), options=server_options(config))
+    server = grpc.aio.server(interceptors=[chain], options=server_options(config))
     if limit is not None:
         limit.watch(CoreCalls.created_since(servers_before))
     return server

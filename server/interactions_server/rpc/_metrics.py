@@ -51,7 +51,7 @@ class _Call:
     def finish(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
         self._handling.observe(time.perf_counter() - self._start)
         code = _GO_CODE_NAMES[_final_code(context, error)]
-        self._m.handled.labels(*self._labels, code, metrics.current_client.get()).inc()
+        self._m.handled_child(self._labels, code, metrics.current_client.get()).inc()
 
 
 def _final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
@@ -156,6 +156,19 @@ _GRPC_TYPES: dict[handlers.Shape, str] = {
 }
 
 
+def wrap(handler: grpc.RpcMethodHandler, method: str) -> Callable[..., Any] | None:
+    """The behavior of `handler` (the method `method`, /package.Service/Method)
+    with its metrics recorded; None for a synchronous behavior (left as it is)."""
+    behavior = handlers.async_behavior(handler)
+    if behavior is None:
+        return None
+    shape = handlers.shape(handler)
+    service, _, name = method.lstrip("/").rpartition("/")
+    labels = (_GRPC_TYPES[shape], service, name)
+    wrapper = _wrap_streamed_response if shape[1] else _wrap_unary_response
+    return wrapper(behavior, labels, shape[0])
+
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def intercept_service(
         self,
@@ -165,11 +178,5 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
             return None
-        behavior = handlers.async_behavior(handler)
-        if behavior is None:
-            return handler
-        shape = handlers.shape(handler)
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        labels = (_GRPC_TYPES[shape], service, method)
-        wrap = _wrap_streamed_response if shape[1] else _wrap_unary_response
-        return handlers.rewrapped(handler, wrap(behavior, labels, shape[0]))
+        behavior = wrap(handler, handler_call_details.method)
+        return handler if behavior is None else handlers.rewrapped(handler, behavior)

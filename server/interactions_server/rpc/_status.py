@@ -175,8 +175,14 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
             return None
-        behavior = handlers.async_behavior(handler)
-        if behavior is None:
-            return handler
-        method = handler_call_details.method.lstrip("/")
-        return handlers.rewrapped(handler, _wrap(behavior, method, bool(handler.request_streaming)))
+        behavior = wrap(handler, handler_call_details.method)
+        return handler if behavior is None else handlers.rewrapped(handler, behavior)
+
+
+def wrap(handler: grpc.RpcMethodHandler, method: str) -> _Behavior | None:
+    """The behavior of `handler` with its exceptions mapped to statuses; None
+    for a synchronous behavior (left as it is)."""
+    behavior = handlers.async_behavior(handler)
+    if behavior is None:
+        return None
+    return _wrap(behavior, method.lstrip("/"), bool(handler.request_streaming))

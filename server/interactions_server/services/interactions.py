@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, cast
@@ -16,23 +17,32 @@ from interactions_client.v1 import interaction_service_pb2_grpc
 from interactions_client.v1.event_pb2 import Event, EventType, FieldViolation
 from interactions_server import metrics
 from interactions_server.auth import allowed_event_types, event_type_violation
-from interactions_server.config import DEFAULT_BATCHES_IN_FLIGHT, DEFAULT_MAX_INFLIGHT_BYTES
+from interactions_server.config import (
+    DEFAULT_BATCHES_IN_FLIGHT,
+    DEFAULT_MAX_INFLIGHT_BYTES,
+    DEFAULT_STREAM_IDLE_TIMEOUT,
+)
 from interactions_server.errors import AlreadyExists, InvalidArgument, Unavailable
 from interactions_server.ingest import CONFLICT_DESCRIPTION, BatchResult, GroupCommitter, Ingestor, Rejection
-from interactions_server.rpc import ByteBudget, footprint
+from interactions_server.precedence import Precedence
+from interactions_server.rpc import EXPECTATION_SECONDS, ByteBudget, footprint
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["InteractionService"].full_name
 SHUTTING_DOWN = "server is shutting down; resend unacknowledged batches"
-# What a stream reserves of the byte budget before reading a batch: the
-# footprint of its previous batch; for its first, 1/FIRST_BATCH_SHARE of the
-# budget. The size of a message is known only once gRPC has read it, so a
-# small first reservation lets many new streams read large batches at once
-# (measured: 20 new streams sending 3 batches of 14.2 MB at once: first
-# reservations of 1 MiB: 959 MiB RSS; of 1/4 of the 256 MiB budget: 565 MiB).
-FIRST_BATCH_SHARE = 4
-# A reservation is let go when no batch arrives within this time, so that
-# streams whose senders are idle do not starve other calls of the budget.
-IDLE_RESERVATION_SECONDS = 1.0
+IDLE_CLOSED = (
+    "stream closed by the server: no request for {seconds:g} s with nothing in flight "
+    "(--stream-idle-timeout); open a new stream to send more"
+)
+# A LogEvents of at most this many events is interactive (precedence.py): a
+# caller that waits for it in its own request path; a larger one is bulk.
+INTERACTIVE_BATCH_EVENTS = 20
+
+
+def is_interactive_batch(request: object) -> bool:
+    """Whether a LogEvents request is interactive (small); a request that did not parse counts as one."""
+    events = getattr(request, "events", None)
+    return events is None or len(events) <= INTERACTIVE_BATCH_EVENTS
+
 
 # Writes in request order; None once the reading task has ended.
 _WriteQueue = asyncio.Queue[asyncio.Task[pb.StreamEventsResponse] | None]
@@ -51,12 +61,18 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
         *,
         batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT,
         budget: ByteBudget | None = None,
+        precedence: Precedence | None = None,
+        stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT,
     ) -> None:
         self._ingestor = ingestor
         self._budget = budget or ByteBudget(DEFAULT_MAX_INFLIGHT_BYTES)
+        self._precedence = precedence or Precedence(0)
+        self._idle_timeout = stream_idle_timeout or None
         self._committer = committer  # LogEvent: concurrent calls share transactions
         self._batches_in_flight = batches_in_flight
         self._readers: set[asyncio.Task[None]] = set()
+        self._first_reads: set[asyncio.Timeout] = set()  # streams waiting for their first request
+        self.streams_open = 0
         self._draining = False
         self._event_types = pb.ListEventTypesResponse(
             event_types=[
@@ -73,6 +89,10 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
         self._draining = True
         for reader in self._readers:
             reader.cancel()
+        if self._first_reads:
+            now = asyncio.get_running_loop().time()
+            for waiting in self._first_reads:
+                waiting.reschedule(now)  # a stream that sent nothing yet ends now
 
     async def LogEvent(self, request: pb.LogEventRequest, context: grpc.aio.ServicerContext) -> pb.LogEventResponse:
         if not request.HasField("event"):
@@ -99,8 +119,9 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
 
     async def LogEvents(self, request: pb.LogEventsRequest, context: grpc.aio.ServicerContext) -> pb.LogEventsResponse:
         _check_batch_size(request.events)
+        bulk = not is_interactive_batch(request)
         async with self._budget.held_or_refused(footprint(request)):
-            result = await self._write(request.events, context.time_remaining())
+            result = await self._write(request.events, context.time_remaining(), bulk=bulk)
         metrics.count_events("LogEvents", request.events, result.duplicate, (r.index for r in result.rejected))
         return pb.LogEventsResponse(
             accepted_count=result.accepted_count,
@@ -111,20 +132,71 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
     async def StreamEvents(
         self, request_iterator: AsyncIterator[pb.StreamEventsRequest], context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[pb.StreamEventsResponse, None]:
-        # One task reads requests and starts their writes; this generator
-        # answers them in request order as they commit. The semaphore bounds
-        # the batches held per stream (written or waiting to be answered), so
-        # memory stays bounded and a slow reader of responses slows the sender.
+        # Until its first request a stream is only this generator (thousands
+        # of idle streams cost little); then one task reads requests and
+        # starts their writes, and this generator answers them in request
+        # order as they commit. The semaphore bounds the batches held per
+        # stream (written or waiting to be answered), so memory stays bounded
+        # and a slow reader of responses slows the sender.
         if self._draining:
             raise Unavailable(SHUTTING_DOWN)
+        requests = aiter(request_iterator)
+        metrics.stream_opened()
+        self.streams_open += 1
+        try:
+            first = await self._first_request(requests)
+            if first is None:
+                return
+            answers = self._answers(requests, first, context)
+            # Each batch is let go once written, the first too: no frame of
+            # the stream keeps it (20 streams of 14 MB batches otherwise held
+            # 850 MiB where the budget allows 256).
+            del first
+            async with contextlib.aclosing(answers):
+                async for response in answers:
+                    yield response
+        finally:
+            self.streams_open -= 1
+            metrics.stream_closed()
+
+    async def _first_request(self, requests: AsyncIterator[pb.StreamEventsRequest]) -> pb.StreamEventsRequest | None:
+        """The stream's first request, waited for without a task of its own;
+        Unavailable when none comes within the idle timeout (or at shutdown)."""
+        waiting = asyncio.timeout(self._idle_timeout)
+        self._first_reads.add(waiting)
+        try:
+            async with waiting:
+                expectation = await self._budget.expect(self._budget.first_batch)
+                lapse = asyncio.get_running_loop().call_later(EXPECTATION_SECONDS, expectation.drop)
+                try:
+                    first = await anext(requests, None)
+                    if first is not None:
+                        self._budget.hold(footprint(first))  # before the expectation goes: no gap
+                    return first
+                finally:
+                    lapse.cancel()
+                    expectation.drop()
+        except TimeoutError:
+            if self._draining:
+                raise Unavailable(SHUTTING_DOWN) from None
+            metrics.stream_closed_idle()
+            raise Unavailable(IDLE_CLOSED.format(seconds=self._idle_timeout)) from None
+        finally:
+            self._first_reads.discard(waiting)
+
+    async def _answers(
+        self, requests: AsyncIterator[pb.StreamEventsRequest], first: pb.StreamEventsRequest, context: Any
+    ) -> AsyncGenerator[pb.StreamEventsResponse, None]:
         writes: _WriteQueue = asyncio.Queue()
         slots = asyncio.Semaphore(self._batches_in_flight)
-        reader = asyncio.create_task(self._read_stream(aiter(request_iterator), writes, slots, context))
+        stream = _Stream()
+        stream.unread = footprint(first)  # held since it was read; the reader takes it over
+        reader = asyncio.create_task(self._read_stream(requests, first, stream, writes, slots, context))
+        del first
         # A done callback rather than a `finally` in the reader: it also runs
         # when the reader is cancelled before it ever started.
         reader.add_done_callback(lambda _: writes.put_nowait(None))
         self._readers.add(reader)
-        metrics.stream_opened()
         try:
             while (write := await writes.get()) is not None:
                 yield await write
@@ -135,9 +207,11 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
             if (error := reader.exception()) is not None:
                 raise error
         finally:
-            metrics.stream_closed()
             self._readers.discard(reader)
             _discard(reader)
+            if stream.unread:  # the reader was cancelled before it took the first batch
+                self._budget.release(stream.unread)
+                stream.unread = 0
             while not writes.empty():
                 if (pending := writes.get_nowait()) is not None:
                     _discard(pending)
@@ -150,47 +224,78 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
     async def _read_stream(
         self,
         requests: AsyncIterator[pb.StreamEventsRequest],
+        first: pb.StreamEventsRequest,
+        stream: _Stream,
         writes: _WriteQueue,
         slots: asyncio.Semaphore,
         context: Any,
     ) -> None:
-        estimate = max(self._budget.limit // FIRST_BATCH_SHARE, 1)
+        last_size = 0  # the footprint of the previous batch
+        received: pb.StreamEventsRequest | None = first
+        del first
         while True:
             await slots.acquire()
-            # Room in the byte budget before reading: until there is, this
-            # stream reads nothing and HTTP/2 flow control holds its sender.
-            await self._budget.acquire(estimate)
-            held = estimate
-            read = asyncio.ensure_future(anext(requests, None))
-            try:
-                done, _ = await asyncio.wait((read,), timeout=IDLE_RESERVATION_SECONDS)
-                if not done:
-                    # The sender is idle: an idle stream holds no budget.
-                    self._budget.release(held)
-                    held = 0
-                request = await read
-            except BaseException:
-                read.cancel()
-                self._budget.release(held)
-                raise
-            if request is None:
-                self._budget.release(held)
-                return
-            size = footprint(request)
-            self._budget.adjust(size - held)
-            estimate = max(size, 1)
+            if received is not None:
+                request, received = received, None
+                size, stream.unread = stream.unread, 0
+            else:
+                # Interactive calls first: while they are behind their target
+                # this stream keeps one batch in flight and reads nothing more.
+                await self._precedence.bulk_turn("StreamEvents", stream.idle)
+                # Room for a batch like the last before reading, holding nothing
+                # (rpc/_budget.py): until there is, this stream reads nothing
+                # and HTTP/2 flow control holds its sender.
+                expectation = await self._budget.expect(last_size)
+                lapse = asyncio.get_running_loop().call_later(EXPECTATION_SECONDS, expectation.drop)
+                try:
+                    next_request = await self._next_request(requests, stream)
+                    if next_request is not None:
+                        size = footprint(next_request)
+                        self._budget.hold(size)  # before the expectation goes: no gap
+                finally:
+                    lapse.cancel()
+                    expectation.drop()
+                if next_request is None:
+                    return
+                request = next_request
+                del next_request
+            last_size = size  # held since it was read
             try:
                 _check_batch_size(request.events, sequence=request.sequence)
             except InvalidArgument:
                 self._budget.release(size)
                 raise
+            stream.in_flight += 1
             write = asyncio.create_task(self._write_stream_batch(request, context))
             # The request's bytes are let go once its write is done.
-            write.add_done_callback(functools.partial(self._release, size))
+            write.add_done_callback(functools.partial(self._release, size, stream))
             writes.put_nowait(write)
+            del request  # the write holds it until done; the next read must not wait holding it
 
-    def _release(self, size: int, write: asyncio.Task[pb.StreamEventsResponse]) -> None:
+    async def _next_request(
+        self, requests: AsyncIterator[pb.StreamEventsRequest], stream: _Stream
+    ) -> pb.StreamEventsRequest | None:
+        """The next request; Unavailable when none comes within the idle
+        timeout while the stream has nothing in flight (a client waiting for
+        its answers is not idle)."""
+        if self._idle_timeout is None:
+            return await anext(requests, None)
+        read = asyncio.ensure_future(anext(requests, None))
+        try:
+            while True:
+                done, _ = await asyncio.wait((read,), timeout=self._idle_timeout)
+                if done:
+                    return read.result()
+                if stream.idle():
+                    metrics.stream_closed_idle()
+                    raise Unavailable(IDLE_CLOSED.format(seconds=self._idle_timeout))
+        finally:
+            _discard(read)  # cancelled, or its outcome marked as seen (returned, or lost to our own cancellation)
+
+    def _release(self, size: int, stream: _Stream, write: asyncio.Task[pb.StreamEventsResponse]) -> None:
         self._budget.release(size)
+        stream.in_flight -= 1
+        self._precedence.step_done()
         # A write that fails after its stream has ended is not awaited by
         # anyone: mark its exception as seen ("never retrieved" otherwise).
         _discard(write)
@@ -205,11 +310,24 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
             rejected=_rejected(result.rejected),
         )
 
-    async def _write(self, events: Sequence[Event], time_limit: float | None) -> BatchResult:
+    async def _write(self, events: Sequence[Event], time_limit: float | None, *, bulk: bool = True) -> BatchResult:
         if not events:
             return BatchResult()
         # Stream batches run in tasks started by the call, which inherit its caller.
-        return await self._ingestor.write(events, time_limit, allowed_types=allowed_event_types())
+        return await self._ingestor.write(events, time_limit, allowed_types=allowed_event_types(), bulk=bulk)
+
+
+class _Stream:
+    """A stream's batches whose writes have not finished."""
+
+    __slots__ = ("in_flight", "unread")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.unread = 0  # the footprint of a batch read but not yet taken by the reader
+
+    def idle(self) -> bool:
+        return self.in_flight == 0
 
 
 def _check_batch_size(events: Sequence[Event], *, sequence: int | None = None) -> None:
