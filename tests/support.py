@@ -57,13 +57,14 @@ async def logged_event_ids(database_url: str) -> set[str]:
 
 
 @contextlib.asynccontextmanager
-async def events_table_locked(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """Blocks every insert into `events` until the block exits, so that a test
-    can hold batches in flight. Yields the connection holding the lock."""
+async def events_table_locked(database_url: str, table: str = "events") -> AsyncIterator[asyncpg.Connection]:
+    """Blocks every write to `table` (every insert into the log by default)
+    until the block exits, so that a test can hold batches in flight. Yields
+    the connection holding the lock."""
     connection = await asyncpg.connect(database_url)
     try:
         async with connection.transaction():
-            await connection.execute("LOCK TABLE events IN EXCLUSIVE MODE")
+            await connection.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
             yield connection
     finally:
         await connection.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
 import asyncpg
 import grpc
@@ -20,23 +19,16 @@ from interactions_server import metrics
 from interactions_server.precedence import Precedence
 from interactions_server.services.interactions import SERVICE_NAME
 from tests.events import valid_event
-from tests.support import StartServer, eventually
+from tests.support import StartServer, events_table_locked, eventually
 
 
 def _cart(user: str) -> Event:
     return valid_event(EventType.EVENT_TYPE_ADD_TO_CART, user_id=user, product_id="p1", event_value=1)
 
 
-@contextlib.asynccontextmanager
-async def cart_lines_locked(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+def cart_lines_locked(database_url: str) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
     """Every cart sync waits (the log's inserts do not) until the block exits."""
-    connection = await asyncpg.connect(database_url)
-    try:
-        async with connection.transaction():
-            await connection.execute("LOCK TABLE cart_lines IN EXCLUSIVE MODE")
-            yield connection
-    finally:
-        await connection.close()
+    return events_table_locked(database_url, "cart_lines")
 
 
 def _received() -> float:

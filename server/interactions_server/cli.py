@@ -208,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--event-loop",
         choices=EVENT_LOOPS,
-        default=env("INTERACTIONS_EVENT_LOOP", "auto"),
-        help="the event loop of each serving process; auto: uvloop when installed "
-        "(env INTERACTIONS_EVENT_LOOP; default %(default)s)",
+        default=env("INTERACTIONS_EVENT_LOOP", "asyncio"),
+        help="the event loop of each serving process: asyncio's, uvloop (pip install interactions-server[uvloop]), "
+        "or auto: uvloop when installed (env INTERACTIONS_EVENT_LOOP; default %(default)s)",
     )
     return parser
 

@@ -48,7 +48,7 @@ class ServerConfig:
     max_open_streams_per_client: int = DEFAULT_MAX_OPEN_STREAMS_PER_CLIENT  # with auth_tokens
     stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT  # 0: streams are never closed for idleness
     interactive_latency_target: float = DEFAULT_INTERACTIVE_LATENCY_TARGET
-    event_loop: str = "auto"  # one of EVENT_LOOPS
+    event_loop: str = "asyncio"  # one of EVENT_LOOPS
     # asyncpg's prepared-statement cache per connection; 0 for pgbouncer in
     # transaction mode, where a connection's statements do not follow it.
     statement_cache_size: int = ASYNCPG_STATEMENT_CACHE_SIZE
@@ -115,8 +115,10 @@ def reserve_port(listen: str) -> str:
 
 
 def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop a serving process runs on: uvloop ("auto" when it is
-    installed), or asyncio's own (None: asyncio.Runner's default)."""
+    """The event loop a serving process runs on: asyncio's own (None:
+    asyncio.Runner's default), or uvloop ("auto": when it is installed, the
+    server's `uvloop` extra). The default stays asyncio: uvloop measured no
+    gain in server CPU per call here (docs/performance.md)."""
     if kind not in EVENT_LOOPS:
         raise StartupError(f"unknown event loop {kind!r}: expected one of {', '.join(EVENT_LOOPS)}")
     if kind == "asyncio":

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from google.protobuf.message import Message
 
@@ -71,17 +71,24 @@ class ByteBudget:
         if not self._waiters and self._fits(size):
             self.used += size
             return
+        await self._wait(self._waiters, size, self.release)
+
+    async def _wait(
+        self, queue: collections.deque[tuple[int, asyncio.Future[None]]], size: int, undo: Callable[[int], None]
+    ) -> None:
+        """Waits in `queue` until _grant() grants `size`; `undo` gives it back
+        when it was granted just as the waiter gave up."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (size, future)
-        self._waiters.append(entry)
+        queue.append(entry)
         try:
             await future
         except BaseException:
             if future.done() and not future.cancelled():
-                self.release(size)  # granted just as the waiter gave up
+                undo(size)
             else:
                 with contextlib.suppress(ValueError):  # _grant() may have dropped it already
-                    self._waiters.remove(entry)
+                    queue.remove(entry)
                 self._grant()
             raise
 
@@ -109,20 +116,8 @@ class ByteBudget:
         for expectations."""
         if not self._expecting and not self._waiters and self._expectation_fits(size):
             self.expected += size
-            return Expectation(self, size)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (size, future)
-        self._expecting.append(entry)
-        try:
-            await future
-        except BaseException:
-            if future.done() and not future.cancelled():
-                self._unexpect(size)  # granted just as the waiter gave up
-            else:
-                with contextlib.suppress(ValueError):
-                    self._expecting.remove(entry)
-                self._grant()
-            raise
+        else:
+            await self._wait(self._expecting, size, self._unexpect)
         return Expectation(self, size)
 
     def _unexpect(self, size: int) -> None:
