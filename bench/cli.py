@@ -54,6 +54,16 @@ def _not_negative(text: str) -> int:
     return value
 
 
+def _workers_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,2; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected numbers of at least 1 like 1,2; got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = BenchConfig()
     measures_help = "; ".join(f"{k}: {v}" for k, v in MEASURES.items())
@@ -126,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {defaults.busy_calls:,})",
     )
     parser.add_argument(
+        "--k2-workers",
+        type=_workers_list,
+        help="(k2): the server set-ups, as --workers values, each with as many client connections (default 1,2)",
+    )
+    parser.add_argument(
         "--server-arg",
         action="append",
         default=[],
@@ -177,6 +192,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         "busy_events": args.busy_events,
         "busy_calls": args.busy_calls,
         "server_args": tuple(args.server_arg) or None,
+        "inline_workers": args.k2_workers,
         # The two switches override only when given (None: the config's own value).
         "prevalidate": None if args.prevalidate else False,
         "pg_defaults": True if args.pg_defaults else None,
