@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from bench import analytics, measures
+from bench import analytics, late_events, measures
 from bench.config import MEASURES, BenchConfig
 from bench.database import EmbeddedDatabase
 from bench.report import Results, render, to_json
@@ -149,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable; for A/B runs of its settings)",
     )
     parser.add_argument(
+        "--late-key-events",
+        type=_positive,
+        help=f"(l): events on the key before the late calls (default {defaults.late_key_events:,})",
+    )
+    parser.add_argument(
+        "--late-calls", type=_positive, help=f"(l): late LogEvent calls (default {defaults.late_calls})"
+    )
+    parser.add_argument(
         "--no-prevalidate",
         dest="prevalidate",
         action="store_false",
@@ -193,6 +201,8 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         "busy_calls": args.busy_calls,
         "server_args": tuple(args.server_arg) or None,
         "inline_workers": args.k2_workers,
+        "late_key_events": args.late_key_events,
+        "late_calls": args.late_calls,
         # The two switches override only when given (None: the config's own value).
         "prevalidate": None if args.prevalidate else False,
         "pg_defaults": True if args.pg_defaults else None,
@@ -275,6 +285,8 @@ async def _measure(bench: measures.Bench, results: Results) -> None:
         results.busy = await measures.busy_latency(bench)
     if "k2" in only:
         results.inline = await measures.inline_latency(bench, results.unary, results.bulk)
+    if "l" in only:
+        results.late = await late_events.run(bench)
     if "e" in only:
         results.memory = await measures.memory(bench)
     if "g" in only:

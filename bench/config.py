@@ -18,6 +18,7 @@ MEASURES: dict[str, str] = {
     "j": "TopSearchQueries and CountActiveUsers over 7 days of the analytics log: latency",
     "k": "LogEvent latency at 200 calls/s while a bulk stream runs at full speed",
     "k2": "LogEvent at a quarter of its own maximum, alone and beside a full-speed stream; 1 and 2 workers",
+    "l": "a late LogEvent on a (user, product) with 200k events: latency and CPU per call",
 }
 
 
@@ -47,6 +48,8 @@ class BenchConfig:
     inline_share: float = 0.25  # (k2): the LogEvent rate, as a share of its own closed-loop maximum
     inline_workers: tuple[int, ...] = (1, 2)  # (k2): the server's --workers (as many client connections)
     server_args: tuple[str, ...] = ()  # extra arguments of interactions-server (A/B runs of its settings)
+    late_key_events: int = 200_000  # (l): events of the key before the late calls
+    late_calls: int = 200  # (l): late LogEvent calls, one at a time
     prevalidate: bool = True  # the bulk streams' client pre-validates (the shipped default)
     pg_defaults: bool = False  # PostgreSQL's own defaults instead of the embedded server's machine settings
     seed: int = 5
@@ -66,6 +69,8 @@ class BenchConfig:
             analytics_events=20_000,
             busy_events=20_000,
             busy_calls=200,
+            late_key_events=5_000,
+            late_calls=20,
             repeat=1,
             quick=True,
         )

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.analytics import AnalyticsResults, QueryLatency
+from bench.late_events import LateEvents
 from bench.measures import BusyLatency, CallLatency, InlineLatency, Latency, Memory, Profile, Throughput
 
 MB = 1024.0  # kB per MB
@@ -34,6 +35,7 @@ class Results:
     analytics: AnalyticsResults | None = None  # (h), (i), (j)
     busy: BusyLatency | None = None  # (k)
     inline: list[InlineLatency] = field(default_factory=list)  # (k2), one per server set-up
+    late: LateEvents | None = None  # (l)
     profiles: dict[str, Profile] = field(default_factory=dict)
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -235,6 +237,8 @@ def rows(results: Results) -> list[Row]:
         out.extend(busy_rows(k, b))
     for inline in results.inline:
         out.extend(inline_rows(inline))
+    if (late := results.late) is not None:
+        out.extend(late_rows(late))
     for key, why in results.skipped.items():
         out.append(Row(key, f"({key}) skipped", why))
     return out
@@ -374,6 +378,31 @@ def inline_rows(k: InlineLatency) -> list[Row]:
     ]
 
 
+def late_rows(late: LateEvents) -> list[Row]:
+    where = f"on a key with {_size(late.key_events)} events"
+    void, noise = _void(late.run), _noise(late.run)
+    return [
+        Row("l", f"(l) late LogEvent p50 {where}", _ms(late.p50), void=void, noise=noise),
+        Row(
+            "l",
+            f"(l) late LogEvent p99 {where}",
+            f"{_ms(late.p99)} ({late.calls:,} calls)",
+            target="<= 50 ms",
+            met=late.p99 <= 0.050,
+            void=void,
+            noise=noise,
+        ),
+        Row("l", f"(l) late LogEvent max {where}", _ms(late.max), void=void, noise=noise),
+        Row(
+            "l",
+            "(l) CPU per late LogEvent",
+            f"server {late.server_ms_per_call:.1f} ms, PostgreSQL {late.postgres_ms_per_call:.1f} ms",
+            void=void,
+            noise=noise,
+        ),
+    ]
+
+
 def cpu_rows(results: Results) -> list[tuple[str, Throughput]]:
     named: list[tuple[str, Throughput | None]] = [
         ("(a) DB ceiling", results.ceiling),
@@ -388,6 +417,7 @@ def cpu_rows(results: Results) -> list[tuple[str, Throughput]]:
         ("(k) bulk + LogEvent", results.busy.bulk if results.busy else None),
         *((f"(k2) {k.workers}w alone", k.alone.run) for k in results.inline),
         *((f"(k2) {k.workers}w beside", k.stream_beside) for k in results.inline),
+        ("(l) late LogEvents", results.late.run if results.late else None),
     ]
     return [(name, r) for name, r in named if r is not None]
 
@@ -520,6 +550,14 @@ def to_json(results: Results) -> dict[str, Any]:
             for k in results.inline
         ],
         "server_args": list(results.server_args),
+        "l_late_events": None
+        if results.late is None
+        else {
+            **{k: v for k, v in asdict(results.late).items() if k != "run"},
+            "server_ms_per_call": results.late.server_ms_per_call,
+            "postgres_ms_per_call": results.late.postgres_ms_per_call,
+            "run": throughput(results.late.run),
+        },
         "profiles": {name: asdict(p) for name, p in results.profiles.items()},
         "skipped": results.skipped,
     }

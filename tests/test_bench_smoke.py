@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The start of the table row of every measure, (a) to (k).
+# The start of the table row of every measure, (a) to (l).
 MEASURE_ROWS = (
     "(a) DB ceiling",
     "(b) bulk StreamEvents",
@@ -39,6 +39,10 @@ MEASURE_ROWS = (
     "(k) LogEvent p99 at 200 calls/s during a bulk stream",
     "(k) LogEvent max at 200 calls/s during a bulk stream",
     "(k) the bulk stream meanwhile",
+    "(l) late LogEvent p50",
+    "(l) late LogEvent p99",
+    "(l) late LogEvent max",
+    "(l) CPU per late LogEvent",
 )
 
 

@@ -130,10 +130,10 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     seen: list[tuple[int, int]] = []
     fetch = storage.fetch_fold_rows
 
-    async def counting(*args: Any) -> tuple[list[storage.HistoryRow], list[storage.Segment]]:
-        rows, segments = await fetch(*args)
-        seen.append((len(rows), len(segments)))
-        return rows, segments
+    async def counting(*args: Any) -> storage.FoldRows:
+        found = await fetch(*args)
+        seen.append((sum(map(len, found.rows.values())), sum(map(len, found.segments.values()))))
+        return found
 
     monkeypatch.setattr(storage, "fetch_fold_rows", counting)
     return seen
@@ -286,6 +286,10 @@ def test_cart_functions_compose_like_the_fold(steps: list[Any], cut: int, start:
     # Associative: the composition of two runs is the composition of the whole.
     first, second = family.compose(fns[:cut]), family.compose(fns[cut:])
     assert family.then(first, second) == family.compose(fns)
+    stepwise = family.identity
+    for f in fns:
+        stepwise = family.then(stepwise, f)
+    assert stepwise == family.compose(fns)  # the inlined run is `then` step by step
 
 
 @given(steps=wishlist_steps, cut=st.integers(0, 30), start=st.one_of(st.none(), st.integers(0, 10**15)))
@@ -295,6 +299,10 @@ def test_wishlist_functions_compose_like_the_fold(steps: list[Any], cut: int, st
     assert family.apply(family.compose(fns), start) == _stepwise(family, start, fns)
     first, second = family.compose(fns[:cut]), family.compose(fns[cut:])
     assert family.then(first, second) == family.compose(fns)
+    stepwise = family.identity
+    for f in fns:
+        stepwise = family.then(stepwise, f)
+    assert stepwise == family.compose(fns)  # the inlined run is `then` step by step
 
 
 # --- the migration ------------------------------------------------------------------

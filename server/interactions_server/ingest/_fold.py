@@ -55,24 +55,51 @@ def _wishlist_apply(f: Fn, s: int | None) -> int | None:
     return b if a is None else (s if s is not None else b)
 
 
+def _cart_compose(fns: Iterable[Fn], f: Fn) -> Fn:
+    """_cart_then over a run, inlined: a late event composes a whole segment."""
+    a, b = f
+    for a2, b2 in fns:
+        if a2 is None:
+            a, b = None, b2
+            continue
+        if a is not None:
+            a += a2
+        if b is None:
+            b = b2
+        elif b2 is None:
+            b += a2
+        else:
+            b = max(b + a2, b2)
+    return a, b
+
+
+def _wishlist_compose(fns: Iterable[Fn], f: Fn) -> Fn:
+    a, b = f
+    for a2, b2 in fns:
+        if a2 is None:
+            a, b = None, b2
+        elif b is None:
+            b = b2
+    return a, b
+
+
 @dataclass(frozen=True, slots=True)
 class Family:
-    """A state table's function family: the identity, f-then-g, and f(state)."""
+    """A state table's function family: the identity, f-then-g, f(state), and
+    the composition of a run (the same as `then` step by step, faster)."""
 
     identity: Fn
     then: Callable[[Fn, Fn], Fn]
     apply: Callable[[Fn, int | None], int | None]
+    run: Callable[[Iterable[Fn], Fn], Fn]
 
     def compose(self, fns: Iterable[Fn], start: Fn | None = None) -> Fn:
         """`start` (the identity when None) then each of `fns`, in order."""
-        f = self.identity if start is None else start
-        for g in fns:
-            f = self.then(f, g)
-        return f
+        return self.run(fns, self.identity if start is None else start)
 
 
-CART = Family((0, 0), _cart_then, _cart_apply)
-WISHLIST = Family((0, None), _wishlist_then, _wishlist_apply)
+CART = Family((0, 0), _cart_then, _cart_apply, _cart_compose)
+WISHLIST = Family((0, None), _wishlist_then, _wishlist_apply, _wishlist_compose)
 
 
 # A step's function from the event's (event_value, occurred_at in epoch us).

@@ -31,6 +31,19 @@ the resend of an event older than the retention cutoff is new to the log;
 its position is then already in the key's history (an event is always late
 to its own key), and the fold skips it. sync_new runs everything with one
 read and one write of the state tables (plus one read when a key is late).
+
+Choices made against the first proposal, and why:
+- the line keeps its open tail's function, not only its count, so sealing a
+  segment needs no read (the segment is that function) and rides in the
+  write statement;
+- a recomputed segment keeps its end position (a split's last run ends
+  there), so every segment write is an upsert: no delete in the statement;
+- history rows carry their state table in the key: a late cart event never
+  scans the same product's wishlist history;
+- the migration seals existing data itself rather than leaving it to the
+  first late event: that one event would pay the whole history inside its
+  caller's deadline, and a retry would pay it again;
+- SEGMENT_EVENTS 512, not 1024: measured cheaper at 200k events (below).
 """
 
 from __future__ import annotations
@@ -56,11 +69,14 @@ from interactions_server.ingest._fold import (
     set_quantity,
 )
 
-# Events per sealed segment (the unit of a late event's cost). 1024: a late
-# event reads at most 2,048 history rows of its segment plus one row per
-# 1,024 events of the key (about 200 for 200k events). Read at call time, so
-# that tests can make it small.
-SEGMENT_EVENTS = 1024
+# Events per sealed segment (the unit of a late event's cost): a late event
+# reads the rows of its segment (N to 2N) plus one segment row per N events of
+# the key. Near sqrt(history) is cheapest; 512 against 1024 took the CPU of a
+# late event on a 200k-event key from 12.0-13.4 to 9.7-11.3 ms (server and
+# PostgreSQL, docs/performance.md, (l)). The migration 0006 sealed existing
+# data in segments of 1024 (2N: split at the first late event into them).
+# Read at call time, so that tests can make it small.
+SEGMENT_EVENTS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,13 +106,8 @@ CART_STEPS: Mapping[int, Step] = {
 WISHLIST_STEPS: Mapping[int, Step] = {ValueRule.VALUE_RULE_ADD_OR_REMOVE: add_or_remove}
 
 
-@dataclass(slots=True)
-class _Item:
-    """One history row (stored or new) as the fold uses it."""
-
-    position: Position
-    fn: Fn
-    row: storage.HistoryRow
+# A history row as the fold uses it: its position and its step's function.
+Item = tuple[Position, Fn]
 
 
 @dataclass(slots=True)
@@ -114,9 +125,14 @@ class _Late:
 
     key: Key
     line: storage.StateLine
-    events: list[_Item]  # the key's new events, in fold order
-    in_segments: list[_Item]  # those at or before the end of its last segment
+    events: list[Item]  # the key's new events, in fold order
+    rows: dict[Position, storage.HistoryRow]  # their history rows
+    in_segments: list[Item]  # those at or before the end of its last segment
     tail_read: bool  # some fall in the open tail before the line's last event: read the tail
+
+
+def _position(item: Item) -> Position:
+    return item[0]
 
 
 class KeyedFold:
@@ -138,53 +154,51 @@ class KeyedFold:
     def fn(self, event_type: str, value: int, occurred_us: int) -> Fn:
         return self.steps[event_type](value, occurred_us)
 
-    def _item(self, row: storage.HistoryRow) -> _Item:
-        return _Item((row.occurred_us, row.event_id), self.fn(row.event_type, row.event_value, row.occurred_us), row)
-
     def plan(self, events: Sequence[SyncEvent], current: Mapping[Key, storage.StateLine], out: _Fold) -> list[_Late]:
         """Folds the keys of `events` whose new events all come after their
         line's last one onto their `current` lines (into `out`); returns the
         late keys, which need the rows fetch_fold_rows reads."""
-        by_key: dict[Key, list[_Item]] = defaultdict(list)
+        by_key: dict[Key, list[SyncEvent]] = defaultdict(list)
         for e in events:
-            row = storage.HistoryRow(
-                self.table, e.user_id, e.product_id, e.occurred_us, e.event_id, e.rule.name, e.value
-            )
-            by_key[(e.user_id, e.product_id)].append(self._item(row))
+            by_key[(e.user_id, e.product_id)].append(e)
+        steps, family, table = self.steps, self.family, self.table
         late: list[_Late] = []
         for key in sorted(by_key):
-            new = sorted(by_key[key], key=lambda i: i.position)
+            new = sorted(by_key[key], key=lambda e: (e.occurred_us, e.event_id))
+            items: list[Item] = [((e.occurred_us, e.event_id), steps[e.rule.name](e.value, e.occurred_us)) for e in new]
+            rows = [storage.HistoryRow(table, *key, e.occurred_us, e.event_id, e.rule.name, e.value) for e in new]
             line = current.get(key)
             if line is None:
-                line = storage.StateLine(key[0], key[1], None, 0, "", None, None, None, *self.family.identity, 0)
-            elif new[0].position <= (line.updated_us, line.last_event_id):
-                late.append(self._late(key, line, new))
+                line = storage.StateLine(*key, None, 0, "", None, None, None, *family.identity, 0)
+            elif items[0][0] <= (line.updated_us, line.last_event_id):
+                late.append(self._late(key, line, items, rows))
                 continue
             # In order: onto the stored value, as before; the tail's function grows.
             value = line.value
-            for item in new:
-                value = self.family.apply(item.fn, value)
-            out.history += [i.row for i in new]
-            out.lines.append(self._extend(line, line.base, new, out, value=value))
+            for _, f in items:
+                value = family.apply(f, value)
+            out.history += rows
+            out.lines.append(self._extend(line, line.base, items, out, value=value))
         return late
 
     @staticmethod
-    def _late(key: Key, line: storage.StateLine, new: list[_Item]) -> _Late:
+    def _late(key: Key, line: storage.StateLine, new: list[Item], rows: list[storage.HistoryRow]) -> _Late:
         """What a late key needs read: the segments its events fall in, and
         its open tail when one falls there before the line's last event."""
+        by_position = {(r.occurred_us, r.event_id): r for r in rows}
         last = (line.updated_us, line.last_event_id)
         if line.sealed_us is None:
-            return _Late(key, line, new, [], True)
+            return _Late(key, line, new, by_position, [], True)
         sealed_end = (line.sealed_us, line.sealed_event_id or "")
-        in_segments = [i for i in new if i.position <= sealed_end]
-        tail_read = any(sealed_end < i.position <= last for i in new)
-        return _Late(key, line, new, in_segments, tail_read)
+        in_segments = [i for i in new if i[0] <= sealed_end]
+        tail_read = any(sealed_end < i[0] <= last for i in new)
+        return _Late(key, line, new, by_position, in_segments, tail_read)
 
     def _extend(
         self,
         line: storage.StateLine,
         base: int | None,
-        items: Sequence[_Item],
+        items: Sequence[Item],
         out: _Fold,
         *,
         value: int | None = None,
@@ -196,23 +210,28 @@ class KeyedFold:
         Its value is `value`, or when `late` the tail applied to the base."""
         limit = SEGMENT_EVENTS
         family = self.family
+        then = family.then
         sealed_us, sealed_id = line.sealed_us, line.sealed_event_id
         tail: Fn = (line.tail_a, line.tail_b)
         count = line.tail_events
-        for item in items:
-            tail = family.then(tail, item.fn)
+        for position, f in items:
+            tail = then(tail, f)
             count += 1
             if count >= limit:
-                sealed_us, sealed_id = item.position
-                out.segments.append(
-                    storage.Segment(self.table, line.user_id, line.product_id, *item.position, count, *tail)
-                )
+                sealed_us, sealed_id = position
+                out.segments.append(storage.Segment(self.table, line.user_id, line.product_id, *position, count, *tail))
                 base = family.apply(tail, base)
                 tail, count = family.identity, 0
         if late:
             value = family.apply(tail, base)
-        last = max((line.updated_us, line.last_event_id), items[-1].position) if items else None
-        updated_us, last_event_id = last if last is not None else (line.updated_us, line.last_event_id)
+        updated_us, last_event_id = (
+            max((line.updated_us, line.last_event_id), items[-1][0])
+            if items
+            else (
+                line.updated_us,
+                line.last_event_id,
+            )
+        )
         return storage.StateLine(
             line.user_id,
             line.product_id,
@@ -227,54 +246,46 @@ class KeyedFold:
             line.origin,
         )
 
-    def refold(
-        self,
-        late: Sequence[_Late],
-        rows: Sequence[storage.HistoryRow],
-        segments: Sequence[storage.Segment],
-        out: _Fold,
-    ) -> None:
+    def refold(self, late: Sequence[_Late], found: storage.FoldRows, out: _Fold) -> None:
         """The lines of the late keys, from the rows fetch_fold_rows read for them."""
-        rows_by_key: dict[Key, list[_Item]] = defaultdict(list)
-        for row in rows:
-            rows_by_key[(row.user_id, row.product_id)].append(self._item(row))
-        segments_by_key: dict[Key, list[storage.Segment]] = defaultdict(list)
-        for segment in segments:
-            segments_by_key[(segment.user_id, segment.product_id)].append(segment)
-        family = self.family
+        family, steps = self.family, self.steps
         for k in late:
             line = k.line
-            stored = rows_by_key.get(k.key, [])
-            known = {i.position for i in stored}
+            full_key = (self.table, *k.key)
+            stored: list[Item] = [
+                ((us, event_id), steps[event_type](value, us))
+                for us, event_id, event_type, value in found.rows.get(full_key, ())
+            ]
+            known = {position for position, _ in stored}
             # Already in the history: the resend of an event whose dedup key retention forgot.
-            new = [i for i in k.events if i.position not in known]
+            new = [i for i in k.events if i[0] not in known]
             if not new:
                 continue
-            out.history += [i.row for i in new]
+            out.history += [k.rows[position] for position, _ in new]
             sealed_end = None if line.sealed_us is None else (line.sealed_us, line.sealed_event_id or "")
-            in_segments = [i for i in new if sealed_end is not None and i.position <= sealed_end]
+            in_segments = [i for i in new if sealed_end is not None and i[0] <= sealed_end]
             in_tail = new[len(in_segments) :]
             base = line.base
             if in_segments:  # the base is recomposed from the key's segments
-                key_segments = sorted(segments_by_key[k.key], key=lambda s: (s.until_us, s.until_event_id))
+                key_segments = sorted(found.segments.get(full_key, ()), key=lambda s: (s.until_us, s.until_event_id))
                 base = self._resegment(line, key_segments, stored, in_segments, out)
             if k.tail_read:
                 # The open tail refolded from the base: its stored rows and the new ones.
-                stored_tail = [i for i in stored if sealed_end is None or i.position > sealed_end]
+                stored_tail = [i for i in stored if sealed_end is None or i[0] > sealed_end]
                 start = line._replace(tail_a=family.identity[0], tail_b=family.identity[1], tail_events=0)
-                merged = sorted([*stored_tail, *in_tail], key=lambda i: i.position)
+                merged = sorted([*stored_tail, *in_tail], key=_position)
                 folded = self._extend(start, base, merged, out, late=True)
             else:  # every new event of the tail comes after the line's last one
                 folded = self._extend(line, base, in_tail, out, late=True)
-            last = max((line.updated_us, line.last_event_id), new[-1].position)
+            last = max((line.updated_us, line.last_event_id), new[-1][0])
             out.lines.append(folded._replace(updated_us=last[0], last_event_id=last[1]))
 
     def _resegment(
         self,
         line: storage.StateLine,
         segments: Sequence[storage.Segment],
-        stored: Sequence[_Item],
-        new: Sequence[_Item],
+        stored: Sequence[Item],
+        new: Sequence[Item],
         out: _Fold,
     ) -> int | None:
         """Recomputes the segments that the `new` events fall in from their
@@ -284,27 +295,27 @@ class KeyedFold:
         limit = SEGMENT_EVENTS
         family = self.family
         ends = [(s.until_us, s.until_event_id) for s in segments]
-        members: dict[int, list[_Item]] = defaultdict(list)
+        members: dict[int, list[Item]] = defaultdict(list)
         for item in new:
-            index = bisect.bisect_left(ends, item.position)
+            index = bisect.bisect_left(ends, item[0])
             if index == len(ends):
                 raise RuntimeError(f"a late event after the segments of a {self.table} key")
             members[index].append(item)
         for item in stored:
-            index = bisect.bisect_left(ends, item.position)
+            index = bisect.bisect_left(ends, item[0])
             if index in members:
                 members[index].append(item)
         functions: list[list[Fn]] = [[(s.a, s.b)] for s in segments]
         for index, items in members.items():
-            items.sort(key=lambda i: i.position)
+            items.sort(key=_position)
             size = len(items) if len(items) <= 2 * limit else limit
             functions[index] = []
             for first in range(0, len(items), size):
                 run = items[first : first + size]
-                fn = family.compose(i.fn for i in run)
+                fn = family.compose(f for _, f in run)
                 functions[index].append(fn)
                 out.segments.append(
-                    storage.Segment(self.table, line.user_id, line.product_id, *run[-1].position, len(run), *fn)
+                    storage.Segment(self.table, line.user_id, line.product_id, *run[-1][0], len(run), *fn)
                 )
         return family.apply(family.compose(fn for fns in functions for fn in fns), line.origin)
 
@@ -365,21 +376,16 @@ async def sync_new(
         if fold_late := fold.plan(events, current.get(fold.table, {}), out):
             late.append((fold, fold_late))
     if late:
-        positions: list[storage.LatePosition] = []
-        tails: list[storage.TailStart] = []
+        positions: dict[str, list[storage.LatePosition]] = defaultdict(list)
+        tails: dict[str, list[storage.TailStart]] = defaultdict(list)
         for fold, keys in late:
             for k in keys:
-                positions += [(fold.table, *k.key, *i.position) for i in k.in_segments]
+                positions[fold.table] += [(*k.key, *i[0]) for i in k.in_segments]
                 if k.tail_read:
-                    tails.append((fold.table, *k.key, k.line.sealed_us, k.line.sealed_event_id))
-        rows, segments = await storage.fetch_fold_rows(conn, positions, tails)
+                    tails[fold.table].append((*k.key, k.line.sealed_us, k.line.sealed_event_id))
+        found = await storage.fetch_fold_rows(conn, positions, tails)
         for fold, keys in late:
-            fold.refold(
-                keys,
-                [r for r in rows if r.state_table == fold.table],
-                [s for s in segments if s.state_table == fold.table],
-                outs[fold.table],
-            )
+            fold.refold(keys, found, outs[fold.table])
     await storage.write_state(
         conn,
         {table: out.lines for table, out in outs.items()},
