@@ -1,7 +1,8 @@
 """The `interactions-server` command.
 
-    interactions-server [serve]   # run the service (the default)
-    interactions-server migrate   # apply pending migrations and exit
+    interactions-server [serve]              # run the service (the default)
+    interactions-server migrate              # apply pending migrations and exit
+    interactions-server retention [--dry-run]  # apply the retention policy once (or only count) and exit
 
 Every flag has an environment variable default. Without a database URL an
 embedded PostgreSQL is started with its data in --data-dir. With --workers N
@@ -27,7 +28,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from interactions_client.cli.args import count
@@ -40,11 +41,22 @@ from interactions_server.config import (
     DEFAULT_MAX_OPEN_STREAMS_PER_CLIENT,
     DEFAULT_STREAM_IDLE_TIMEOUT,
     EVENT_LOOPS,
+    RetentionPolicy,
     loop_factory,
+    parse_retention_by_type,
 )
 from interactions_server.errors import EXIT_DATABASE_DIED, EXIT_OPERATOR_ERROR, is_database_unavailable
 from interactions_server.server import App, Server, ServerConfig, StartupError
-from interactions_server.storage import Database, EmbeddedPostgres, MigrationError, migrate_when_reachable
+from interactions_server.storage import (
+    Database,
+    EmbeddedPostgres,
+    MigrationError,
+    RetentionBusy,
+    close_pool,
+    migrate_when_reachable,
+    open_pool,
+    run_retention,
+)
 
 _log = logging.getLogger("interactions_server")
 
@@ -80,13 +92,61 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _retention_days(text: str) -> int | None:
+    """--retention-days: a number of days; empty: keep everything."""
+    if not text.strip():
+        return None
+    try:
+        value = int(text)
+        RetentionPolicy.of(value)
+    except ValueError as exc:
+        detail = str(exc) if text.strip().lstrip("-").isdigit() else f"expected a number of days, got {text!r}"
+        raise argparse.ArgumentTypeError(detail) from None
+    return value
+
+
+def _retention_by_type(text: str) -> dict[str, int]:
+    """--retention-days-by-type: TYPE=N[,TYPE=N...]."""
+    try:
+        by_type = parse_retention_by_type(text)
+        RetentionPolicy.of(None, by_type)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return by_type
+
+
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(
-        prog="interactions-server", description="Runs the Interactions gRPC service, or applies its migrations."
+        prog="interactions-server",
+        description="Runs the Interactions gRPC service, applies its migrations, or applies the retention policy.",
     )
     parser.add_argument(
-        "command", nargs="?", choices=("serve", "migrate"), default="serve", help="what to do (default: serve)"
+        "command",
+        nargs="?",
+        choices=("serve", "migrate", "retention"),
+        default="serve",
+        help="what to do (default: serve); retention: apply the retention policy once and exit",
+    )
+    parser.add_argument(
+        "--retention-days",
+        type=_retention_days,
+        metavar="N",
+        default=env("INTERACTIONS_RETENTION_DAYS", ""),
+        help="remove events older than N days, once a day (env INTERACTIONS_RETENTION_DAYS; default: keep everything)",
+    )
+    parser.add_argument(
+        "--retention-days-by-type",
+        type=_retention_by_type,
+        metavar="TYPE=N[,TYPE=N...]",
+        default=env("INTERACTIONS_RETENTION_DAYS_BY_TYPE", ""),
+        help="a type's own retention in days, overriding --retention-days; catalog names or custom "
+        "(env INTERACTIONS_RETENTION_DAYS_BY_TYPE)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with retention: only count what the policy would remove",
     )
     parser.add_argument(
         "--listen",
@@ -278,10 +338,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream_idle_timeout=args.stream_idle_timeout,
         interactive_latency_target=args.interactive_latency_target,
         event_loop=args.event_loop,
+        retention=RetentionPolicy.of(args.retention_days, args.retention_days_by_type),
     )
+    if args.dry_run and args.command != "retention":
+        _log.error("--dry-run is an option of `interactions-server retention`")
+        return EXIT_OPERATOR_ERROR
     try:
         if args.command == "migrate":
             return asyncio.run(_migrate(config))
+        if args.command == "retention":
+            return asyncio.run(_retention(config, dry_run=args.dry_run))
         if config.workers > 1:
             return process.supervise(
                 config, target=Server, database=Database(config), log_level=args.log_level, log_format=log_format
@@ -291,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner,
         ):
             return runner.run(_serve(config))
-    except (StartupError, MigrationError) as exc:
+    except (StartupError, MigrationError, RetentionBusy) as exc:
         _log.error("%s", exc)
         return EXIT_OPERATOR_ERROR
     except Exception as exc:
@@ -340,7 +406,9 @@ async def _serve_app(app: App) -> int:
     return 0
 
 
-async def _migrate(config: ServerConfig) -> int:
+@contextlib.asynccontextmanager
+async def _migrated(config: ServerConfig) -> AsyncIterator[str]:
+    """The database URL, migrated (an embedded PostgreSQL started for the block when there is no URL)."""
     embedded = None
     dsn = config.database_url
     if dsn is None:
@@ -348,9 +416,39 @@ async def _migrate(config: ServerConfig) -> int:
         dsn = await asyncio.to_thread(embedded.start)
     try:
         await migrate_when_reachable(config, dsn)
+        yield dsn
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
+
+
+async def _migrate(config: ServerConfig) -> int:
+    async with _migrated(config):
+        return 0
+
+
+async def _retention(config: ServerConfig, *, dry_run: bool) -> int:
+    """Applies the policy once (or counts), prints what it removed."""
+    policy = config.retention
+    if policy.keeps_everything:
+        _log.error("no retention policy: give --retention-days N and/or --retention-days-by-type TYPE=N")
+        return EXIT_OPERATOR_ERROR
+    async with _migrated(config) as dsn:
+        pool = await open_pool(dsn, min_size=1, max_size=2, statement_cache_size=config.statement_cache_size)
+        try:
+            removed = await run_retention(pool, policy, dry_run=dry_run)
+        finally:
+            await close_pool(pool)
+    rows = [(name, f"{n:,}") for name, n in sorted(removed.by_type.items()) if n]
+    rows.append(("events", f"{removed.events:,}"))
+    rows.append(("whole months", ", ".join(removed.partitions) or "none"))
+    if removed.deferred:
+        rows.append(("left for the next run", ", ".join(removed.deferred)))
+    if removed.audit_id is not None:
+        rows.append(("audit_log record", str(removed.audit_id)))
+    width = max(len(name) for name, _ in rows)
+    verb = "would remove (dry run)" if dry_run else "removed"
+    sys.stdout.write(f"retention {verb}:\n" + "".join(f"  {name:<{width}}  {value}\n" for name, value in rows))
     return 0
 
 

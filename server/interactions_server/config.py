@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from interactions_client.rules import CUSTOM, STANDARD
 from interactions_server.errors import StartupError
 
 ASYNCPG_STATEMENT_CACHE_SIZE = 100  # asyncpg's default
@@ -27,6 +29,82 @@ DEFAULT_MAX_OPEN_STREAMS_PER_CLIENT = 100  # per authenticated client (--auth-to
 DEFAULT_STREAM_IDLE_TIMEOUT = 120.0  # seconds without a request, nothing in flight
 DEFAULT_INTERACTIVE_LATENCY_TARGET = 0.005  # seconds (precedence.py); 0: bulk never gives way
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+MAX_RETENTION_DAYS = 36_600  # 100 years: beyond it a cutoff would leave the calendar
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """How long events are kept (--retention-days, --retention-days-by-type).
+
+    `days`: every type's retention (None: kept for good); `by_type`: a
+    type's own retention, overriding `days`, by catalog name or "custom"
+    (every custom type). An event is removed once it occurred before the
+    start of the UTC day `N` days before today: applied daily, day by day.
+    A picklable value (it crosses into the supervisor's workers in ServerConfig).
+    """
+
+    days: int | None = None
+    by_type: tuple[tuple[str, int], ...] = ()  # sorted by name
+
+    @classmethod
+    def of(cls, days: int | None = None, by_type: Mapping[str, int] | None = None) -> RetentionPolicy:
+        """Checks every value; ValueError saying which is wrong."""
+        if days is not None:
+            _check_days(days, "the retention")
+        for name, value in (by_type or {}).items():
+            if name not in STANDARD and name != CUSTOM.name:
+                raise ValueError(
+                    f"unknown event type {name!r}: give a catalog name (see `interactions types`) or custom"
+                )
+            _check_days(value, f"the retention of {name}")
+        return cls(days, tuple(sorted((by_type or {}).items())))
+
+    @property
+    def keeps_everything(self) -> bool:
+        return self.days is None and not self.by_type
+
+    def days_of(self, name: str) -> int | None:
+        """The retention of a stored type name (a custom type's name: `custom`'s)."""
+        key = name if name in STANDARD else CUSTOM.name
+        return dict(self.by_type).get(key, self.days)
+
+    def cutoffs(self, as_of: datetime) -> dict[str, datetime]:
+        """Per catalog name and "custom": the instant before which its events
+        are removed (UTC midnight, `days` before as_of's day); types kept for
+        good are absent."""
+        today = as_of.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        names = [*STANDARD, CUSTOM.name]
+        return {n: today - timedelta(days=d) for n in names if (d := self.days_of(n)) is not None}
+
+    def describe(self) -> dict[str, object]:
+        """For logs and the audit record: {"days": 30, "by_type": {"page_view": 7}}."""
+        return {"days": self.days, "by_type": dict(self.by_type)}
+
+
+KEEP_EVERYTHING = RetentionPolicy()
+
+
+def _check_days(value: int, what: str) -> None:
+    if not 1 <= value <= MAX_RETENTION_DAYS:
+        raise ValueError(f"{what} must be from 1 to {MAX_RETENTION_DAYS:,} days, got {value}")
+
+
+def parse_retention_by_type(text: str) -> dict[str, int]:
+    """TYPE=N[,TYPE=N...] (--retention-days-by-type); ValueError naming the bad part."""
+    result: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or not name or not value.strip().isdigit():
+            raise ValueError(f"{part!r} is not TYPE=DAYS (e.g. page_view=7)")
+        if name in result:
+            raise ValueError(f"{name} is given twice")
+        result[name] = int(value)
+    return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +141,8 @@ class ServerConfig:
     tls_client_ca: Path | None = None  # require client certificates signed by this CA (mTLS)
     auth_tokens: Path | None = None  # the tokens file; None: no authentication
     reflection: bool = True
+    retention: RetentionPolicy = KEEP_EVERYTHING
+    retention_check_interval: float = 3600.0  # seconds between checks whether the daily run is due
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -8,6 +8,9 @@ upkeep. Nothing here knows of gRPC; callers pass pools and connections in.
   (cart, wishlist, purchases); `_state`: the state tables' sync (lines,
   their history and sealed segments, purchases);
 - `_analytics`: the AnalyticsService's reads; `_deletion`: DeleteUserData;
+- `_lifecycle`: removals by the retention policy and purges (bulk, paced,
+  audited); `_retention`: the policy's daily run (in `_database`'s Database)
+  and the `interactions-server retention` command's;
 - `_keys`: the server's keys (load_keyring); `_audit`: the audit log
   (record_audit, in the transaction of what it records; audit_records);
 - `_database`: the database side of a host (embedded PostgreSQL, migrations,
@@ -59,6 +62,17 @@ from interactions_server.storage._events import (
     insert_events,
 )
 from interactions_server.storage._keys import load_keyring
+from interactions_server.storage._lifecycle import (
+    PURGE_EVENTS,
+    RETENTION,
+    Pace,
+    PurgeFilter,
+    Removed,
+    RetentionPlan,
+    count_purge,
+    count_retention,
+    purge_events,
+)
 from interactions_server.storage._migrate import MigrationError, MigrationFailed, migrate
 from interactions_server.storage._pool import (
     Probe,
@@ -69,6 +83,7 @@ from interactions_server.storage._pool import (
     renew_connections,
     transaction,
 )
+from interactions_server.storage._retention import RetentionBusy, RetentionKeeper, run_retention
 from interactions_server.storage._state import (
     STATE_TABLES,
     FoldRows,
@@ -87,6 +102,8 @@ from interactions_server.storage._state import (
 
 __all__ = [
     "DELETE_USER_DATA",
+    "PURGE_EVENTS",
+    "RETENTION",
     "STATE_TABLES",
     "ActiveUsers",
     "AuditRecord",
@@ -102,9 +119,15 @@ __all__ = [
     "LatePosition",
     "MigrationError",
     "MigrationFailed",
+    "Pace",
     "Probe",
     "PurchaseRecord",
     "PurchaseRow",
+    "PurgeFilter",
+    "Removed",
+    "RetentionBusy",
+    "RetentionKeeper",
+    "RetentionPlan",
     "SearchOutcome",
     "Segment",
     "SessionEvent",
@@ -123,6 +146,8 @@ __all__ = [
     "actor_of",
     "audit_records",
     "close_pool",
+    "count_purge",
+    "count_retention",
     "count_user_data",
     "database_error",
     "delete_user_data",
@@ -138,9 +163,11 @@ __all__ = [
     "migrate",
     "migrate_when_reachable",
     "open_pool",
+    "purge_events",
     "quiet_pool_logs",
     "record_audit",
     "renew_connections",
+    "run_retention",
     "search_outcomes",
     "session_events",
     "session_timeline",

@@ -1,9 +1,10 @@
 """The database side of the service: the embedded PostgreSQL (when no URL is
-given), the migrations and the partition upkeep.
+given), the migrations, the partition upkeep and the retention policy's
+daily run.
 
 One `Database` runs per host, in the supervisor (or in the single process
 with --workers 1); the workers only connect to the URL it hands them. So the
-migrations and the partition upkeep run once, not once per worker.
+migrations, the partition upkeep and retention run once, not once per worker.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from interactions_server.storage import _migrate
 from interactions_server.storage._embedded import EmbeddedPostgres
 from interactions_server.storage._partitions import PartitionKeeper
 from interactions_server.storage._pool import close_pool, quiet_pool_logs
+from interactions_server.storage._retention import RetentionKeeper
 
 _log = logging.getLogger("interactions_server.database")
 
@@ -34,8 +36,9 @@ class Database:
         self.config = config
         self.url: str | None = config.database_url
         self._embedded: EmbeddedPostgres | None = None
-        self._pool: asyncpg.Pool | None = None  # for the partition keeper only
+        self._pool: asyncpg.Pool | None = None  # for the partition keeper and retention only
         self._partitions: PartitionKeeper | None = None
+        self.retention: RetentionKeeper | None = None
 
     async def start(self) -> str:
         """Ready on return: the database is up, migrated, its partitions made.
@@ -47,10 +50,14 @@ class Database:
         quiet_pool_logs()
         await migrate_when_reachable(self.config, dsn)
         self._pool = await asyncpg.create_pool(
-            dsn, min_size=0, max_size=1, statement_cache_size=self.config.statement_cache_size
+            dsn, min_size=0, max_size=2, statement_cache_size=self.config.statement_cache_size
         )
-        self._partitions = PartitionKeeper(self._pool)
+        policy = self.config.retention
+        self._partitions = PartitionKeeper(self._pool, retention=policy)
         await self._partitions.start()
+        if not policy.keeps_everything:
+            self.retention = RetentionKeeper(self._pool, policy, check_interval=self.config.retention_check_interval)
+            self.retention.start()
         return dsn
 
     @property
@@ -67,6 +74,9 @@ class Database:
             await asyncio.sleep(EMBEDDED_WATCH_INTERVAL)
 
     async def stop(self) -> None:
+        if self.retention is not None:
+            await self.retention.stop()
+            self.retention = None
         if self._partitions is not None:
             await self._partitions.stop()
             self._partitions = None

@@ -215,14 +215,20 @@ async def fetch_purchases(
 # --- maintenance ---------------------------------------------------------------
 
 
-async def ensure_event_partitions(conn: asyncpg.Pool | asyncpg.Connection, months_back: int, months_ahead: int) -> int:
-    """Creates the missing monthly partitions of the event log around now; returns how many."""
+async def ensure_event_partitions(
+    conn: asyncpg.Pool | asyncpg.Connection, months_back: int, months_ahead: int, not_before: datetime | None = None
+) -> int:
+    """Creates the missing monthly partitions of the event log around now
+    (none that ends at or before `not_before`: retention removes those whole);
+    returns how many."""
     created: int = await conn.fetchval(
         """
         SELECT ensure_event_partitions(
-            (now() - make_interval(months => $1))::date, (now() + make_interval(months => $2))::date)
+            greatest((now() - make_interval(months => $1))::date, $3::timestamptz::date),
+            (now() + make_interval(months => $2))::date)
         """,
         months_back,
         months_ahead,
+        not_before,
     )
     return created

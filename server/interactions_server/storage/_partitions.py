@@ -10,6 +10,10 @@ Creating a partition locks the whole event log (ACCESS EXCLUSIVE on
 every insert queues behind that wait. So the DDL runs under a short
 lock_timeout and, when the lock is not free, gives up and retries a minute
 later: months are created well ahead, so a late try costs nothing.
+
+Under a retention policy that removes every type, the months it removes
+whole are not created again (late events of such a month go to the default
+partition, where retention removes them).
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import UTC, datetime
 
 import asyncpg
 
+from interactions_server.config import KEEP_EVERYTHING, RetentionPolicy
 from interactions_server.errors import is_database_unavailable
 from interactions_server.storage._events import ensure_event_partitions
+from interactions_server.storage._lifecycle import RetentionPlan
 
 _log = logging.getLogger("interactions_server.partitions")
 
@@ -32,9 +39,12 @@ RETRY_INTERVAL = 60.0  # seconds, after the lock was not free
 
 
 class PartitionKeeper:
-    def __init__(self, pool: asyncpg.Pool, *, interval: float = 6 * 3600) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, interval: float = 6 * 3600, retention: RetentionPolicy = KEEP_EVERYTHING
+    ) -> None:
         self._pool = pool
         self._interval = interval
+        self._retention = retention
         self._task: asyncio.Task[None] | None = None
         self._lock_busy = False  # lock busy or database read-only: logged once per run of failed tries
 
@@ -54,7 +64,8 @@ class PartitionKeeper:
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-                created = await ensure_event_partitions(conn, MONTHS_BACK, MONTHS_AHEAD)
+                removed_before = RetentionPlan.of(self._retention, datetime.now(UTC)).months_before
+                created = await ensure_event_partitions(conn, MONTHS_BACK, MONTHS_AHEAD, removed_before)
         except (asyncpg.LockNotAvailableError, asyncpg.ReadOnlySQLTransactionError) as exc:
             if not self._lock_busy:
                 why = (
