@@ -65,7 +65,7 @@ async def keys(pool: asyncpg.Pool) -> set[str]:
 async def state(pool: asyncpg.Pool) -> dict[str, list[tuple[object, ...]]]:
     return {
         table: [tuple(r) for r in await pool.fetch(f"SELECT * FROM {table} ORDER BY 1, 2, 3")]
-        for table in ("cart_lines", "wishlist_lines", "purchase_history")
+        for table in ("cart_lines", "wishlist_lines", "purchase_history", "state_history", "state_segments")
     }
 
 
@@ -171,10 +171,13 @@ async def test_state_is_unchanged_and_a_resend_of_a_removed_event_is_logged_agai
     await storage.run_retention(server.pool, POLICY, as_of=AS_OF, pace=FAST)
     assert await state(server.pool) == before
 
-    old = next(e for e in events if e.event_id not in kept and e.event_type == T.EVENT_TYPE_VIEW)
+    old = [
+        e for e in events if e.event_id not in kept and e.event_type in (T.EVENT_TYPE_VIEW, T.EVENT_TYPE_ADD_TO_CART)
+    ]
     async with InteractionsClient(server.address) as client:
-        assert (await client.log_many([old])).accepted == 1  # its dedup key went with it
-    assert old.event_id in await logged(server.pool)
+        assert (await client.log_many(old)).accepted == len(old)  # their dedup keys went with them
+    assert {e.event_id for e in old} <= await logged(server.pool)
+    assert await state(server.pool) == before  # logged again, not folded twice
 
 
 async def test_a_deleted_users_watermark_still_refuses_replays(server: App) -> None:
@@ -353,10 +356,6 @@ async def test_an_unknown_database_fails_in_one_line(postgres_url: str) -> None:
     assert "does not exist" in "".join(process.log) and "Traceback" not in "".join(process.log)
 
 
-# Until the fold keeps its own history (issue 17 item 2, migrations/0006), a
-# late event refolds its key from the log, which retention has cut. Strict:
-# it fails the suite once that lands, so that this mark goes.
-@pytest.mark.xfail(strict=True, reason="needs the fold's own history (migrations/0006, not on main yet)")
 async def test_a_late_event_after_retention_folds_as_if_nothing_had_been_removed(server: App) -> None:
     """The fold keeps its own history (migrations/0006): what retention removes
     from the log cannot change the state, now or when a late event comes."""
