@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from bench import analytics, late_events, measures
+from bench import analytics, identity, late_events, measures
 from bench.config import MEASURES, BenchConfig
 from bench.database import EmbeddedDatabase
 from bench.report import Results, render, to_json
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"(k): LogEvent calls at {defaults.busy_rate:,.0f}/s, only those during the stream count "
         f"(default {defaults.busy_calls:,})",
     )
+    parser.add_argument("--link-guests", type=_positive, help=f"(m): guests linked (default {defaults.link_guests:,})")
     parser.add_argument(
         "--k2-workers",
         type=_workers_list,
@@ -203,6 +204,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         "inline_workers": args.k2_workers,
         "late_key_events": args.late_key_events,
         "late_calls": args.late_calls,
+        "link_guests": args.link_guests,
         # The two switches override only when given (None: the config's own value).
         "prevalidate": None if args.prevalidate else False,
         "pg_defaults": True if args.pg_defaults else None,
@@ -287,6 +289,8 @@ async def _measure(bench: measures.Bench, results: Results) -> None:
         results.inline = await measures.inline_latency(bench, results.unary, results.bulk)
     if "l" in only:
         results.late = await late_events.run(bench)
+    if "m" in only:
+        results.link = await identity.link_latency(bench)
     if "e" in only:
         results.memory = await measures.memory(bench)
     if "g" in only:

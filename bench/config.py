@@ -19,6 +19,7 @@ MEASURES: dict[str, str] = {
     "k": "LogEvent latency at 200 calls/s while a bulk stream runs at full speed",
     "k2": "LogEvent at a quarter of its own maximum, alone and beside a full-speed stream; 1 and 2 workers",
     "l": "a late LogEvent on a (user, product) with 200k events: latency and CPU per call",
+    "m": "LinkIdentity of a guest with 100 events: latency",
 }
 
 
@@ -50,6 +51,7 @@ class BenchConfig:
     server_args: tuple[str, ...] = ()  # extra arguments of interactions-server (A/B runs of its settings)
     late_key_events: int = 200_000  # (l): events of the key before the late calls
     late_calls: int = 200  # (l): late LogEvent calls, one at a time
+    link_guests: int = 500  # (m): guests of 100 events linked, one call each
     prevalidate: bool = True  # the bulk streams' client pre-validates (the shipped default)
     pg_defaults: bool = False  # PostgreSQL's own defaults instead of the embedded server's machine settings
     seed: int = 5
@@ -71,6 +73,7 @@ class BenchConfig:
             busy_calls=200,
             late_key_events=5_000,
             late_calls=20,
+            link_guests=20,
             repeat=1,
             quick=True,
         )

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.analytics import AnalyticsResults, QueryLatency
+from bench.identity import LinkLatency
 from bench.late_events import LateEvents
 from bench.measures import BusyLatency, CallLatency, InlineLatency, Latency, Memory, Profile, Throughput
 
@@ -36,6 +37,7 @@ class Results:
     busy: BusyLatency | None = None  # (k)
     inline: list[InlineLatency] = field(default_factory=list)  # (k2), one per server set-up
     late: LateEvents | None = None  # (l)
+    link: LinkLatency | None = None  # (m)
     profiles: dict[str, Profile] = field(default_factory=dict)
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -239,6 +241,8 @@ def rows(results: Results) -> list[Row]:
         out.extend(inline_rows(inline))
     if (late := results.late) is not None:
         out.extend(late_rows(late))
+    if (link := results.link) is not None:
+        out.extend(link_rows(link))
     for key, why in results.skipped.items():
         out.append(Row(key, f"({key}) skipped", why))
     return out
@@ -403,6 +407,27 @@ def late_rows(late: LateEvents) -> list[Row]:
     ]
 
 
+def link_rows(link: LinkLatency) -> list[Row]:
+    what = f"(m) LinkIdentity, guest of {link.events_per_guest} events"
+    void = f"{link.problems} links failed or moved another count" if link.problems else ""
+    noise = link.cpu.other + link.cpu.steal
+    enough = link.guests >= 100  # fewer: no p99 worth the name (give --link-guests more)
+    sample = f"{link.guests:,} links" if enough else f"only {link.guests} links: too few"
+    return [
+        Row("m", f"{what}, p50", _ms(link.p50), void=void, noise=noise),
+        Row(
+            "m",
+            f"{what}, p99",
+            f"{_ms(link.p99)} ({sample})",
+            target="<= 20 ms",
+            met=link.p99 <= 0.020 if enough else None,
+            void=void,
+            noise=noise,
+        ),
+        Row("m", f"{what}, max", _ms(link.max), void=void, noise=noise),
+    ]
+
+
 def cpu_rows(results: Results) -> list[tuple[str, Throughput]]:
     named: list[tuple[str, Throughput | None]] = [
         ("(a) DB ceiling", results.ceiling),
@@ -558,6 +583,7 @@ def to_json(results: Results) -> dict[str, Any]:
             "postgres_ms_per_call": results.late.postgres_ms_per_call,
             "run": throughput(results.late.run),
         },
+        "m_link_latency": None if results.link is None else asdict(results.link),
         "profiles": {name: asdict(p) for name, p in results.profiles.items()},
         "skipped": results.skipped,
     }

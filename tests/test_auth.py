@@ -48,6 +48,7 @@ TOKENS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "writer": ("writer-secret", ["events:write"], None),
     "reader": ("reader-secret", ["state:read"], None),
     "analyst": ("analyst-secret", ["analytics:read"], None),
+    "linker": ("linker-secret", ["identity:write"], None),
     "operator": ("operator-secret", ["admin"], None),
     "nobody": ("nobody-secret", [], None),
     "web": ("web-secret", ["events:write"], ["view", "search"]),
@@ -422,7 +423,7 @@ def test_an_rpc_without_required_scope_fails() -> None:
     health = health_pb2.DESCRIPTOR.services_by_name["Health"]
     with pytest.raises(MissingScopeError, match=r"grpc\.health\.v1\.Health\.Check declares no"):
         required_scopes([health])
-    assert {"events:write", "state:read", "analytics:read", "admin"} == GRANTABLE_SCOPES
+    assert {"events:write", "state:read", "analytics:read", "identity:write", "admin"} == GRANTABLE_SCOPES
 
 
 def test_the_hash_helper(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The start of the table row of every measure, (a) to (l).
+# The start of the table row of every measure, (a) to (m).
 MEASURE_ROWS = (
     "(a) DB ceiling",
     "(b) bulk StreamEvents",
@@ -43,6 +43,8 @@ MEASURE_ROWS = (
     "(l) late LogEvent p99",
     "(l) late LogEvent max",
     "(l) CPU per late LogEvent",
+    "(m) LinkIdentity, guest of 100 events, p50",
+    "(m) LinkIdentity, guest of 100 events, p99",
 )
 
 

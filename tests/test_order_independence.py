@@ -74,6 +74,28 @@ event_strategy = st.tuples(
 )
 
 
+async def read_state(pool: Any, users: list[str]) -> tuple[dict[Any, tuple[int, datetime]], dict[Any, datetime]]:
+    """The live cart lines ((user, product) -> (quantity, updated_at)) and wishlist lines of `users`."""
+    cart = await pool.fetch(
+        "SELECT user_id, product_id, quantity, updated_at FROM user_cart WHERE user_id = ANY($1)", users
+    )
+    wishlist = await pool.fetch(
+        "SELECT user_id, product_id, added_at FROM user_wishlist WHERE user_id = ANY($1)", users
+    )
+    return (
+        {(r["user_id"], r["product_id"]): (r["quantity"], r["updated_at"]) for r in cart},
+        {(r["user_id"], r["product_id"]): r["added_at"] for r in wishlist},
+    )
+
+
+MACHINE_SETTINGS = settings(
+    max_examples=40,
+    stateful_step_count=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
 class OrderMachine(RuleBasedStateMachine):
     def __init__(self, address: str, loop: asyncio.AbstractEventLoop, pool: Any) -> None:
         super().__init__()
@@ -137,16 +159,7 @@ class OrderMachine(RuleBasedStateMachine):
         asyncio.run_coroutine_threadsafe(check_fold_invariants(self.pool, self.users), self.loop).result(timeout=30)
 
     async def _read_state(self) -> tuple[dict[Any, tuple[int, datetime]], dict[Any, datetime]]:
-        cart = await self.pool.fetch(
-            "SELECT user_id, product_id, quantity, updated_at FROM user_cart WHERE user_id = ANY($1)", self.users
-        )
-        wishlist = await self.pool.fetch(
-            "SELECT user_id, product_id, added_at FROM user_wishlist WHERE user_id = ANY($1)", self.users
-        )
-        return (
-            {(r["user_id"], r["product_id"]): (r["quantity"], r["updated_at"]) for r in cart},
-            {(r["user_id"], r["product_id"]): r["added_at"] for r in wishlist},
-        )
+        return await read_state(self.pool, self.users)
 
     def teardown(self) -> None:
         self.channel.close()
@@ -167,10 +180,4 @@ async def run_machine(server: Any) -> None:
     def factory() -> OrderMachine:
         return OrderMachine(server.address, loop, server.pool)
 
-    machine_settings = settings(
-        max_examples=40,
-        stateful_step_count=12,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
-    await asyncio.to_thread(run_state_machine_as_test, factory, settings=machine_settings)  # type: ignore[arg-type]
+    await asyncio.to_thread(run_state_machine_as_test, factory, settings=MACHINE_SETTINGS)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from interactions_client.errors import (
     DeadlineExceededError,
     DeliveryFailedError,
     EventIdReusedError,
+    FailedPreconditionError,
     InteractionsError,
     InvalidArgumentError,
     InvalidEventError,
@@ -18,7 +19,7 @@ from interactions_client.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from interactions_client.results import BatchResult, LogResult, Rejection
+from interactions_client.results import BatchResult, Identity, LinkResult, LogResult, Rejection
 from interactions_client.rpc_protos import Violation
 from interactions_client.rules import RULES, STANDARD, TypeRule
 from interactions_client.streamer import EventStreamer, ParallelStreamer, StreamTotals, Undelivered
@@ -38,11 +39,14 @@ __all__ = [
     "EventIdReusedError",
     "EventStreamer",
     "EventType",
+    "FailedPreconditionError",
     "FieldViolation",
+    "Identity",
     "InteractionsClient",
     "InteractionsError",
     "InvalidArgumentError",
     "InvalidEventError",
+    "LinkResult",
     "LogResult",
     "NotFoundError",
     "OverloadedError",

@@ -18,6 +18,7 @@ from interactions_client.v1 import (
     access_pb2,
     admin_service_pb2,
     analytics_service_pb2,
+    identity_service_pb2,
     interaction_service_pb2,
     user_state_service_pb2,
 )
@@ -43,6 +44,7 @@ SCHEMA_SERVICES: tuple[ServiceDescriptor, ...] = (
     interaction_service_pb2.DESCRIPTOR.services_by_name["InteractionService"],
     user_state_service_pb2.DESCRIPTOR.services_by_name["UserStateService"],
     analytics_service_pb2.DESCRIPTOR.services_by_name["AnalyticsService"],
+    identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"],
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"],
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Coroutine, Iterable
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -23,8 +24,8 @@ from interactions_client.channel import (
     with_metadata,
 )
 from interactions_client.errors import InvalidEventError, from_rpc_error
-from interactions_client.events import EventMethods, with_event_id
-from interactions_client.results import BatchResult, LogResult
+from interactions_client.events import EventMethods, timestamp, with_event_id
+from interactions_client.results import BatchResult, Identity, LinkResult, LogResult
 from interactions_client.rpc_protos import (
     HEALTH_CHECK_METHOD,
     SERVING,
@@ -37,6 +38,8 @@ from interactions_client.v1.admin_service_pb2 import DeleteUserDataRequest, Dele
 from interactions_client.v1.admin_service_pb2_grpc import AdminServiceStub
 from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
 from interactions_client.v1.event_pb2 import Event
+from interactions_client.v1.identity_service_pb2 import GetIdentityRequest, LinkIdentityRequest
+from interactions_client.v1.identity_service_pb2_grpc import IdentityServiceStub
 from interactions_client.v1.interaction_service_pb2 import LogEventRequest
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
 from interactions_client.v1.user_state_service_pb2 import (
@@ -113,6 +116,7 @@ class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], Analytics
         self._interactions = with_metadata(InteractionServiceStub(self._channel), metadata)
         self._state = with_metadata(UserStateServiceStub(self._channel), metadata)
         self._admin = with_metadata(AdminServiceStub(self._channel), metadata)
+        self._identity = with_metadata(IdentityServiceStub(self._channel), metadata)
         self._analytics = with_metadata(AnalyticsServiceStub(self._channel), metadata)
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
@@ -266,6 +270,36 @@ class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], Analytics
             if not response.next_page_token:
                 return
             request.page_token = response.next_page_token
+
+    # Identity.
+
+    async def link_identity(
+        self,
+        anonymous_id: str,
+        user_id: str,
+        *,
+        occurred_at: datetime | None = None,
+        deadline: float | None = None,
+    ) -> LinkResult:
+        """Links `anonymous_id` (a guest's id) to `user_id`: from then on its
+        events, cart, wishlist and purchases are the user's, and reads by it
+        answer the user's (IdentityService.LinkIdentity, scope
+        `identity:write`). Raises FailedPreconditionError when it is linked to
+        another user, or is a user itself."""
+        request = LinkIdentityRequest(anonymous_id=anonymous_id, user_id=user_id, occurred_at=timestamp(occurred_at))
+        try:
+            response = await self._identity.LinkIdentity(request, timeout=self._deadline(deadline))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        return LinkResult(response.already_linked, response.events_moved)
+
+    async def get_identity(self, id_: str, *, deadline: float | None = None) -> Identity:
+        """The person `id` belongs to and the anonymous ids linked to it (GetIdentity)."""
+        try:
+            response = await self._identity.GetIdentity(GetIdentityRequest(id=id_), timeout=self._deadline(deadline))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        return Identity(response.user_id, list(response.anonymous_ids))
 
     # Administration (a token with the `admin` scope).
 

@@ -100,6 +100,13 @@ class EventIdReusedError(InteractionsError):
     different content. Not retryable: give the event its own event_id."""
 
 
+class FailedPreconditionError(InvalidArgumentError):
+    """FAILED_PRECONDITION: the request is well-formed, but what is stored refuses
+    it, e.g. an identity link contradicting an earlier one (`violations` names
+    the field: `anonymous_id`, or `login.anonymous_id` for a login event). Not
+    retryable as it is."""
+
+
 class DeliveryFailedError(InteractionsError):
     """The bulk streamer gave up: the events it reports as failed were not confirmed.
     They may have been committed; resending them is safe (event_id deduplicates)."""
@@ -138,6 +145,11 @@ def from_rpc_error(error: grpc.RpcError, *, about_event: bool = False) -> Intera
     """
     code: grpc.StatusCode = error.code()
     message = f"{code.name}: {error.details() or 'no details'}"
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        violations = status_violations(error.trailing_metadata())
+        if about_event:
+            violations = [Violation(v.field.removeprefix("event."), v.description) for v in violations]
+        return FailedPreconditionError(message, violations, code=code)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         violations = status_violations(error.trailing_metadata())
         if about_event:

@@ -233,8 +233,11 @@ class EventMethods(ABC, Generic[R]):
 
     # Authentication types.
 
-    def login(self, user_id: str, **options: Unpack[EventOptions]) -> R:
-        return self._submit(new_event("login", user_id, **options))
+    def login(self, user_id: str, anonymous_id: str | None = None, **options: Unpack[EventOptions]) -> R:
+        """`anonymous_id`: the id the user's events carried before logging in (a
+        guest's cookie); the login links it to `user_id` (IdentityService)."""
+        details = None if anonymous_id is None else {"anonymous_id": anonymous_id}
+        return self._submit(new_event("login", user_id, details=details, **options))
 
     def logout(self, user_id: str, **options: Unpack[EventOptions]) -> R:
         return self._submit(new_event("logout", user_id, **options))

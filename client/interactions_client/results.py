@@ -40,3 +40,22 @@ class BatchResult:
     accepted: int = 0
     duplicate: int = 0
     rejected: list[Rejection] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkResult:
+    """What link_identity did. `already_linked`: the anonymous id was linked to
+    this person before, nothing changed; `events_moved`: its events that moved
+    under the person."""
+
+    already_linked: bool
+    events_moved: int
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who an id belongs to: `user_id` the person (the id itself when not
+    linked), `anonymous_ids` the ids linked to it."""
+
+    user_id: str
+    anonymous_ids: list[str]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from types import TracebackType
 
 import grpc
@@ -20,8 +21,8 @@ from interactions_client.channel import (
 )
 from interactions_client.client import prevalidate, resolve_tls
 from interactions_client.errors import from_rpc_error
-from interactions_client.events import EventMethods, with_event_id
-from interactions_client.results import BatchResult, LogResult
+from interactions_client.events import EventMethods, timestamp, with_event_id
+from interactions_client.results import BatchResult, Identity, LinkResult, LogResult
 from interactions_client.rpc_protos import (
     HEALTH_CHECK_METHOD,
     SERVING,
@@ -34,6 +35,8 @@ from interactions_client.v1.admin_service_pb2 import DeleteUserDataRequest, Dele
 from interactions_client.v1.admin_service_pb2_grpc import AdminServiceStub
 from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
 from interactions_client.v1.event_pb2 import Event
+from interactions_client.v1.identity_service_pb2 import GetIdentityRequest, LinkIdentityRequest
+from interactions_client.v1.identity_service_pb2_grpc import IdentityServiceStub
 from interactions_client.v1.interaction_service_pb2 import LogEventRequest
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
 from interactions_client.v1.user_state_service_pb2 import (
@@ -76,6 +79,7 @@ class SyncInteractionsClient(EventMethods[LogResult], SyncAnalyticsMethods):
         self._interactions = with_metadata(InteractionServiceStub(self._channel), self._metadata)
         self._state = with_metadata(UserStateServiceStub(self._channel), self._metadata)
         self._admin = with_metadata(AdminServiceStub(self._channel), self._metadata)
+        self._identity = with_metadata(IdentityServiceStub(self._channel), self._metadata)
         self._analytics = with_metadata(AnalyticsServiceStub(self._channel), self._metadata)
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
@@ -184,6 +188,32 @@ class SyncInteractionsClient(EventMethods[LogResult], SyncAnalyticsMethods):
             if not response.next_page_token:
                 return
             request.page_token = response.next_page_token
+
+    # Identity.
+
+    def link_identity(
+        self,
+        anonymous_id: str,
+        user_id: str,
+        *,
+        occurred_at: datetime | None = None,
+        deadline: float | None = None,
+    ) -> LinkResult:
+        """As InteractionsClient.link_identity."""
+        request = LinkIdentityRequest(anonymous_id=anonymous_id, user_id=user_id, occurred_at=timestamp(occurred_at))
+        try:
+            response = self._identity.LinkIdentity(request, timeout=self._deadline(deadline))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        return LinkResult(response.already_linked, response.events_moved)
+
+    def get_identity(self, id_: str, *, deadline: float | None = None) -> Identity:
+        """As InteractionsClient.get_identity."""
+        try:
+            response = self._identity.GetIdentity(GetIdentityRequest(id=id_), timeout=self._deadline(deadline))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        return Identity(response.user_id, list(response.anonymous_ids))
 
     def delete_user_data(
         self, user_id: str, *, dry_run: bool = False, deadline: float | None = None

@@ -45,6 +45,8 @@ _DETAIL_TEXT: dict[str, tuple[tuple[str, int, bool], ...]] = {
     "cart_action": (("action", limits.MAX_TEXT_LENGTH, False),),
     "wishlist_action": (("action", limits.MAX_TEXT_LENGTH, False),),
 }
+# Id fields of the details payloads: checked like user_id (non-blank when given).
+_DETAIL_IDS: dict[str, tuple[str, ...]] = {"login": ("anonymous_id",)}
 
 
 def violation(field: str, description: str) -> FieldViolation:
@@ -120,7 +122,8 @@ def _type_check(rule: TypeRule) -> _TypeCheck:
     details = rule.details
     details_required = rule.details_required
     takes = f"take only {details} details" if details else "take no details"
-    detail_text = _DETAIL_TEXT[details] if details else ()
+    detail_text = _DETAIL_TEXT.get(details, ()) if details else ()
+    detail_ids = _DETAIL_IDS.get(details, ()) if details else ()
     max_id = limits.MAX_ID_LENGTH
 
     def check(out: list[FieldViolation], event: Event) -> None:
@@ -176,6 +179,13 @@ def _type_check(rule: TypeRule) -> _TypeCheck:
             for field, max_length, required in detail_text:
                 value_text: str = getattr(payload, field)
                 _text(out, f"{member}.{field}", value_text, max_length, required=required, blank_ok=not required)
+            for field in detail_ids:
+                id_text: str = getattr(payload, field)
+                _text(out, f"{member}.{field}", id_text, max_id, required=False)
+                if id_text and id_text == event.user_id:
+                    out.append(
+                        violation(f"{member}.{field}", "must differ from user_id (an id cannot be linked to itself)")
+                    )
             if member == "cart_action" and not 0 <= payload.quantity <= limits.MAX_QUANTITY:
                 out.append(violation("cart_action.quantity", f"must be from 0 to {limits.MAX_QUANTITY}"))
 

@@ -4,7 +4,8 @@ failures mean "unavailable, retry" rather than a bug or a bad request.
 
 Each exception below becomes one gRPC status (rpc/_status.py, the one place
 the mapping lives): InvalidArgument → INVALID_ARGUMENT with field
-violations, Unavailable → UNAVAILABLE, NotFound → NOT_FOUND, AlreadyExists →
+violations, FailedPrecondition → FAILED_PRECONDITION with field violations,
+Unavailable → UNAVAILABLE, NotFound → NOT_FOUND, AlreadyExists →
 ALREADY_EXISTS, ResourceExhausted → RESOURCE_EXHAUSTED, DeadlineExceeded →
 DEADLINE_EXCEEDED; `is_database_unavailable` → UNAVAILABLE (a read-only
 database, `is_database_read_only`, with a message of its own), `is_conflict`
@@ -69,6 +70,17 @@ class InvalidArgument(Exception):
     """The request is wrong; reported as INVALID_ARGUMENT with BadRequest details."""
 
     def __init__(self, violations: Iterable[FieldViolation], message: str = "invalid request") -> None:
+        self.violations = list(violations)
+        self.message = message
+        super().__init__(summarize(message, self.violations))
+
+
+class FailedPrecondition(Exception):
+    """The request is well-formed but the stored state refuses it (e.g. an
+    identity link that would contradict an earlier one); reported as
+    FAILED_PRECONDITION, with the fields it names as BadRequest details."""
+
+    def __init__(self, violations: Iterable[FieldViolation], message: str = "failed precondition") -> None:
         self.violations = list(violations)
         self.message = message
         super().__init__(summarize(message, self.violations))

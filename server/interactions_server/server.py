@@ -30,6 +30,7 @@ from interactions_client import access
 from interactions_client.v1 import (
     admin_service_pb2,
     analytics_service_pb2,
+    identity_service_pb2,
     interaction_service_pb2,
     user_state_service_pb2,
 )
@@ -40,7 +41,13 @@ from interactions_server.errors import StartupError
 from interactions_server.ingest import GroupCommitter, Ingestor
 from interactions_server.keyring import Keyring
 from interactions_server.precedence import Precedence
-from interactions_server.services import AdminService, AnalyticsService, InteractionService, UserStateService
+from interactions_server.services import (
+    AdminService,
+    AnalyticsService,
+    IdentityService,
+    InteractionService,
+    UserStateService,
+)
 from interactions_server.services.interactions import is_interactive_batch
 
 __all__ = ["SERVICES", "SERVICE_NAMES", "App", "Server", "ServerConfig", "StartupError"]
@@ -102,6 +109,11 @@ SERVICES: tuple[Service, ...] = (
         lambda parts: AnalyticsService(parts.pool, parts.analytics_pool, parts.keyring),
         reads_only=True,
         interactive={"GetSession": None, "ListSessions": None, "GetUserActivity": None, "ListUserEvents": None},
+    ),
+    Service(
+        identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"],
+        lambda parts: IdentityService(parts.pool),
+        interactive={"LinkIdentity": None, "GetIdentity": None},  # a login waits for them
     ),
     Service(
         admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"],

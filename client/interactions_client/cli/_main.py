@@ -42,7 +42,7 @@ STDIN_REJECTED = Path("stdin.rejected.jsonl")
 """Where `import -` writes rejected lines unless --rejected says otherwise."""
 
 # CLI options that fill the fields of a type's details payload (rules decide which payload).
-_DETAIL_OPTIONS = ("query", "page_path", "referrer", "product_name", "quantity", "action")
+_DETAIL_OPTIONS = ("query", "page_path", "referrer", "product_name", "quantity", "action", "anonymous_id")
 
 
 def _add_common_options(parser: argparse.ArgumentParser, *, defaults: bool) -> argparse.ArgumentParser:
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--product-name", help="product_view")
     log.add_argument("--quantity", type=whole_number, help="cart_add, cart_remove, cart_update")
     log.add_argument("--action", help="cart and wishlist session actions")
+    log.add_argument("--anonymous-id", help="login: the id the user had as a guest, linked to --user")
     log.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE", help="an attribute (repeatable)")
     log.add_argument("--occurred-at", type=moment, help="ISO 8601 with offset (default: now)")
     log.add_argument("--event-id", help="a UUID (default: a new one)")
@@ -115,6 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("cart", "the user's cart"), ("wishlist", "the user's wishlist"), ("purchases", "purchases")):
         reader = commands.add_parser(name, parents=[common], help=f"print {what}")
         add_ids(reader, "user")
+
+    link = commands.add_parser(
+        "link",
+        parents=[common],
+        help="link ANON (a guest's id) to USER: its events, cart, wishlist and purchases become the user's "
+        "(needs the identity:write scope)",
+        usage="interactions link ANON USER [--occurred-at TIME] [options]",
+    )
+    add_ids(link, "anon", "user")
+    link.add_argument("--occurred-at", type=moment, help="when the link happened, ISO 8601 with offset (default: now)")
+    identity = commands.add_parser(
+        "identity",
+        parents=[common],
+        help="print the user ID belongs to and the anonymous ids linked to that user",
+        usage="interactions identity ID [options]",
+    )
+    add_ids(identity, "id")
 
     delete = commands.add_parser(
         "delete-user", parents=[common], help="delete everything stored about a user (needs the admin scope)"
@@ -277,6 +295,33 @@ async def _delete_user(client: InteractionsClient, args: argparse.Namespace) -> 
     return EXIT_OK
 
 
+async def _link(client: InteractionsClient, args: argparse.Namespace) -> int:
+    result = await client.link_identity(args.anon, args.user, occurred_at=args.occurred_at)
+    if args.json:
+        _print_json(
+            {
+                "anonymous_id": args.anon,
+                "user_id": args.user,
+                "already_linked": result.already_linked,
+                "events_moved": result.events_moved,
+            }
+        )
+    elif result.already_linked:
+        sys.stdout.write(f"{args.anon} was already linked to {args.user}; nothing changed\n")
+    else:
+        sys.stdout.write(f"linked {args.anon} to {args.user}: {result.events_moved:,} events moved\n")
+    return EXIT_OK
+
+
+async def _identity(client: InteractionsClient, args: argparse.Namespace) -> int:
+    identity = await client.get_identity(args.id)
+    if args.json:
+        _print_json({"user_id": identity.user_id, "anonymous_ids": identity.anonymous_ids})
+    else:
+        _print_table(("user_id", "anonymous_ids"), [(identity.user_id, ", ".join(identity.anonymous_ids) or "(none)")])
+    return EXIT_OK
+
+
 async def _import(client: InteractionsClient, args: argparse.Namespace) -> int:
     source: BinaryIO = args.source  # opened by main(), outside the event loop
     await client.connect()  # before any progress: an unreachable server is one clear line
@@ -346,6 +391,8 @@ _CLIENT_COMMANDS = {
     "purchases": _purchases,
     "health": _health,
     **analytics_cli.COMMANDS,
+    "link": _link,
+    "identity": _identity,
     "delete-user": _delete_user,
 }
 

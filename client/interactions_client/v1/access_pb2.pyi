@@ -35,6 +35,10 @@ class _ScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Scope.ValueType
     """Read analytics and exports (AnalyticsService)."""
     SCOPE_ADMIN: _Scope.ValueType  # 5
     """Administration (AdminService); a token with it holds every scope."""
+    SCOPE_IDENTITY_WRITE: _Scope.ValueType  # 6
+    """Link an anonymous id to a user (IdentityService.LinkIdentity). A token
+    that may log login events can also link through their LoginDetails.
+    """
 
 class Scope(_Scope, metaclass=_ScopeEnumTypeWrapper):
     """What a bearer token must hold to call an RPC, when the server checks
@@ -54,6 +58,10 @@ SCOPE_ANALYTICS_READ: Scope.ValueType  # 4
 """Read analytics and exports (AnalyticsService)."""
 SCOPE_ADMIN: Scope.ValueType  # 5
 """Administration (AdminService); a token with it holds every scope."""
+SCOPE_IDENTITY_WRITE: Scope.ValueType  # 6
+"""Link an anonymous id to a user (IdentityService.LinkIdentity). A token
+that may log login events can also link through their LoginDetails.
+"""
 Global___Scope: _TypeAlias = Scope  # noqa: Y015
 
 SCOPE_NAME_FIELD_NUMBER: _builtins.int

@@ -126,6 +126,7 @@ class Event(_message.Message):
     PRODUCT_VIEW_FIELD_NUMBER: _builtins.int
     CART_ACTION_FIELD_NUMBER: _builtins.int
     WISHLIST_ACTION_FIELD_NUMBER: _builtins.int
+    LOGIN_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """UUID; the idempotency key. The same (user_id, event_id) is stored once.
@@ -158,6 +159,8 @@ class Event(_message.Message):
     @_builtins.property
     def wishlist_action(self) -> Global___WishlistActionDetails: ...
     @_builtins.property
+    def login(self) -> Global___LoginDetails: ...
+    @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form context (at most 50 entries)."""
 
@@ -177,15 +180,16 @@ class Event(_message.Message):
         product_view: Global___ProductViewDetails | None = ...,
         cart_action: Global___CartActionDetails | None = ...,
         wishlist_action: Global___WishlistActionDetails | None = ...,
+        login: Global___LoginDetails | None = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_event_value", b"_event_value", "cart_action", b"cart_action", "details", b"details", "event_value", b"event_value", "occurred_at", b"occurred_at", "page_view", b"page_view", "product_view", b"product_view", "search", b"search", "wishlist_action", b"wishlist_action"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_event_value", b"_event_value", "cart_action", b"cart_action", "details", b"details", "event_value", b"event_value", "login", b"login", "occurred_at", b"occurred_at", "page_view", b"page_view", "product_view", b"product_view", "search", b"search", "wishlist_action", b"wishlist_action"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_event_value", b"_event_value", "attributes", b"attributes", "cart_action", b"cart_action", "custom_type", b"custom_type", "details", b"details", "event_id", b"event_id", "event_type", b"event_type", "event_value", b"event_value", "occurred_at", b"occurred_at", "page_view", b"page_view", "product_id", b"product_id", "product_view", b"product_view", "search", b"search", "session_id", b"session_id", "user_id", b"user_id", "wishlist_action", b"wishlist_action"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_event_value", b"_event_value", "attributes", b"attributes", "cart_action", b"cart_action", "custom_type", b"custom_type", "details", b"details", "event_id", b"event_id", "event_type", b"event_type", "event_value", b"event_value", "login", b"login", "occurred_at", b"occurred_at", "page_view", b"page_view", "product_id", b"product_id", "product_view", b"product_view", "search", b"search", "session_id", b"session_id", "user_id", b"user_id", "wishlist_action", b"wishlist_action"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__event_value: _TypeAlias = _typing.Literal["event_value"]  # noqa: Y015
     _WhichOneofArgType__event_value: _TypeAlias = _typing.Literal["_event_value", b"_event_value"]  # noqa: Y015
-    _WhichOneofReturnType_details: _TypeAlias = _typing.Literal["search", "page_view", "product_view", "cart_action", "wishlist_action"]  # noqa: Y015
+    _WhichOneofReturnType_details: _TypeAlias = _typing.Literal["search", "page_view", "product_view", "cart_action", "wishlist_action", "login"]  # noqa: Y015
     _WhichOneofArgType_details: _TypeAlias = _typing.Literal["details", b"details"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__event_value) -> _WhichOneofReturnType__event_value | None: ...
@@ -313,6 +317,31 @@ class WishlistActionDetails(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WishlistActionDetails: _TypeAlias = WishlistActionDetails  # noqa: Y015
+
+@_typing.final
+class LoginDetails(_message.Message):
+    """Details of a login event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANONYMOUS_ID_FIELD_NUMBER: _builtins.int
+    anonymous_id: _builtins.str
+    """The anonymous id (a guest's cookie) the user had before logging in:
+    when set, the login links it to the event's user_id exactly as
+    IdentityService.LinkIdentity does, in the same transaction as the event.
+    """
+    def __init__(
+        self,
+        *,
+        anonymous_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous_id", b"anonymous_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoginDetails: _TypeAlias = LoginDetails  # noqa: Y015
 
 @_typing.final
 class FieldViolation(_message.Message):

@@ -4,28 +4,41 @@ A single LogEvent is a batch of one. Valid events are inserted into the log
 with one set-based statement that skips known (user_id, event_id) keys; only
 the events new to the log are handed to the sync handlers, in the same
 transaction, so a duplicate is harmless and an acknowledgement means committed.
+The statement stores a linked user's events under its person; a login that
+carries LoginDetails.anonymous_id links it in the same transaction (_identity).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
 import asyncpg
 
-from interactions_client.rules import CUSTOM, RULES, TypeRule
+from interactions_client.rules import CUSTOM, RULES, STANDARD, TypeRule
 from interactions_client.v1.event_pb2 import Event, FieldViolation
 from interactions_client.validation import validate
 from interactions_server import metrics, storage
 from interactions_server.auth import event_type_violation
 from interactions_server.errors import DeadlineExceeded
 from interactions_server.ingest._event_json import attributes_json, details_json
+from interactions_server.ingest._identity import (
+    LinkDecision,
+    LinkRequest,
+    complete_links,
+    decide_links,
+    link_keys,
+    refusal_violation,
+)
 from interactions_server.ingest._sync import SyncEvent, SyncHandler, build_registry, sync_new
 from interactions_server.precedence import Precedence
 
@@ -35,6 +48,7 @@ CONFLICT_DESCRIPTION = "already used for a different event"
 _DEADLINE_SLACK = 0.05
 YIELD_EVERY = 127  # events between yields to the event loop (a power of two, less one)
 YIELD_EVERY_INTERACTIVE = 31  # the same while interactive calls are in flight (precedence.py)
+_LOGIN = STANDARD["login"].event_type
 
 
 def fingerprint(event: Event) -> int:
@@ -58,6 +72,7 @@ class Rejection:
     event_id: str
     violations: list[FieldViolation]
     conflict: bool = False  # the event_id was already used for a different event
+    precondition: bool = False  # its identity link contradicts the stored links (FAILED_PRECONDITION)
 
 
 @dataclass(slots=True)
@@ -127,6 +142,9 @@ class Ingestor:
         prints: dict[tuple[str, str], int] = {}  # fingerprint of each key's first occurrence
         repeats: list[tuple[int, tuple[str, str]]] = []  # later occurrences with the same content
         precedence = self._precedence
+        logins: list[tuple[int, str]] = []  # (index, user_id) of the login events
+        links: list[LinkRequest] = []  # of the logins carrying LoginDetails.anonymous_id
+        link_rows: dict[int, int] = {}  # their index -> their row in `columns`
         for i, event in enumerate(events):
             if i & YIELD_EVERY_INTERACTIVE == YIELD_EVERY_INTERACTIVE and (
                 i & YIELD_EVERY == YIELD_EVERY or precedence.interactive
@@ -185,6 +203,11 @@ class Ingestor:
                 target.append(SyncEvent(user_id, product_id or "", event_id, occurred_us, value, session_id, rule))
                 if rule.sync in self._locked_targets:
                     locked.add((user_id, product_id or ""))
+            elif event.event_type == _LOGIN:
+                logins.append((i, user_id))
+                if member == "login" and (anonymous_id := event.login.anonymous_id):
+                    links.append(LinkRequest(i, anonymous_id, user_id, occurred_us))
+                    link_rows[i] = len(users) - 1
         if not users:
             return result
 
@@ -193,18 +216,23 @@ class Ingestor:
         # statements check the deadline in PostgreSQL (also after a freeze)
         # and are bounded by a statement_timeout.
         deadline = None if time_limit is None else now + time_limit
+        refused_links: list[LinkDecision] = []
         try:
-            if bulk and self._bulk_slots is not None:
-                async with self._bulk_slots:
+            async with self._bulk_slots if bulk and self._bulk_slots is not None else contextlib.nullcontext():
+                if links:
+                    inserted, refused_links = await self._insert_linking(
+                        columns, syncing, locked, links, logins, link_rows, result.event_ids, time_limit, deadline
+                    )
+                else:
                     inserted = await self._insert(columns, syncing, locked, time_limit, deadline)
-            else:
-                inserted = await self._insert(columns, syncing, locked, time_limit, deadline)
         except asyncpg.exceptions.QueryCanceledError as exc:
             if deadline is not None and time.time() >= deadline - _DEADLINE_SLACK:
                 raise DeadlineExceeded("the call's deadline passed; nothing was written") from exc
             raise
         metrics.observe_commit(len(users), time.perf_counter() - started)
 
+        if refused_links:  # not written: their links contradict the stored ones
+            self._refuse_links(result, events, refused_links, row_index, repeats)
         for key, i in row_index.items():
             if key in inserted.conflicting:
                 result.rejected.append(Rejection(i, events[i].event_id, [conflict_violation()], conflict=True))
@@ -221,6 +249,28 @@ class Ingestor:
         result.duplicate_count = sum(result.duplicate)
         result.accepted_count = len(inserted.new)
         return result
+
+    @staticmethod
+    def _refuse_links(
+        result: BatchResult,
+        events: Sequence[Event],
+        refused: Sequence[LinkDecision],
+        row_index: dict[tuple[str, str], int],
+        repeats: list[tuple[int, tuple[str, str]]],
+    ) -> None:
+        """Rejects the logins whose links were refused, and their repeats in
+        the batch, naming the field (they were not written)."""
+        violations: dict[tuple[str, str], FieldViolation] = {}
+        for decision in refused:
+            i = decision.request.index
+            key = (events[i].user_id, result.event_ids[i])
+            del row_index[key]
+            violations[key] = refusal_violation(decision, "login.anonymous_id")
+            result.rejected.append(Rejection(i, events[i].event_id, [violations[key]], precondition=True))
+        for i, key in repeats:
+            if key in violations:
+                result.rejected.append(Rejection(i, events[i].event_id, [violations[key]], precondition=True))
+        repeats[:] = [(i, key) for i, key in repeats if key not in violations]
 
     @staticmethod
     def _refuse(result: BatchResult, events: Sequence[Event], refused: dict[tuple[str, str], datetime]) -> None:
@@ -252,18 +302,69 @@ class Ingestor:
         # checked once more just before COMMIT (in COMMIT's round trip).
         async with storage.transaction(self._pool, time_limit, deadline) as conn:
             inserted = await storage.insert_events(conn, columns, deadline, locked)
-            await self._sync_new(conn, syncing, inserted.new)
+            await self._sync_new(conn, syncing, inserted.new, inserted.persons)
         return inserted
 
+    async def _insert_linking(
+        self,
+        columns: storage.EventColumns,
+        syncing: dict[int, list[SyncEvent]],
+        locked: set[tuple[str, str]],
+        links: Sequence[LinkRequest],
+        logins: Sequence[tuple[int, str]],
+        link_rows: Mapping[int, int],
+        event_ids: Sequence[str],
+        time_limit: float | None,
+        deadline: float | None,
+    ) -> tuple[storage.InsertOutcome, list[LinkDecision]]:
+        """_insert for a batch with logins that link (ingest/_identity.py): in
+        one transaction, the links' locks and facts first (every bucket lock of
+        the batch, before any key lock), then the insert without the logins
+        whose links are refused, the sync, and the links of the logins logged
+        (new, or resent). Returns the outcome and the refused links."""
+        async with storage.transaction(self._pool, time_limit, deadline) as conn:
+            facts = await storage.lock_identities(
+                conn, set(columns.user_id), {r.anonymous_id for r in links}, {r.user_id for r in links}
+            )
+            decisions = decide_links(links, facts, logins)
+            refused = [d for d in decisions if d.refusal is not None]
+            if refused:
+                columns = columns.without({link_rows[d.request.index] for d in refused})
+            batch_products: dict[str, set[str]] = defaultdict(set)
+            for events in syncing.values():
+                for e in events:
+                    batch_products[e.user_id].add(e.product_id)
+            keys = locked | link_keys(decisions, facts, batch_products)
+            inserted = await storage.insert_events(conn, columns, deadline, keys)
+            await self._sync_new(conn, syncing, inserted.new, inserted.persons)
+
+            def logged(d: LinkDecision) -> bool:
+                key = (d.request.user_id, event_ids[d.request.index])
+                return key not in inserted.refused and key not in inserted.conflicting
+
+            await complete_links(conn, [d for d in decisions if d.link and logged(d)])
+        return inserted, refused
+
     async def _sync_new(
-        self, conn: asyncpg.Connection, by_target: dict[int, list[SyncEvent]], new_keys: set[tuple[str, str]]
+        self,
+        conn: asyncpg.Connection,
+        by_target: dict[int, list[SyncEvent]],
+        new_keys: set[tuple[str, str]],
+        persons: Mapping[str, str],
     ) -> None:
         """Runs the sync handlers on the events that were new to the log (their
-        keys' locks are held since the insert)."""
+        keys' locks are held since the insert), a linked user's under its person."""
         new = {
             target: fresh
             for target, candidates in by_target.items()
             if (fresh := [e for e in candidates if (e.user_id, e.event_id) in new_keys])
         }
+        if persons:
+            new = {
+                target: [
+                    dataclasses.replace(e, user_id=persons[e.user_id]) if e.user_id in persons else e for e in fresh
+                ]
+                for target, fresh in new.items()
+            }
         if new:
             await sync_new(conn, self._sync, new)

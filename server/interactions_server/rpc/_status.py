@@ -7,6 +7,9 @@ StatusInterceptor applies `abort_for` around every handler:
   field violations in the status details;
 - a request that did not parse (`MalformedRequest`, see `lenient_parser`) →
   INVALID_ARGUMENT, where gRPC itself would answer UNKNOWN;
+- `FailedPrecondition(violations)` → FAILED_PRECONDITION, the fields it
+  names as `google.rpc.BadRequest` field violations too (read like those of
+  INVALID_ARGUMENT), e.g. an identity link contradicting an earlier one;
 - `Unavailable(message)` → UNAVAILABLE (e.g. the server is shutting down);
 - `NotFound(message)` → NOT_FOUND;
 - `AlreadyExists(message)` → ALREADY_EXISTS (an event id reused for other content);
@@ -45,6 +48,7 @@ from interactions_server.errors import (
     MAX_MESSAGE_LENGTH,
     AlreadyExists,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -74,8 +78,10 @@ def check_parsed(request: object) -> None:
         raise InvalidArgument([violation], "malformed request")
 
 
-def bad_request_status(violations: Iterable[FieldViolation], message: str = "invalid request") -> grpc.Status:
-    """INVALID_ARGUMENT carrying a google.rpc.BadRequest with one violation per field."""
+def bad_request_status(
+    violations: Iterable[FieldViolation], message: str = "invalid request", code: int = code_pb2.INVALID_ARGUMENT
+) -> grpc.Status:
+    """INVALID_ARGUMENT (or `code`) carrying a google.rpc.BadRequest with one violation per field."""
     violations = list(violations)
     bad_request = error_details_pb2.BadRequest(
         field_violations=[
@@ -84,7 +90,7 @@ def bad_request_status(violations: Iterable[FieldViolation], message: str = "inv
     )
     detail = any_pb2.Any()
     detail.Pack(bad_request)
-    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=summarize(message, violations), details=[detail])
+    status = status_pb2.Status(code=code, message=summarize(message, violations), details=[detail])
     return rpc_status.to_status(status)
 
 
@@ -92,6 +98,10 @@ async def abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: s
     """Ends the RPC with the status `exc` maps to."""
     if isinstance(exc, InvalidArgument):
         await context.abort_with_status(bad_request_status(exc.violations, exc.message))
+    if isinstance(exc, FailedPrecondition):
+        await context.abort_with_status(
+            bad_request_status(exc.violations, exc.message, code=code_pb2.FAILED_PRECONDITION)
+        )
     if isinstance(exc, Unavailable):
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, NotFound):

@@ -5,7 +5,8 @@ of interactions_server.errors, never set a status themselves, and hold no SQL.""
 
 from interactions_server.services.admin import AdminService
 from interactions_server.services.analytics import AnalyticsService
+from interactions_server.services.identity import IdentityService
 from interactions_server.services.interactions import InteractionService
 from interactions_server.services.user_state import UserStateService
 
-__all__ = ["AdminService", "AnalyticsService", "InteractionService", "UserStateService"]
+__all__ = ["AdminService", "AnalyticsService", "IdentityService", "InteractionService", "UserStateService"]

@@ -154,6 +154,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         user_id = check_id(request.user_id, "user_id")
         session_id = check_id(request.session_id, "session_id")
         async with storage.snapshot(self._pool) as conn:  # the summary and the timeline agree
+            user_id = await storage.person_of(conn, user_id)  # a session of a linked id is its person's
             summary = protos.sessions(user_id, await storage.session_events(conn, user_id, [session_id]))
             session = summary.get(session_id)
             if session is None:
@@ -169,6 +170,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         before = tokens.decode_sessions(self._keyring, request.page_token) if request.page_token else None
         # One row more than the page tells whether there is a next page.
         async with storage.snapshot(self._pool) as conn:  # a session of the page is still there for its summary
+            user_id = await storage.person_of(conn, user_id)
             starts = await storage.sessions_page(conn, user_id, before, page_size + 1)
             page = starts[:page_size]
             summaries = protos.sessions(

@@ -22,7 +22,7 @@ from interactions_server.config import (
     DEFAULT_MAX_INFLIGHT_BYTES,
     DEFAULT_STREAM_IDLE_TIMEOUT,
 )
-from interactions_server.errors import AlreadyExists, InvalidArgument, Unavailable
+from interactions_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 from interactions_server.ingest import CONFLICT_DESCRIPTION, BatchResult, GroupCommitter, Ingestor, Rejection
 from interactions_server.precedence import Precedence
 from interactions_server.rpc import EXPECTATION_SECONDS, ByteBudget, footprint
@@ -114,6 +114,8 @@ class InteractionService(interaction_service_pb2_grpc.InteractionServiceServicer
             violations = [
                 FieldViolation(field=f"event.{v.field}", description=v.description) for v in outcome.violations
             ]
+            if outcome.precondition:  # a login whose identity link is refused
+                raise FailedPrecondition(violations, "cannot link")
             raise InvalidArgument(violations, "invalid event")
         return pb.LogEventResponse(event_id=outcome.event_id, duplicate=outcome.duplicate)
 

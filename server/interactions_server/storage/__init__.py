@@ -13,6 +13,8 @@ upkeep. Nothing here knows of gRPC; callers pass pools and connections in.
   and the `interactions-server retention` command's;
 - `_keys`: the server's keys (load_keyring); `_audit`: the audit log
   (record_audit, in the transaction of what it records; audit_records);
+- `_identity`: identity links (their locks and facts, the move of an
+  anonymous id's rows under its person, GetIdentity);
 - `_database`: the database side of a host (embedded PostgreSQL, migrations,
   partitions), and the operator's errors of a database that refuses us;
 - `_migrate`, `_partitions`, `_embedded`: what `_database` runs.
@@ -60,6 +62,17 @@ from interactions_server.storage._events import (
     fetch_purchases,
     fetch_wishlist,
     insert_events,
+)
+from interactions_server.storage._identity import (
+    Identity,
+    IdentityFacts,
+    Link,
+    MovedEvent,
+    fetch_identity,
+    lock_identities,
+    move_linked,
+    person_ids,
+    person_of,
 )
 from interactions_server.storage._keys import load_keyring
 from interactions_server.storage._lifecycle import (
@@ -115,10 +128,14 @@ __all__ = [
     "EventRow",
     "FoldRows",
     "HistoryRow",
+    "Identity",
+    "IdentityFacts",
     "InsertOutcome",
     "LatePosition",
+    "Link",
     "MigrationError",
     "MigrationFailed",
+    "MovedEvent",
     "Pace",
     "Probe",
     "PurchaseRecord",
@@ -154,15 +171,20 @@ __all__ = [
     "export_events",
     "fetch_cart",
     "fetch_fold_rows",
+    "fetch_identity",
     "fetch_purchases",
     "fetch_state_lines",
     "fetch_wishlist",
     "insert_events",
     "load_keyring",
+    "lock_identities",
     "lock_state_keys",
     "migrate",
     "migrate_when_reachable",
+    "move_linked",
     "open_pool",
+    "person_ids",
+    "person_of",
     "purge_events",
     "quiet_pool_logs",
     "record_audit",

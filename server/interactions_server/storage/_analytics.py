@@ -339,11 +339,13 @@ async def active_users(conn: asyncpg.Connection, window: Window) -> list[ActiveU
 
 
 # --- per user ----------------------------------------------------------------------
+# A user id names its person (person_of, migrations/0008_identity.sql): an
+# anonymous id linked to a user reads the user's events, which hold its own.
 
 
 _USER_EVENTS = f"""
 SELECT {_EVENT_COLUMNS} FROM events
-WHERE user_id = $1 AND {_window_sql(2)} AND {_types_sql(4)}
+WHERE user_id = person_of($1) AND {_window_sql(2)} AND {_types_sql(4)}
   AND occurred_at <= {_bound("$7::int8", "infinity")}  -- bounds the index range
   AND ($7::int8 IS NULL OR (occurred_at, event_id) < ({_TS.format("$7::int8")}, $8::uuid))
 ORDER BY occurred_at DESC, event_id DESC
@@ -387,11 +389,13 @@ async def user_activity(conn: asyncpg.Connection, user_id: str) -> tuple[list[Ty
     records = await conn.fetch(
         f"""
         SELECT event_type, count(*), {_US.format("min(occurred_at)")}, {_US.format("max(occurred_at)")}
-        FROM events WHERE user_id = $1 GROUP BY event_type
+        FROM events WHERE user_id = person_of($1) GROUP BY event_type
         """,
         user_id,
     )
-    sessions: int = await conn.fetchval("SELECT count(DISTINCT session_id) FROM events WHERE user_id = $1", user_id)
+    sessions: int = await conn.fetchval(
+        "SELECT count(DISTINCT session_id) FROM events WHERE user_id = person_of($1)", user_id
+    )
     return [TypeActivity(*r) for r in records], sessions
 
 
@@ -407,7 +411,7 @@ class SessionEvent(NamedTuple):
 
 _SESSION_EVENTS = f"""
 SELECT session_id, event_type, product_id, details #>> '{{search,query}}', {_US.format("occurred_at")}
-FROM events WHERE user_id = $1 AND session_id = ANY($2::text[])
+FROM events WHERE user_id = person_of($1) AND session_id = ANY($2::text[])
 ORDER BY session_id, occurred_at, event_id
 """
 
@@ -419,7 +423,7 @@ async def session_events(conn: asyncpg.Connection, user_id: str, session_ids: Se
 
 _SESSION_TIMELINE = f"""
 SELECT {_EVENT_COLUMNS} FROM events
-WHERE user_id = $1 AND session_id = $2
+WHERE user_id = person_of($1) AND session_id = $2
 ORDER BY occurred_at, event_id
 LIMIT $3
 """
@@ -436,7 +440,7 @@ class SessionStart(NamedTuple):
 
 _SESSIONS_PAGE = f"""
 SELECT session_id, {_US.format("min(occurred_at)")} AS started_us
-FROM events WHERE user_id = $1 AND session_id IS NOT NULL
+FROM events WHERE user_id = person_of($1) AND session_id IS NOT NULL
 GROUP BY session_id
 HAVING $2::int8 IS NULL
     OR (min(occurred_at), session_id COLLATE "C") < ({_TS.format("$2::int8")}, $3::text)

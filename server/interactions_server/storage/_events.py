@@ -8,7 +8,7 @@ so that PostgreSQL does the conversions in C (see docs/performance.md).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -40,61 +40,84 @@ class EventColumns(NamedTuple):
     def empty(cls) -> EventColumns:
         return cls([], [], [], [], [], [], [], [], [], [], [])
 
+    def without(self, rows: Collection[int]) -> EventColumns:
+        """The same columns without the rows at the positions `rows`."""
+        kept = [[value for row, value in enumerate(column) if row not in rows] for column in self]
+        return EventColumns(*kept)  # type: ignore[arg-type]  # each list keeps its column's type
+
 
 INSERT_EVENTS = f"""
-WITH batch AS (
-    SELECT u, e::uuid AS e, t, s, p, v, {_US_TO_TS.format("o")} AS o, d::jsonb AS d, a::jsonb AS a, y, f
+WITH resolved AS MATERIALIZED (
+    -- Once, before anything is written: the deadline, then the users'
+    -- deletion locks and who each linked user is (resolve_users_for_ingest,
+    -- migrations/0008_identity.sql, which explains the lock: deleted users'
+    -- events up to their watermark are refused; a linked user's events are
+    -- stored under its person).
+    SELECT user_id, person, deleted_through FROM resolve_users_for_ingest($1::text[])
+    WHERE (SELECT deadline_guard($12::float8))
+), batch AS (
+    SELECT u, coalesce(x.person, u) AS pu, e::uuid AS e, t, s, p, v, {_US_TO_TS.format("o")} AS o,
+           d::jsonb AS d, a::jsonb AS a, y, f, x.deleted_through
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                 $6::int8[], $7::int8[], $8::text[], $9::text[], $10::bool[], $11::int8[])
          AS r(u, e, t, s, p, v, o, d, a, y, f)
-    -- Once, before anything is written: the deadline, then the state-sync
-    -- key locks (migrations/0005_sync_key_locks.sql) of the events that sync.
-    WHERE (SELECT deadline_guard($12::float8)) AND (SELECT lock_sync_keys($13::text[], $14::text[]))
-), deleted AS MATERIALIZED (
-    -- Users whose data was deleted (migrations/0003_user_deletion.sql, which
-    -- explains the lock this takes): their events up to the watermark are refused.
-    SELECT user_id, deleted_through FROM lock_users_for_ingest(array(SELECT u FROM batch))
+    LEFT JOIN resolved AS x ON x.user_id = r.u
+    -- Then the state-sync key locks (migrations/0005_sync_key_locks.sql) of
+    -- the events that sync, under the resolved (person, product) keys.
+    WHERE (SELECT lock_sync_keys(array_agg(coalesce(k.person, l.u)), array_agg(l.p))
+           FROM unnest($13::text[], $14::text[]) AS l(u, p) LEFT JOIN resolved AS k ON k.user_id = l.u)
 ), refused AS (
-    SELECT b.u, b.e, d.deleted_through FROM batch AS b JOIN deleted AS d ON d.user_id = b.u
-    WHERE b.o <= d.deleted_through
+    SELECT u, e, deleted_through FROM batch WHERE o <= deleted_through
 ), new AS (
     INSERT INTO event_keys (user_id, event_id, occurred_at, fingerprint)
-    SELECT u, e, o, f FROM batch AS b
-    WHERE NOT EXISTS (SELECT FROM refused AS r WHERE r.u = b.u AND r.e = b.e)
-    ORDER BY u, e
+    SELECT pu, e, o, f FROM batch
+    WHERE NOT coalesce(o <= deleted_through, false)
+    -- Two rows of the batch can share a key only when one of them resolved
+    -- to a person (a linked user and its person, or two linked users, with
+    -- one event id): the person's own row goes first, and a resolved row was
+    -- logged only when the key's fingerprint is its own (they differ in
+    -- user_id). Other rows need no fingerprint compare.
+    ORDER BY pu, e, u <> pu
     ON CONFLICT DO NOTHING
-    RETURNING user_id, event_id
+    RETURNING user_id, event_id, fingerprint
 ), logged AS (
     INSERT INTO events (user_id, event_id, event_type, session_id, product_id,
                         event_value, occurred_at, details, attributes, syncs_state)
-    SELECT b.u, b.e, b.t, b.s, b.p, b.v, b.o, b.d, b.a, b.y
-    FROM batch AS b JOIN new ON new.user_id = b.u AND new.event_id = b.e
+    SELECT b.pu, b.e, b.t, b.s, b.p, b.v, b.o, b.d, b.a, b.y
+    FROM batch AS b JOIN new ON new.user_id = b.pu AND new.event_id = b.e AND (b.u = b.pu OR new.fingerprint = b.f)
 ), unlogged AS (
-    SELECT b.u, b.e, b.f FROM batch AS b
-    WHERE NOT EXISTS (SELECT FROM new WHERE new.user_id = b.u AND new.event_id = b.e)
-      AND NOT EXISTS (SELECT FROM refused AS r WHERE r.u = b.u AND r.e = b.e)
+    SELECT b.u, b.pu, b.e, b.f FROM batch AS b
+    WHERE NOT EXISTS (SELECT FROM new
+                      WHERE new.user_id = b.pu AND new.event_id = b.e AND (b.u = b.pu OR new.fingerprint = b.f))
+      AND NOT coalesce(b.o <= b.deleted_through, false)
 )
--- Only the rows not logged come back (most batches: none). A key in the
--- statement's snapshot is known with other content ("conflict") or the same
--- ("known"); a NULL fingerprint (logged before fingerprints existed) counts
--- as the same content. A key not in the snapshot was committed by a
--- concurrent transaction while this statement waited on it ("raced").
--- A subquery per row, not a join: always a probe of the key index, never a
--- hash of the whole table.
+-- Only the rows not logged come back (most batches: none), keyed by the
+-- user_id they were sent with. A key in the statement's snapshot is known
+-- with other content ("conflict") or the same ("known"); a NULL fingerprint
+-- (logged before fingerprints existed) counts as the same content. A key not
+-- in the snapshot was committed by a concurrent transaction while this
+-- statement waited on it ("raced"). A subquery per row, not a join: always a
+-- probe of the key index, never a hash of the whole table. Then one row per
+-- linked user of the batch: its person ("resolved", in event_id's column).
 SELECT x.u AS user_id, x.e::text AS event_id,
        COALESCE((SELECT CASE WHEN k.fingerprint <> x.f THEN 'conflict' ELSE 'known' END
-                 FROM event_keys AS k WHERE k.user_id = x.u AND k.event_id = x.e), 'raced') AS kind,
+                 FROM event_keys AS k WHERE k.user_id = x.pu AND k.event_id = x.e), 'raced') AS kind,
        NULL::timestamptz AS deleted_through
 FROM unlogged AS x
 UNION ALL
 SELECT u, e::text, 'refused', deleted_through FROM refused
+UNION ALL
+SELECT user_id, person, 'resolved', NULL FROM resolved WHERE person IS NOT NULL
 """
 
 
 class InsertOutcome(NamedTuple):
+    """Keys are (user_id, event_id) as the batch sent them, whoever the user's person is."""
+
     new: set[tuple[str, str]]  # keys logged by this statement
     conflicting: set[tuple[str, str]]  # keys already logged with a different fingerprint
     refused: dict[tuple[str, str], datetime]  # keys of deleted users' events: their deletion watermark
+    persons: dict[str, str]  # the batch's linked users: the person each one's events were stored under
 
 
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
@@ -113,13 +136,18 @@ async def insert_events(
     keys must be unique within the batch. Past `deadline` (epoch seconds, by
     PostgreSQL's clock) the statement fails instead (QueryCanceledError).
     `lock_keys`: the (user_id, product_id) keys whose state-sync locks the
-    transaction takes first (what lock_keys does, without a round trip)."""
-    outcome = InsertOutcome(set(), set(), {})
+    transaction takes first (what lock_keys does, without a round trip), with
+    each user replaced by its person. The events of a linked user are stored
+    under its person (`persons` of the outcome)."""
+    outcome = InsertOutcome(set(), set(), {}, {})
     not_logged: set[tuple[str, str]] = set()
     raced: list[tuple[str, str]] = []
     for user_id, event_id, kind, deleted_through in await conn.fetch(
         INSERT_EVENTS, *columns, deadline, [k[0] for k in lock_keys], [k[1] for k in lock_keys]
     ):
+        if kind == "resolved":
+            outcome.persons[user_id] = event_id
+            continue
         key = (user_id, event_id)
         not_logged.add(key)
         if kind == "refused":
@@ -132,7 +160,7 @@ async def insert_events(
     if raced:
         # Rare: the raced keys' fingerprints are read in a statement of its
         # own, which sees the concurrent commit.
-        outcome.conflicting.update(await _raced_conflicts(conn, columns, raced))
+        outcome.conflicting.update(await _raced_conflicts(conn, columns, raced, outcome.persons))
     return outcome
 
 
@@ -145,21 +173,26 @@ WHERE k.fingerprint <> b.f
 
 
 async def _raced_conflicts(
-    conn: asyncpg.Connection, columns: EventColumns, raced: Sequence[tuple[str, str]]
+    conn: asyncpg.Connection,
+    columns: EventColumns,
+    raced: Sequence[tuple[str, str]],
+    persons: Mapping[str, str],
 ) -> set[tuple[str, str]]:
-    """The `raced` keys of the batch that are stored with another fingerprint."""
+    """The `raced` keys of the batch that are stored (under the person) with another fingerprint."""
     prints = dict(zip(zip(columns.user_id, columns.event_id, strict=True), columns.fingerprint, strict=True))
+    stored = {(persons.get(k[0], k[0]), k[1]): k for k in raced}
     records = await conn.fetch(
-        _STORED_FINGERPRINTS, [k[0] for k in raced], [k[1] for k in raced], [prints[k] for k in raced]
+        _STORED_FINGERPRINTS, [k[0] for k in stored], [k[1] for k in stored], [prints[k] for k in stored.values()]
     )
-    return {(r["user_id"], r["event_id"]) for r in records}
+    return {stored[(r["user_id"], r["event_id"])] for r in records}
 
 
 # --- reads -------------------------------------------------------------------
+# Every read names any id and answers its person's rows (person_of, 0008).
 
 _PURCHASES = """
 SELECT event_id::text, product_id, session_id, purchased_at FROM purchase_history
-WHERE user_id = $1 {after}
+WHERE user_id = person_of($1) {after}
 ORDER BY purchased_at DESC, event_id DESC LIMIT $2
 """
 _FIRST_PAGE = _PURCHASES.format(after="")
@@ -187,7 +220,8 @@ class PurchaseRecord(NamedTuple):
 async def fetch_cart(pool: asyncpg.Pool, user_id: str) -> list[CartRow]:
     async with acquire(pool) as conn:
         records = await conn.fetch(
-            "SELECT product_id, quantity, updated_at FROM user_cart WHERE user_id = $1 ORDER BY product_id", user_id
+            "SELECT product_id, quantity, updated_at FROM user_cart WHERE user_id = person_of($1) ORDER BY product_id",
+            user_id,
         )
     return [CartRow(*r) for r in records]
 
@@ -195,7 +229,8 @@ async def fetch_cart(pool: asyncpg.Pool, user_id: str) -> list[CartRow]:
 async def fetch_wishlist(pool: asyncpg.Pool, user_id: str) -> list[WishlistRow]:
     async with acquire(pool) as conn:
         records = await conn.fetch(
-            "SELECT product_id, added_at FROM user_wishlist WHERE user_id = $1 ORDER BY added_at, product_id", user_id
+            "SELECT product_id, added_at FROM user_wishlist WHERE user_id = person_of($1) ORDER BY added_at, product_id",
+            user_id,
         )
     return [WishlistRow(*r) for r in records]
 
