@@ -4,8 +4,12 @@ and a rotated certificate is served without a restart."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
+import signal
+import ssl
 from pathlib import Path
 
 import grpc
@@ -16,6 +20,7 @@ from interactions_client import InteractionsClient, TlsConfig, UnavailableError
 from interactions_server.server import App, StartupError
 from tests.certs import Authority
 from tests.support import StartServer
+from tests.support import cli as server_cli
 from tests.test_cli import cli
 
 
@@ -145,3 +150,81 @@ async def test_a_broken_rotation_keeps_the_current_certificate(
 
 def write_bytes(path: Path, data: bytes) -> None:
     path.write_bytes(data)
+
+
+def other_key_same_name(ca: Authority, directory: Path, name: str) -> Path:
+    """Replaces NAME.crt with a certificate for another key (NAME.key stays): a rotation half done."""
+    cert, _ = ca.issue("localhost", server=True).write(directory, f"{name}-next")
+    os.replace(cert, directory / f"{name}.crt")
+    return directory / f"{name}.crt"
+
+
+async def test_a_certificate_without_its_key_is_refused_with_one_error(
+    tmp_path: Path, ca: Authority, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    cert, key = ca.issue("localhost", server=True).write(tmp_path, "server")
+    server = await start_server(tls_cert=cert, tls_key=key)
+    before = await served_certificate(server.port)
+    new_ca = Authority("next CA")
+    other_key_same_name(new_ca, tmp_path, "server")
+    with caplog.at_level(logging.INFO, logger="interactions_server.tls"):
+        for _ in range(3):  # three handshakes: the old certificate each time, one error logged
+            assert await serving(server.address, grpc.ssl_channel_credentials(ca.pem))
+    assert await served_certificate(server.port) == before
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "interactions_server.tls"]
+    assert messages == [
+        (
+            "ERROR",
+            f"TLS files not reloaded, the current certificate stays in use: the certificate {cert} does not "
+            f"match the private key {key} (replace both, renaming each into place)",
+        )
+    ]
+    # The key follows: the pair is served.
+    new_ca.issue("localhost", server=True).write(tmp_path, "server")
+    assert await serving(server.address, grpc.ssl_channel_credentials(new_ca.pem))
+
+
+async def test_a_mismatched_pair_at_start_up_is_one_line(
+    tmp_path: Path, ca: Authority, start_server: StartServer
+) -> None:
+    cert, key = ca.issue("localhost", server=True).write(tmp_path, "server")
+    other_key_same_name(ca, tmp_path, "server")
+    with pytest.raises(StartupError, match=r"^TLS: the certificate .*server\.crt does not match the private key"):
+        await start_server(tls_cert=cert, tls_key=key)
+
+
+async def served_certificate(port: int) -> bytes:
+    """The DER certificate the server presents now (a raw TLS handshake, no verification)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    try:
+        der: bytes = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        return der
+    finally:
+        writer.close()
+
+
+async def test_the_json_log_stays_json_through_a_bad_rotation_and_failed_handshakes(
+    tmp_path: Path, ca: Authority, database_url: str
+) -> None:
+    """gRPC core prints its own lines on stderr ("Invalid private key", failed
+    handshakes of plaintext clients): silenced by default (GRPC_VERBOSITY),
+    so that every line of the server's log is one JSON object."""
+    cert, key = ca.issue("localhost", server=True).write(tmp_path, "server")
+    async with server_cli(
+        "--listen", "127.0.0.1:0", "--database-url", database_url, "--log-format", "json",
+        "--tls-cert", str(cert), "--tls-key", str(key),
+    ) as server:  # fmt: skip
+        address = (await server.wait_for_line(r'"listening on (127\.0\.0\.1:\d+)"'))[1]
+        other_key_same_name(Authority("next CA"), tmp_path, "server")
+        for _ in range(3):
+            assert await serving(address, grpc.ssl_channel_credentials(ca.pem))
+            assert not await serving(address, None)  # a plaintext client: a failed handshake
+        server.process.send_signal(signal.SIGTERM)
+        assert await server.finish() == 0
+    lines = [json.loads(line) for line in server.log]  # every line is JSON
+    errors = [line["message"] for line in lines if line["level"] == "ERROR"]
+    assert len(errors) == 1 and "does not match the private key" in errors[0], errors
+    assert not any("reloaded" in line["message"] and line["level"] == "INFO" for line in lines)

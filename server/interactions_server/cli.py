@@ -21,6 +21,11 @@ import os
 # a child forked from a thread (grpc/grpc#13873), which is how the embedded
 # PostgreSQL runs pg_ctl. This process forks only to exec, so it needs none.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+# gRPC core writes its own log lines to stderr, in its own format (a TLS
+# handshake a client failed, a certificate it refused...), which breaks a JSON
+# log; the service logs what an operator needs itself. Off unless the operator
+# asks (GRPC_VERBOSITY=ERROR, INFO or DEBUG, with GRPC_TRACE for traces).
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import argparse
 import asyncio

@@ -5,6 +5,8 @@ handshake (grpc.dynamic_ssl_server_credentials); it re-reads the files only
 when one of them changed (size or modification time), so a rotated
 certificate is served without a restart. Replace the files by renaming new
 ones over them, so that a handshake never sees a certificate without its key.
+A certificate that does not match its key (or an unreadable file) is not
+handed to gRPC: one ERROR is logged and the current certificate stays.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 _log = logging.getLogger("interactions_server.tls")
 
@@ -66,6 +72,9 @@ class _Fetcher:
                 raise TlsFilesError(f"{path} is not a PEM file")
             contents.append(data)
         cert, key, *ca = contents
+        _check_pair(cert, key, self._files)
+        if ca:
+            _certificates(ca[0], self._files.client_ca)  # type: ignore[arg-type]  # set when ca is
         self._stamp = stamp
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca[0] if ca else None)
 
@@ -88,6 +97,36 @@ class _Fetcher:
             return self._read_stamp()
         except OSError:
             return ((-1, -1),)
+
+
+def _certificates(pem: bytes, path: Path) -> list[x509.Certificate]:
+    try:
+        certificates = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise TlsFilesError(f"{path} holds no readable PEM certificate") from None
+    return certificates
+
+
+def _public_key(key: Any) -> bytes:
+    return bytes(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _check_pair(cert: bytes, key: bytes, files: TlsFiles) -> None:
+    """The certificate (the first of its chain) and the private key belong
+    together. Checked here because gRPC core, handed a pair that does not,
+    keeps its previous certificate but says so only on stderr, in its own
+    format ("Invalid private key"), while the reload would look successful."""
+    leaf = _certificates(cert, files.cert)[0]
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        reason = "it is encrypted" if isinstance(exc, TypeError) else "it is not a readable PEM private key"
+        raise TlsFilesError(f"{files.key} cannot be used: {reason}") from None
+    if _public_key(leaf.public_key()) != _public_key(private.public_key()):
+        raise TlsFilesError(
+            f"the certificate {files.cert} does not match the private key {files.key} "
+            "(replace both, renaming each into place)"
+        )
 
 
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
