@@ -9,6 +9,8 @@ needs. Exports stream from a server-side cursor inside a READ ONLY
 REPEATABLE READ transaction: one snapshot for the whole call, a bounded
 number of rows in memory, and each response awaited by gRPC's flow control
 (a slow reader slows the cursor down instead of filling the server's memory).
+Before each response, an export leaves out the users deleted since its
+snapshot was taken (_deleted_users.py).
 Definitions: docs/analytics.md and the comments of analytics_service.proto.
 """
 
@@ -32,6 +34,7 @@ from interactions_server.errors import InvalidArgument, NotFound
 from interactions_server.keyring import Keyring
 from interactions_server.services import _analytics_protos as protos
 from interactions_server.services import _analytics_tokens as tokens
+from interactions_server.services._deleted_users import DeletedSince
 from interactions_server.services._ids import check_id
 from interactions_server.services.user_state import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
@@ -83,7 +86,12 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
                 storage.training_rows(conn, window, protos.ML_WEIGHTS, as_of_us, half_life, after, ROWS_PER_RESPONSE)
             ) as chunks,
         ):
-            async for chunk in chunks:
+            deleted = DeletedSince(self._pool, await storage.snapshot_of(conn))
+            async for rows in chunks:
+                gone = await deleted.check()
+                chunk = [r for r in rows if r.user_id not in gone] if gone else rows
+                if not chunk:
+                    continue
                 last = chunk[-1]
                 response = pb.ExportTrainingDataResponse(
                     resume_token=self._keyring.seal(tokens.TRAINING, as_of_us, last.user_id, last.product_id)
@@ -112,9 +120,14 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             storage.snapshot(self._analytics_pool, analytics=True) as conn,
             contextlib.aclosing(storage.export_events(conn, window, types, after, ROWS_PER_RESPONSE)) as chunks,
         ):
+            deleted = DeletedSince(self._pool, await storage.snapshot_of(conn))
             async for chunk in chunks:
                 start = 0
                 while start < len(chunk):  # a chunk of large events makes several responses
+                    if gone := await deleted.check():  # records: user_id first
+                        chunk, start = [r for r in chunk[start:] if r[0] not in gone], 0
+                        if not chunk:
+                            break
                     response = pb.ExportEventsResponse()
                     start = protos.add_exported_events(response.events, chunk, start, BYTES_PER_RESPONSE)
                     last = storage.EventRow(*chunk[start - 1])

@@ -37,9 +37,11 @@ from interactions_server.storage._analytics import (
     session_timeline,
     sessions_page,
     snapshot,
+    snapshot_of,
     training_rows,
     user_activity,
     user_events,
+    users_deleted_since,
 )
 from interactions_server.storage._audit import (
     DELETE_USER_DATA,
@@ -195,10 +197,12 @@ __all__ = [
     "session_timeline",
     "sessions_page",
     "snapshot",
+    "snapshot_of",
     "start_tuned",
     "training_rows",
     "transaction",
     "user_activity",
     "user_events",
+    "users_deleted_since",
     "write_state",
 ]

@@ -111,6 +111,30 @@ async def snapshot(pool: asyncpg.Pool, *, analytics: bool = False) -> AsyncItera
 # --- exports ---------------------------------------------------------------------
 
 
+async def snapshot_of(conn: asyncpg.Connection) -> str:
+    """The snapshot `conn`'s REPEATABLE READ transaction reads (pg_snapshot text)."""
+    snapshot: str = await conn.fetchval("SELECT pg_current_snapshot()::text")
+    return snapshot
+
+
+# The deletions committed that `$1` does not see: user_deletions.deleted_xid
+# (migrations/0007) not visible in the snapshot. At or past the snapshot's
+# xmin only (older ones finished before it was taken): a range of the index
+# on deleted_xid, whatever the number of users ever deleted.
+_DELETED_SINCE = """
+SELECT user_id FROM user_deletions
+WHERE deleted_xid >= pg_snapshot_xmin($1::text::pg_snapshot)
+  AND NOT pg_visible_in_snapshot(deleted_xid, $1::text::pg_snapshot)
+"""
+
+
+async def users_deleted_since(pool: asyncpg.Pool, snapshot: str) -> frozenset[str]:
+    """The users whose data a deletion removed after `snapshot` was taken
+    (committed now, invisible to that snapshot), read on a connection of
+    `pool`, outside the snapshot."""
+    return frozenset(r[0] for r in await pool.fetch(_DELETED_SINCE, snapshot))
+
+
 async def _prefetched(cursor: Any, chunk: int) -> AsyncGenerator[list[asyncpg.Record], None]:
     """The cursor's rows, `chunk` at a time, with the next chunk fetched while
     the caller works on (and sends) this one: the database and the server's
