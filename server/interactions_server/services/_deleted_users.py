@@ -7,7 +7,8 @@ out of the snapshot. Before each response, the export asks, on another
 connection (outside its snapshot), which deletions committed that its
 snapshot does not see (storage.users_deleted_since: one indexed range of
 user_deletions, migrations/0007), and leaves those users' rows out of it.
-One query per response (at most 1,000 rows or about 1 MiB), never per row.
+One query per response (at most 1,000 rows or about 1 MiB), never per row,
+sent while the response is built.
 
 So a response that starts after DeleteUserData returned carries none of the
 user's rows. A response already built, waiting for the caller to read it
@@ -17,9 +18,15 @@ one waiting to be queued; tests/test_export_deletion.py).
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
 import asyncpg
 
 from interactions_server import storage
+
+_Built = TypeVar("_Built")
 
 
 class DeletedSince:
@@ -34,3 +41,17 @@ class DeletedSince:
         """Call before each response; the users to leave out of it."""
         self.users = await storage.users_deleted_since(self._pool, self._snapshot)
         return self.users
+
+    async def overlapping(self, build: Callable[[], _Built]) -> tuple[_Built, frozenset[str]]:
+        """`build()` (the next response, CPU work) while the check for it is
+        in flight, so that the check's round trip costs the export no time;
+        both results. If the response holds rows of users now deleted, the
+        caller builds it again without them."""
+        check = asyncio.ensure_future(self.check())
+        try:
+            await asyncio.sleep(0)  # the check's query is sent before the CPU work starts
+            built = build()
+            return built, await check
+        except BaseException:
+            check.cancel()
+            raise

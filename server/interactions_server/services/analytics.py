@@ -17,6 +17,8 @@ Definitions: docs/analytics.md and the comments of analytics_service.proto.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import time
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
@@ -87,16 +89,13 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             ) as chunks,
         ):
             deleted = DeletedSince(self._pool, await storage.snapshot_of(conn))
-            async for rows in chunks:
-                gone = await deleted.check()
-                chunk = [r for r in rows if r.user_id not in gone] if gone else rows
-                if not chunk:
-                    continue
-                last = chunk[-1]
-                response = pb.ExportTrainingDataResponse(
-                    resume_token=self._keyring.seal(tokens.TRAINING, as_of_us, last.user_id, last.product_id)
-                )
-                protos.add_training_rows(response.rows, chunk)
+            async for chunk in chunks:
+                response, gone = await deleted.overlapping(functools.partial(self._training_response, chunk, as_of_us))
+                if gone and any(r.user_id in gone for r in chunk):
+                    chunk = [r for r in chunk if r.user_id not in gone]
+                    if not chunk:
+                        continue
+                    response = self._training_response(chunk, as_of_us)
                 if first:
                     response.as_of.CopyFrom(as_of)
                     first = False
@@ -105,6 +104,14 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             yield pb.ExportTrainingDataResponse(
                 as_of=as_of, resume_token=self._keyring.seal(tokens.TRAINING, as_of_us, *(after or (None, None)))
             )
+
+    def _training_response(self, chunk: list[storage.TrainingRow], as_of_us: int) -> pb.ExportTrainingDataResponse:
+        last = chunk[-1]
+        response = pb.ExportTrainingDataResponse(
+            resume_token=self._keyring.seal(tokens.TRAINING, as_of_us, last.user_id, last.product_id)
+        )
+        protos.add_training_rows(response.rows, chunk)
+        return response
 
     async def ExportEvents(
         self, request: pb.ExportEventsRequest, context: Any
@@ -124,12 +131,15 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             async for chunk in chunks:
                 start = 0
                 while start < len(chunk):  # a chunk of large events makes several responses
-                    if gone := await deleted.check():  # records: user_id first
-                        chunk, start = [r for r in chunk[start:] if r[0] not in gone], 0
-                        if not chunk:
-                            break
                     response = pb.ExportEventsResponse()
-                    start = protos.add_exported_events(response.events, chunk, start, BYTES_PER_RESPONSE)
+                    build = functools.partial(
+                        protos.add_exported_events, response.events, chunk, start, BYTES_PER_RESPONSE
+                    )
+                    end, gone = await deleted.overlapping(build)
+                    if gone and any(r[0] in gone for r in itertools.islice(chunk, start, end)):  # r[0]: user_id
+                        chunk, start = [r for r in chunk[start:] if r[0] not in gone], 0
+                        continue  # this response again, without them
+                    start = end
                     last = storage.EventRow(*chunk[start - 1])
                     response.resume_token = self._keyring.seal(tokens.EVENTS, last.occurred_us, last.event_id)
                     yield response

@@ -58,10 +58,10 @@ _CONNECTION_LOST = (
 
 
 def describe_postgres_error(exc: asyncpg.PostgresError) -> str:
-    """PostgreSQL's own words: "message (SQLSTATE xxxxx, ClassName); detail; hint"."""
-    parts = [f"{exc.args[0] if exc.args else exc} (SQLSTATE {exc.sqlstate}, {type(exc).__name__})"]
-    parts += [f"{label}: {text}" for label, text in (("detail", exc.detail), ("hint", exc.hint)) if text]
-    return "; ".join(parts)
+    """PostgreSQL's own words: "message (SQLSTATE xxxxx, ClassName); hint: ...".
+    Not its DETAIL, which can quote a row's values (ids stay out of the log)."""
+    text = f"{exc.args[0] if exc.args else exc} (SQLSTATE {exc.sqlstate}, {type(exc).__name__})"
+    return f"{text}; hint: {exc.hint}" if exc.hint else text
 
 
 def _refused(step: str, exc: BaseException) -> BaseException:
