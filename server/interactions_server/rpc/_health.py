@@ -58,10 +58,14 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
                     await self._changed.wait()
 
     async def set(self, service: str, status: _Status) -> None:
+        await self.set_all({service: status})
+
+    async def set_all(self, statuses: dict[str, _Status]) -> None:
+        """Several services' statuses at once: no Check sees some changed and others not."""
         if self._shutting_down:
             return
         async with self._changed:
-            self._statuses[service] = status
+            self._statuses.update(statuses)
             self._changed.notify_all()
 
     async def enter_graceful_shutdown(self) -> None:
@@ -153,10 +157,16 @@ class DatabaseHealth:
             )
         else:
             _log.warning("database down: %s", reason)
-        for service in self._services:
-            serving = state == UP or (state == READ_ONLY and service in self._read_services)
-            await self.servicer.set(service, SERVING if serving else NOT_SERVING)
         if previous is not None and state != DOWN and self._on_writability_change is not None:
-            # Back from down, the pools' broken sessions are replaced anyway;
-            # either way, every session should start anew in the new state.
+            # Before the new status is seen, so that a caller who acts on it
+            # meets sessions in the new state (back from down, the pools'
+            # broken sessions would be replaced anyway).
             await self._on_writability_change()
+        await self.servicer.set_all(
+            {
+                service: SERVING
+                if state == UP or (state == READ_ONLY and service in self._read_services)
+                else NOT_SERVING
+                for service in self._services
+            }
+        )

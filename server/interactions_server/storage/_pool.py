@@ -160,8 +160,9 @@ class Probe:
     get: at every check while the database is read-only (to see it become
     writable), else every PROBE_RECONNECT_SECONDS (to see `ALTER DATABASE ...
     SET default_transaction_read_only` without waiting for a restart). A
-    session that fails (terminated by an administrator, say) is replaced
-    once before the database counts as not answering."""
+    session that was cut (terminated by an administrator, say) is replaced
+    once before the database counts as not answering; one that does not
+    answer in time is not."""
 
     def __init__(
         self,
@@ -189,11 +190,13 @@ class Probe:
             self.close()
         try:
             self._writable = await self._ask()
-        except Exception:
+        except Exception as exc:
             self.close()
-            if stale:  # already a new session: the database did not answer
+            # Already a new session, or no answer in time (a frozen or
+            # unreachable database must not take two timeouts to be seen).
+            if stale or isinstance(exc, TimeoutError):
                 raise
-            self._writable = await self._ask()  # one new session, then give up
+            self._writable = await self._ask()  # the session was cut: one new session, then give up
         return self._writable
 
     async def _ask(self) -> bool:
