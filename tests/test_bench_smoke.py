@@ -14,12 +14,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The start of the table row of every measure, (a) to (m).
+# The start of the table row of every measure, (a) to (m) and (k2).
 MEASURE_ROWS = (
     "(a) DB ceiling",
     "(b) bulk StreamEvents",
     "(c) RPC ceiling",
+    "(c) CPU per call",
     "(d) LogEvent, 64 callers",
+    "(d) CPU per call",
     "(d) LogEvent p50",
     "(d) LogEvent p99",
     "(e) server RSS peak",
@@ -45,6 +47,10 @@ MEASURE_ROWS = (
     "(l) CPU per late LogEvent",
     "(m) LinkIdentity, guest of 100 events, p50",
     "(m) LinkIdentity, guest of 100 events, p99",
+    "(k2) 1 worker, 1 conn.: LogEvent",
+    "(k2) 1 worker, 1 conn.: the stream beside LogEvent",
+    "(k2) 2 workers, 2 conn.: LogEvent",
+    "(k2) 2 workers, 2 conn.: the stream beside LogEvent",
 )
 
 

@@ -137,3 +137,25 @@ async def test_bulk_waits_only_while_an_interactive_call_is_behind_and_never_wit
     assert precedence.behind()
     precedence.end(again)
     assert not Precedence(0).behind()
+
+
+async def test_group_commit_never_waits_for_a_connection_held_by_bulk_work(
+    start_server: StartServer, database_url: str
+) -> None:
+    """Bulk writes leave the pool's last connections to group commit and the
+    reads: with every bulk write stuck, a LogEvent is still written."""
+    app = await start_server(pool_max_size=6, interactive_latency_target=0)  # bulk: 2 of the 6
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        stub = InteractionServiceStub(channel)
+        streams = [stub.StreamEvents(timeout=60) for _ in range(4)]
+        async with cart_lines_locked(database_url) as lock:
+            for s, stream in enumerate(streams):
+                for sequence in range(1, 4):  # twelve batches in flight, each stuck in its cart sync
+                    await stream.write(_batch(100 * s + sequence))
+            await eventually(lambda: _held(lock))
+            view = valid_event(EventType.EVENT_TYPE_VIEW, user_id="inline", product_id="p1")
+            answer = await stub.LogEvent(pb.LogEventRequest(event=view), timeout=10)
+            assert not answer.duplicate
+        for stream in streams:
+            await stream.done_writing()
+            assert [(await stream.read()).accepted_count for _ in range(3)] == [10] * 3

@@ -29,6 +29,7 @@ from interactions_server.services import interactions as service
 from interactions_server.storage import _pool as db
 from tests.events import valid_event
 from tests.support import StartServer, events_table_locked, eventually, field_violations, has_blocked_writes
+from tests.test_auth import TOKENS, tokens_toml
 
 # --- one mapping, by asyncpg's exception classes ------------------------------
 
@@ -344,6 +345,35 @@ async def test_streams_are_bounded_apart_from_calls_and_the_excess_gets_resource
         assert (await fourth.read()).sequence == 1
         await fourth.done_writing()
         assert await fourth.code() == grpc.StatusCode.OK
+
+
+async def test_with_tokens_each_client_has_its_own_bound_on_open_streams(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(tokens_toml(TOKENS))
+    app = await start_server(auth_tokens=tokens, max_open_streams=10, max_open_streams_per_client=2)
+
+    async def opened(stub: InteractionServiceStub, token: str) -> grpc.aio.StreamStreamCall:
+        call = stub.StreamEvents(metadata=(("authorization", f"Bearer {TOKENS[token][0]}"),), timeout=10)
+        await call.write(pb.StreamEventsRequest(sequence=1, events=[]))
+        assert (await call.read()).sequence == 1
+        return call
+
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        stub = InteractionServiceStub(channel)
+        writer = [await opened(stub, "writer") for _ in range(2)]
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await opened(stub, "writer")
+        assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "this client has its maximum of open streams" in (failure.value.details() or "")
+        other = await opened(stub, "web")  # another client is not held back by this one's streams
+        await writer[0].done_writing()
+        assert await writer[0].code() == grpc.StatusCode.OK
+        again = await opened(stub, "writer")  # its slot is free again
+        for call in (writer[1], other, again):
+            await call.done_writing()
+            assert await call.code() == grpc.StatusCode.OK
 
 
 async def test_calls_waiting_in_core_count_toward_max_concurrent_rpcs(start_server: StartServer) -> None:
