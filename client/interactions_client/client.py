@@ -12,7 +12,7 @@ import grpc
 import grpc.aio
 
 from interactions_client import batches
-from interactions_client.analytics import AnalyticsMethods
+from interactions_client.analytics import AnalyticsMethods, EventTypeLike, event_type_numbers, timestamp
 from interactions_client.channel import (
     DEFAULT_DEADLINE,
     ChannelOptions,
@@ -34,7 +34,14 @@ from interactions_client.rpc_protos import (
     serialize_health_check_request,
 )
 from interactions_client.streamer import OWN_CONNECTION_OPTION, EventStreamer, ParallelStreamer, RejectionCallback
-from interactions_client.v1.admin_service_pb2 import DeleteUserDataRequest, DeleteUserDataResponse
+from interactions_client.v1.admin_service_pb2 import (
+    DeleteUserDataRequest,
+    DeleteUserDataResponse,
+    ExportUserDataRequest,
+    ExportUserDataResponse,
+    PurgeEventsRequest,
+    PurgeEventsResponse,
+)
 from interactions_client.v1.admin_service_pb2_grpc import AdminServiceStub
 from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
 from interactions_client.v1.event_pb2 import Event
@@ -59,6 +66,24 @@ def resolve_tls(tls: TlsConfig | bool) -> TlsConfig | None:
     if isinstance(tls, TlsConfig):
         return tls
     return TlsConfig() if tls else None
+
+
+def purge_request(
+    event_types: Iterable[EventTypeLike],
+    custom_types: Iterable[str],
+    start_time: datetime | None,
+    end_time: datetime | None,
+    user_ids: Iterable[str],
+    force: bool,
+) -> PurgeEventsRequest:
+    return PurgeEventsRequest(
+        event_types=event_type_numbers(event_types),
+        custom_types=list(custom_types),
+        start_time=timestamp(start_time, "start_time"),
+        end_time=timestamp(end_time, "end_time"),
+        user_ids=list(user_ids),
+        force=force,
+    )
 
 
 def prevalidate(event: Event) -> None:
@@ -314,6 +339,40 @@ class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], Analytics
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
         return response
+
+    async def purge_events(
+        self,
+        *,
+        event_types: Iterable[EventTypeLike] = (),
+        custom_types: Iterable[str] = (),
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        user_ids: Iterable[str] = (),
+        force: bool = False,
+        deadline: float | None = None,
+    ) -> PurgeEventsResponse:
+        """Removes the events that match every filter given from the log (without
+        `force`: only counts them); see AdminService.PurgeEvents. A large purge
+        takes a while: give it a `deadline` that covers it (what a call removed
+        before its deadline stays removed; calling again removes the rest)."""
+        request = purge_request(event_types, custom_types, start_time, end_time, user_ids, force)
+        try:
+            response: PurgeEventsResponse = await self._admin.PurgeEvents(request, timeout=self._deadline(deadline))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        return response
+
+    async def export_user_data(self, user_id: str) -> AsyncIterator[ExportUserDataResponse]:
+        """Everything stored about a person, part by part (AdminService.ExportUserData):
+        a header, then cart, wishlist, purchases and events. No deadline (it streams)."""
+        call = self._admin.ExportUserData(ExportUserDataRequest(user_id=user_id))
+        try:
+            async for response in call:
+                yield response
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        finally:
+            call.cancel()
 
     async def health(self, service: str = "", *, deadline: float | None = None) -> bool:
         """grpc.health.v1 Check: True when the service reports SERVING.

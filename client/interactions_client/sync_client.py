@@ -9,7 +9,7 @@ from types import TracebackType
 import grpc
 
 from interactions_client import batches
-from interactions_client.analytics import SyncAnalyticsMethods
+from interactions_client.analytics import EventTypeLike, SyncAnalyticsMethods
 from interactions_client.channel import (
     DEFAULT_DEADLINE,
     ChannelOptions,
@@ -19,7 +19,7 @@ from interactions_client.channel import (
     default_target,
     with_metadata,
 )
-from interactions_client.client import prevalidate, resolve_tls
+from interactions_client.client import prevalidate, purge_request, resolve_tls
 from interactions_client.errors import from_rpc_error
 from interactions_client.events import EventMethods, timestamp, with_event_id
 from interactions_client.results import BatchResult, Identity, LinkResult, LogResult
@@ -31,7 +31,13 @@ from interactions_client.rpc_protos import (
 )
 from interactions_client.streamer import RejectionCallback
 from interactions_client.sync_streamer import SyncEventStreamer
-from interactions_client.v1.admin_service_pb2 import DeleteUserDataRequest, DeleteUserDataResponse
+from interactions_client.v1.admin_service_pb2 import (
+    DeleteUserDataRequest,
+    DeleteUserDataResponse,
+    ExportUserDataRequest,
+    ExportUserDataResponse,
+    PurgeEventsResponse,
+)
 from interactions_client.v1.admin_service_pb2_grpc import AdminServiceStub
 from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
 from interactions_client.v1.event_pb2 import Event
@@ -226,6 +232,35 @@ class SyncInteractionsClient(EventMethods[LogResult], SyncAnalyticsMethods):
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
         return response
+
+    def purge_events(
+        self,
+        *,
+        event_types: Iterable[EventTypeLike] = (),
+        custom_types: Iterable[str] = (),
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        user_ids: Iterable[str] = (),
+        force: bool = False,
+        deadline: float | None = None,
+    ) -> PurgeEventsResponse:
+        """As InteractionsClient.purge_events."""
+        request = purge_request(event_types, custom_types, start_time, end_time, user_ids, force)
+        try:
+            response: PurgeEventsResponse = self._admin.PurgeEvents(request, timeout=self._deadline(deadline))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        return response
+
+    def export_user_data(self, user_id: str) -> Iterator[ExportUserDataResponse]:
+        """As InteractionsClient.export_user_data."""
+        call = self._admin.ExportUserData(ExportUserDataRequest(user_id=user_id))
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        finally:
+            call.cancel()
 
     def health(self, service: str = "", *, deadline: float | None = None) -> bool:
         """As InteractionsClient.health."""

@@ -18,6 +18,18 @@ from interactions_client.v1.event_pb2 import Event, FieldViolation
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _SNAKE = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*")
 
+
+def custom_type_problem(name: str) -> str | None:
+    """What is wrong with `name` as a custom type's name (None: nothing)."""
+    if not name:
+        return "is required for EVENT_TYPE_CUSTOM"
+    if len(name) > limits.MAX_CUSTOM_TYPE_LENGTH or not _SNAKE.fullmatch(name):
+        return f"must be lower snake case, at most {limits.MAX_CUSTOM_TYPE_LENGTH} characters"
+    if name in STANDARD:
+        return f"{name!r} is a standard type; use its EventType value"
+    return None
+
+
 # (lowest, highest, what the value means) per ValueRule.
 _VALUE_RANGES: dict[int, tuple[int, int, str]] = {
     ValueRule.VALUE_RULE_ALWAYS_ONE: (1, 1, "must be 1"),
@@ -130,17 +142,8 @@ def _type_check(rule: TypeRule) -> _TypeCheck:
         name = rule.name
         if is_custom:
             custom = event.custom_type
-            if not custom:
-                out.append(violation("custom_type", "is required for EVENT_TYPE_CUSTOM"))
-            elif len(custom) > limits.MAX_CUSTOM_TYPE_LENGTH or not _SNAKE.fullmatch(custom):
-                out.append(
-                    violation(
-                        "custom_type",
-                        f"must be lower snake case, at most {limits.MAX_CUSTOM_TYPE_LENGTH} characters",
-                    )
-                )
-            elif custom in STANDARD:
-                out.append(violation("custom_type", f"{custom!r} is a standard type; use its EventType value"))
+            if (problem := custom_type_problem(custom)) is not None:
+                out.append(violation("custom_type", problem))
             name = custom or name
         elif event.custom_type:
             out.append(violation("custom_type", "is only for EVENT_TYPE_CUSTOM events"))

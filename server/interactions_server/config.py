@@ -143,6 +143,7 @@ class ServerConfig:
     reflection: bool = True
     retention: RetentionPolicy = KEEP_EVERYTHING
     retention_check_interval: float = 3600.0  # seconds between checks whether the daily run is due
+    removal_batch_rows: int = 5_000  # rows a batch of a purge aims at (storage/_lifecycle.py)
 
 
 def split_listen(listen: str) -> tuple[str, int]:

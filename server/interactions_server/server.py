@@ -117,7 +117,13 @@ SERVICES: tuple[Service, ...] = (
     ),
     Service(
         admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"],
-        lambda parts: AdminService(parts.pool, parts.keyring),
+        lambda parts: AdminService(
+            parts.pool,
+            parts.keyring,
+            analytics_pool=parts.analytics_pool,
+            precedence=parts.precedence,
+            pace=storage.Pace(rows=parts.config.removal_batch_rows),
+        ),
     ),
 )
 SERVICE_DESCRIPTORS: tuple[ServiceDescriptor, ...] = tuple(s.descriptor for s in SERVICES)

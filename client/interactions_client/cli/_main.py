@@ -24,6 +24,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from interactions_client.catalog import HEADER, PRODUCT_LABELS, SYNC_LABELS, VALUE_LABELS, catalog_row, format_table
 from interactions_client.channel import DEFAULT_DEADLINE, TlsConfig, default_target
 from interactions_client.cli import _analytics as analytics_cli
+from interactions_client.cli import _lifecycle as lifecycle_cli
 from interactions_client.cli._errors import EXIT_FAILED, EXIT_OK, EXIT_REJECTED_LINES, EXIT_USAGE, UsageError, report
 from interactions_client.cli._jsonl_import import RejectedLines, import_jsonl, rejected_path_for
 from interactions_client.cli._progress import Progress
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", parents=[common], help="exit 0 only when the service is SERVING")
     health.add_argument("--service", default="", help="a service name (default: the server as a whole)")
     analytics_cli.add_commands(commands, common)
+    lifecycle_cli.add_commands(commands, common)
     return parser
 
 
@@ -394,6 +396,7 @@ _CLIENT_COMMANDS = {
     "link": _link,
     "identity": _identity,
     "delete-user": _delete_user,
+    **lifecycle_cli.COMMANDS,
 }
 
 
@@ -411,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _types(args)
         resolve_ids(args, f"interactions {args.command}")
         analytics_cli.check_usage(args)
+        lifecycle_cli.check_usage(args, argv)
         with contextlib.ExitStack() as files:
             if args.command == "import":
                 args.source = sys.stdin.buffer if args.file == STDIN else files.enter_context(args.file.open("rb"))

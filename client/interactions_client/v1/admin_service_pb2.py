@@ -24,9 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from interactions_client.v1 import access_pb2 as interactions_dot_v1_dot_access__pb2
+from interactions_client.v1 import event_pb2 as interactions_dot_v1_dot_event__pb2
+from interactions_client.v1 import user_state_service_pb2 as interactions_dot_v1_dot_user__state__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#interactions/v1/admin_service.proto\x12\x0finteractions.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cinteractions/v1/access.proto\"9\n\x15\x44\x65leteUserDataRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"\xbc\x01\n\x16\x44\x65leteUserDataResponse\x12\x16\n\x0e\x65vents_deleted\x18\x01 \x01(\x03\x12\x1a\n\x12\x63\x61rt_lines_deleted\x18\x02 \x01(\x03\x12\x1e\n\x16wishlist_lines_deleted\x18\x03 \x01(\x03\x12\x19\n\x11purchases_deleted\x18\x04 \x01(\x03\x12\x33\n\x0f\x64\x65leted_through\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2w\n\x0c\x41\x64minService\x12g\n\x0e\x44\x65leteUserData\x12&.interactions.v1.DeleteUserDataRequest\x1a\'.interactions.v1.DeleteUserDataResponse\"\x04\xd8\xf3\x18\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#interactions/v1/admin_service.proto\x12\x0finteractions.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cinteractions/v1/access.proto\x1a\x1binteractions/v1/event.proto\x1a(interactions/v1/user_state_service.proto\"9\n\x15\x44\x65leteUserDataRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"\xbc\x01\n\x16\x44\x65leteUserDataResponse\x12\x16\n\x0e\x65vents_deleted\x18\x01 \x01(\x03\x12\x1a\n\x12\x63\x61rt_lines_deleted\x18\x02 \x01(\x03\x12\x1e\n\x16wishlist_lines_deleted\x18\x03 \x01(\x03\x12\x19\n\x11purchases_deleted\x18\x04 \x01(\x03\x12\x33\n\x0f\x64\x65leted_through\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xda\x01\n\x12PurgeEventsRequest\x12/\n\x0b\x65vent_types\x18\x01 \x03(\x0e\x32\x1a.interactions.v1.EventType\x12\x14\n\x0c\x63ustom_types\x18\x02 \x03(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08user_ids\x18\x05 \x03(\t\x12\r\n\x05\x66orce\x18\x06 \x01(\x08\"4\n\x13PurgeEventsResponse\x12\x0e\n\x06\x65vents\x18\x01 \x01(\x03\x12\r\n\x05users\x18\x02 \x01(\x03\"(\n\x15\x45xportUserDataRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\x95\x02\n\x16\x45xportUserDataResponse\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.interactions.v1.UserDataHeaderH\x00\x12)\n\x04\x63\x61rt\x18\x02 \x01(\x0b\x32\x19.interactions.v1.UserCartH\x00\x12\x31\n\x08wishlist\x18\x03 \x01(\x0b\x32\x1d.interactions.v1.UserWishlistH\x00\x12\x33\n\tpurchases\x18\x04 \x01(\x0b\x32\x1e.interactions.v1.UserPurchasesH\x00\x12-\n\x06\x65vents\x18\x05 \x01(\x0b\x32\x1b.interactions.v1.UserEventsH\x00\x42\x06\n\x04part\"\x9a\x01\n\x0eUserDataHeader\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x15\n\ranonymous_ids\x18\x02 \x03(\t\x12/\n\x0b\x65xported_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x08\x64\x65letion\x18\x04 \x01(\x0b\x32\x1d.interactions.v1.UserDeletion\"s\n\x0cUserDeletion\x12\x33\n\x0f\x64\x65leted_through\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ndeleted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"4\n\x08UserCart\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.interactions.v1.CartItem\"<\n\x0cUserWishlist\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.interactions.v1.WishlistItem\"=\n\rUserPurchases\x12,\n\tpurchases\x18\x01 \x03(\x0b\x32\x19.interactions.v1.Purchase\":\n\nUserEvents\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.interactions.v1.StoredEvent\"e\n\x0bStoredEvent\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.interactions.v1.Event\x12/\n\x0breceived_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xc2\x02\n\x0c\x41\x64minService\x12g\n\x0e\x44\x65leteUserData\x12&.interactions.v1.DeleteUserDataRequest\x1a\'.interactions.v1.DeleteUserDataResponse\"\x04\xd8\xf3\x18\x05\x12^\n\x0bPurgeEvents\x12#.interactions.v1.PurgeEventsRequest\x1a$.interactions.v1.PurgeEventsResponse\"\x04\xd8\xf3\x18\x05\x12i\n\x0e\x45xportUserData\x12&.interactions.v1.ExportUserDataRequest\x1a\'.interactions.v1.ExportUserDataResponse\"\x04\xd8\xf3\x18\x05\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +37,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ADMINSERVICE'].methods_by_name['DeleteUserData']._loaded_options = None
   _globals['_ADMINSERVICE'].methods_by_name['DeleteUserData']._serialized_options = b'\330\363\030\005'
-  _globals['_DELETEUSERDATAREQUEST']._serialized_start=119
-  _globals['_DELETEUSERDATAREQUEST']._serialized_end=176
-  _globals['_DELETEUSERDATARESPONSE']._serialized_start=179
-  _globals['_DELETEUSERDATARESPONSE']._serialized_end=367
-  _globals['_ADMINSERVICE']._serialized_start=369
-  _globals['_ADMINSERVICE']._serialized_end=488
+  _globals['_ADMINSERVICE'].methods_by_name['PurgeEvents']._loaded_options = None
+  _globals['_ADMINSERVICE'].methods_by_name['PurgeEvents']._serialized_options = b'\330\363\030\005'
+  _globals['_ADMINSERVICE'].methods_by_name['ExportUserData']._loaded_options = None
+  _globals['_ADMINSERVICE'].methods_by_name['ExportUserData']._serialized_options = b'\330\363\030\005'
+  _globals['_DELETEUSERDATAREQUEST']._serialized_start=190
+  _globals['_DELETEUSERDATAREQUEST']._serialized_end=247
+  _globals['_DELETEUSERDATARESPONSE']._serialized_start=250
+  _globals['_DELETEUSERDATARESPONSE']._serialized_end=438
+  _globals['_PURGEEVENTSREQUEST']._serialized_start=441
+  _globals['_PURGEEVENTSREQUEST']._serialized_end=659
+  _globals['_PURGEEVENTSRESPONSE']._serialized_start=661
+  _globals['_PURGEEVENTSRESPONSE']._serialized_end=713
+  _globals['_EXPORTUSERDATAREQUEST']._serialized_start=715
+  _globals['_EXPORTUSERDATAREQUEST']._serialized_end=755
+  _globals['_EXPORTUSERDATARESPONSE']._serialized_start=758
+  _globals['_EXPORTUSERDATARESPONSE']._serialized_end=1035
+  _globals['_USERDATAHEADER']._serialized_start=1038
+  _globals['_USERDATAHEADER']._serialized_end=1192
+  _globals['_USERDELETION']._serialized_start=1194
+  _globals['_USERDELETION']._serialized_end=1309
+  _globals['_USERCART']._serialized_start=1311
+  _globals['_USERCART']._serialized_end=1363
+  _globals['_USERWISHLIST']._serialized_start=1365
+  _globals['_USERWISHLIST']._serialized_end=1425
+  _globals['_USERPURCHASES']._serialized_start=1427
+  _globals['_USERPURCHASES']._serialized_end=1488
+  _globals['_USEREVENTS']._serialized_start=1490
+  _globals['_USEREVENTS']._serialized_end=1548
+  _globals['_STOREDEVENT']._serialized_start=1550
+  _globals['_STOREDEVENT']._serialized_end=1651
+  _globals['_ADMINSERVICE']._serialized_start=1654
+  _globals['_ADMINSERVICE']._serialized_end=1976
 # @@protoc_insertion_point(module_scope)

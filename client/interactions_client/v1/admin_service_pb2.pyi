@@ -3,9 +3,13 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from interactions_client.v1 import event_pb2 as _event_pb2
+from interactions_client.v1 import user_state_service_pb2 as _user_state_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -75,3 +79,323 @@ class DeleteUserDataResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteUserDataResponse: _TypeAlias = DeleteUserDataResponse  # noqa: Y015
+
+@_typing.final
+class PurgeEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    CUSTOM_TYPES_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    USER_IDS_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    force: _builtins.bool
+    """Remove them. Without it the call only counts."""
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_event_pb2.EventType.ValueType]:
+        """Events of these types (EVENT_TYPE_CUSTOM: of every custom type)."""
+
+    @_builtins.property
+    def custom_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Events of these custom types (their custom_type). With event_types: of
+        any type of either.
+        """
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Events that occurred at or after start_time."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Events that occurred before end_time."""
+
+    @_builtins.property
+    def user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Events of these users (at most 10,000)."""
+
+    def __init__(
+        self,
+        *,
+        event_types: _abc.Iterable[_event_pb2.EventType.ValueType] | None = ...,
+        custom_types: _abc.Iterable[_builtins.str] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        user_ids: _abc.Iterable[_builtins.str] | None = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["custom_types", b"custom_types", "end_time", b"end_time", "event_types", b"event_types", "force", b"force", "start_time", b"start_time", "user_ids", b"user_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeEventsRequest: _TypeAlias = PurgeEventsRequest  # noqa: Y015
+
+@_typing.final
+class PurgeEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    USERS_FIELD_NUMBER: _builtins.int
+    events: _builtins.int
+    """Events removed (without force: that match now)."""
+    users: _builtins.int
+    """The distinct users of those events."""
+    def __init__(
+        self,
+        *,
+        events: _builtins.int = ...,
+        users: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeEventsResponse: _TypeAlias = PurgeEventsResponse  # noqa: Y015
+
+@_typing.final
+class ExportUserDataRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportUserDataRequest: _TypeAlias = ExportUserDataRequest  # noqa: Y015
+
+@_typing.final
+class ExportUserDataResponse(_message.Message):
+    """One part of the export. The parts come in the order of their field
+    numbers: one header, then cart, wishlist, purchases and events (each
+    possibly in several responses, possibly in none when empty).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CART_FIELD_NUMBER: _builtins.int
+    WISHLIST_FIELD_NUMBER: _builtins.int
+    PURCHASES_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___UserDataHeader: ...
+    @_builtins.property
+    def cart(self) -> Global___UserCart: ...
+    @_builtins.property
+    def wishlist(self) -> Global___UserWishlist: ...
+    @_builtins.property
+    def purchases(self) -> Global___UserPurchases: ...
+    @_builtins.property
+    def events(self) -> Global___UserEvents: ...
+    def __init__(
+        self,
+        *,
+        header: Global___UserDataHeader | None = ...,
+        cart: Global___UserCart | None = ...,
+        wishlist: Global___UserWishlist | None = ...,
+        purchases: Global___UserPurchases | None = ...,
+        events: Global___UserEvents | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cart", b"cart", "events", b"events", "header", b"header", "part", b"part", "purchases", b"purchases", "wishlist", b"wishlist"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cart", b"cart", "events", b"events", "header", b"header", "part", b"part", "purchases", b"purchases", "wishlist", b"wishlist"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "cart", "wishlist", "purchases", "events"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___ExportUserDataResponse: _TypeAlias = ExportUserDataResponse  # noqa: Y015
+
+@_typing.final
+class UserDataHeader(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    ANONYMOUS_IDS_FIELD_NUMBER: _builtins.int
+    EXPORTED_AT_FIELD_NUMBER: _builtins.int
+    DELETION_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The person: the id asked for, or the user it is linked to."""
+    @_builtins.property
+    def anonymous_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The anonymous ids linked to the person (IdentityService)."""
+
+    @_builtins.property
+    def exported_at(self) -> _timestamp_pb2.Timestamp:
+        """The instant of the export's snapshot."""
+
+    @_builtins.property
+    def deletion(self) -> Global___UserDeletion:
+        """The person's data deletion (DeleteUserData), if there was one."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        anonymous_ids: _abc.Iterable[_builtins.str] | None = ...,
+        exported_at: _timestamp_pb2.Timestamp | None = ...,
+        deletion: Global___UserDeletion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deletion", b"deletion", "exported_at", b"exported_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous_ids", b"anonymous_ids", "deletion", b"deletion", "exported_at", b"exported_at", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserDataHeader: _TypeAlias = UserDataHeader  # noqa: Y015
+
+@_typing.final
+class UserDeletion(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_THROUGH_FIELD_NUMBER: _builtins.int
+    DELETED_AT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deleted_through(self) -> _timestamp_pb2.Timestamp:
+        """Events of the user that occurred at or before it are refused."""
+
+    @_builtins.property
+    def deleted_at(self) -> _timestamp_pb2.Timestamp:
+        """When the (last) deletion happened."""
+
+    def __init__(
+        self,
+        *,
+        deleted_through: _timestamp_pb2.Timestamp | None = ...,
+        deleted_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deleted_at", b"deleted_at", "deleted_through", b"deleted_through"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_at", b"deleted_at", "deleted_through", b"deleted_through"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserDeletion: _TypeAlias = UserDeletion  # noqa: Y015
+
+@_typing.final
+class UserCart(_message.Message):
+    """Lines of the cart, by product_id (as GetCart)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[_user_state_service_pb2.CartItem]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[_user_state_service_pb2.CartItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserCart: _TypeAlias = UserCart  # noqa: Y015
+
+@_typing.final
+class UserWishlist(_message.Message):
+    """Items of the wishlist, by added_at (as GetWishlist)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[_user_state_service_pb2.WishlistItem]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[_user_state_service_pb2.WishlistItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserWishlist: _TypeAlias = UserWishlist  # noqa: Y015
+
+@_typing.final
+class UserPurchases(_message.Message):
+    """Purchases, newest first (as ListPurchases)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURCHASES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def purchases(self) -> _containers.RepeatedCompositeFieldContainer[_user_state_service_pb2.Purchase]: ...
+    def __init__(
+        self,
+        *,
+        purchases: _abc.Iterable[_user_state_service_pb2.Purchase] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purchases", b"purchases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserPurchases: _TypeAlias = UserPurchases  # noqa: Y015
+
+@_typing.final
+class UserEvents(_message.Message):
+    """Logged events, oldest first (in (occurred_at, event_id) order)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___StoredEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserEvents: _TypeAlias = UserEvents  # noqa: Y015
+
+@_typing.final
+class StoredEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> _event_pb2.Event:
+        """As logged (ListUserEvents returns the same)."""
+
+    @_builtins.property
+    def received_at(self) -> _timestamp_pb2.Timestamp:
+        """When the server received it."""
+
+    def __init__(
+        self,
+        *,
+        event: _event_pb2.Event | None = ...,
+        received_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "received_at", b"received_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "received_at", b"received_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredEvent: _TypeAlias = StoredEvent  # noqa: Y015

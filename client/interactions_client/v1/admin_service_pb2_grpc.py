@@ -40,6 +40,16 @@ class AdminServiceStub:
                 request_serializer=interactions_dot_v1_dot_admin__service__pb2.DeleteUserDataRequest.SerializeToString,
                 response_deserializer=interactions_dot_v1_dot_admin__service__pb2.DeleteUserDataResponse.FromString,
                 _registered_method=True)
+        self.PurgeEvents = channel.unary_unary(
+                '/interactions.v1.AdminService/PurgeEvents',
+                request_serializer=interactions_dot_v1_dot_admin__service__pb2.PurgeEventsRequest.SerializeToString,
+                response_deserializer=interactions_dot_v1_dot_admin__service__pb2.PurgeEventsResponse.FromString,
+                _registered_method=True)
+        self.ExportUserData = channel.unary_stream(
+                '/interactions.v1.AdminService/ExportUserData',
+                request_serializer=interactions_dot_v1_dot_admin__service__pb2.ExportUserDataRequest.SerializeToString,
+                response_deserializer=interactions_dot_v1_dot_admin__service__pb2.ExportUserDataResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -57,6 +67,35 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PurgeEvents(self, request, context):
+        """Removes the events that match every filter field set (a repeated field:
+        any of its values) from the log, with their dedup keys: from the log,
+        every export, analytics and recommendation read. It never changes the
+        cart, wishlist or purchase history (DeleteUserData does). Without `force`
+        it only counts. A request without any filter field set is
+        INVALID_ARGUMENT. A resend of a purged event is accepted again (and not
+        folded into the state twice), except a deleted user's: the deletion
+        watermark still refuses it. The purge is done in small transactions
+        within the call's deadline: a call that ends early leaves what it
+        removed removed (and recorded in the audit log), and the same call again
+        removes the rest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportUserData(self, request, context):
+        """Everything stored about a person (the right of access), from one
+        snapshot of the database, streamed in bounded memory: first a `header`
+        (the person, their linked ids, the deletion record if any), then their
+        cart, wishlist, purchases and every event they logged, each part in as
+        many responses as it needs (at most 1,000 items, about 1 MiB, each). An
+        id linked to a person exports that person.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -64,6 +103,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DeleteUserData,
                     request_deserializer=interactions_dot_v1_dot_admin__service__pb2.DeleteUserDataRequest.FromString,
                     response_serializer=interactions_dot_v1_dot_admin__service__pb2.DeleteUserDataResponse.SerializeToString,
+            ),
+            'PurgeEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeEvents,
+                    request_deserializer=interactions_dot_v1_dot_admin__service__pb2.PurgeEventsRequest.FromString,
+                    response_serializer=interactions_dot_v1_dot_admin__service__pb2.PurgeEventsResponse.SerializeToString,
+            ),
+            'ExportUserData': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportUserData,
+                    request_deserializer=interactions_dot_v1_dot_admin__service__pb2.ExportUserDataRequest.FromString,
+                    response_serializer=interactions_dot_v1_dot_admin__service__pb2.ExportUserDataResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -94,6 +143,60 @@ class AdminService:
             '/interactions.v1.AdminService/DeleteUserData',
             interactions_dot_v1_dot_admin__service__pb2.DeleteUserDataRequest.SerializeToString,
             interactions_dot_v1_dot_admin__service__pb2.DeleteUserDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/interactions.v1.AdminService/PurgeEvents',
+            interactions_dot_v1_dot_admin__service__pb2.PurgeEventsRequest.SerializeToString,
+            interactions_dot_v1_dot_admin__service__pb2.PurgeEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportUserData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/interactions.v1.AdminService/ExportUserData',
+            interactions_dot_v1_dot_admin__service__pb2.ExportUserDataRequest.SerializeToString,
+            interactions_dot_v1_dot_admin__service__pb2.ExportUserDataResponse.FromString,
             options,
             channel_credentials,
             insecure,

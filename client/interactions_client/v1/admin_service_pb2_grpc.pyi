@@ -40,6 +40,27 @@ class AdminServiceStub:
     `deleted_through` are refused, so a replay cannot bring the data back.
     Idempotent: a second call deletes nothing more and answers zeros.
     """
+    PurgeEvents: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.PurgeEventsRequest, _admin_service_pb2.PurgeEventsResponse]
+    """Removes the events that match every filter field set (a repeated field:
+    any of its values) from the log, with their dedup keys: from the log,
+    every export, analytics and recommendation read. It never changes the
+    cart, wishlist or purchase history (DeleteUserData does). Without `force`
+    it only counts. A request without any filter field set is
+    INVALID_ARGUMENT. A resend of a purged event is accepted again (and not
+    folded into the state twice), except a deleted user's: the deletion
+    watermark still refuses it. The purge is done in small transactions
+    within the call's deadline: a call that ends early leaves what it
+    removed removed (and recorded in the audit log), and the same call again
+    removes the rest.
+    """
+    ExportUserData: _grpc.UnaryStreamMultiCallable[_admin_service_pb2.ExportUserDataRequest, _admin_service_pb2.ExportUserDataResponse]
+    """Everything stored about a person (the right of access), from one
+    snapshot of the database, streamed in bounded memory: first a `header`
+    (the person, their linked ids, the deletion record if any), then their
+    cart, wishlist, purchases and every event they logged, each part in as
+    many responses as it needs (at most 1,000 items, about 1 MiB, each). An
+    id linked to a person exports that person.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -52,6 +73,27 @@ class AdminServiceAsyncStub(AdminServiceStub):
     watermark: later events of that user with occurred_at at or before
     `deleted_through` are refused, so a replay cannot bring the data back.
     Idempotent: a second call deletes nothing more and answers zeros.
+    """
+    PurgeEvents: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.PurgeEventsRequest, _admin_service_pb2.PurgeEventsResponse]  # type: ignore[assignment]
+    """Removes the events that match every filter field set (a repeated field:
+    any of its values) from the log, with their dedup keys: from the log,
+    every export, analytics and recommendation read. It never changes the
+    cart, wishlist or purchase history (DeleteUserData does). Without `force`
+    it only counts. A request without any filter field set is
+    INVALID_ARGUMENT. A resend of a purged event is accepted again (and not
+    folded into the state twice), except a deleted user's: the deletion
+    watermark still refuses it. The purge is done in small transactions
+    within the call's deadline: a call that ends early leaves what it
+    removed removed (and recorded in the audit log), and the same call again
+    removes the rest.
+    """
+    ExportUserData: _aio.UnaryStreamMultiCallable[_admin_service_pb2.ExportUserDataRequest, _admin_service_pb2.ExportUserDataResponse]  # type: ignore[assignment]
+    """Everything stored about a person (the right of access), from one
+    snapshot of the database, streamed in bounded memory: first a `header`
+    (the person, their linked ids, the deletion record if any), then their
+    cart, wishlist, purchases and every event they logged, each part in as
+    many responses as it needs (at most 1,000 items, about 1 MiB, each). An
+    id linked to a person exports that person.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -68,6 +110,39 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         watermark: later events of that user with occurred_at at or before
         `deleted_through` are refused, so a replay cannot bring the data back.
         Idempotent: a second call deletes nothing more and answers zeros.
+        """
+
+    @_abc_1.abstractmethod
+    def PurgeEvents(
+        self,
+        request: _admin_service_pb2.PurgeEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.PurgeEventsResponse, _abc.Awaitable[_admin_service_pb2.PurgeEventsResponse]]:
+        """Removes the events that match every filter field set (a repeated field:
+        any of its values) from the log, with their dedup keys: from the log,
+        every export, analytics and recommendation read. It never changes the
+        cart, wishlist or purchase history (DeleteUserData does). Without `force`
+        it only counts. A request without any filter field set is
+        INVALID_ARGUMENT. A resend of a purged event is accepted again (and not
+        folded into the state twice), except a deleted user's: the deletion
+        watermark still refuses it. The purge is done in small transactions
+        within the call's deadline: a call that ends early leaves what it
+        removed removed (and recorded in the audit log), and the same call again
+        removes the rest.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportUserData(
+        self,
+        request: _admin_service_pb2.ExportUserDataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_service_pb2.ExportUserDataResponse], _abc.AsyncIterator[_admin_service_pb2.ExportUserDataResponse]]:
+        """Everything stored about a person (the right of access), from one
+        snapshot of the database, streamed in bounded memory: first a `header`
+        (the person, their linked ids, the deletion record if any), then their
+        cart, wishlist, purchases and every event they logged, each part in as
+        many responses as it needs (at most 1,000 items, about 1 MiB, each). An
+        id linked to a person exports that person.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

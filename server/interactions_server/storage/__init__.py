@@ -11,6 +11,7 @@ upkeep. Nothing here knows of gRPC; callers pass pools and connections in.
 - `_lifecycle`: removals by the retention policy and purges (bulk, paced,
   audited); `_retention`: the policy's daily run (in `_database`'s Database)
   and the `interactions-server retention` command's;
+- `_user_data`: a person's data for the right of access (ExportUserData);
 - `_keys`: the server's keys (load_keyring); `_audit`: the audit log
   (record_audit, in the transaction of what it records; audit_records);
 - `_identity`: identity links (their locks and facts, the move of an
@@ -114,12 +115,14 @@ from interactions_server.storage._state import (
     lock_state_keys,
     write_state,
 )
+from interactions_server.storage._user_data import USER_DATA_PARTS, UserHeader, user_data_part, user_header
 
 __all__ = [
     "DELETE_USER_DATA",
     "PURGE_EVENTS",
     "RETENTION",
     "STATE_TABLES",
+    "USER_DATA_PARTS",
     "ActiveUsers",
     "AuditRecord",
     "CartRow",
@@ -158,6 +161,7 @@ __all__ = [
     "TrainingRow",
     "TypeActivity",
     "TypeFilter",
+    "UserHeader",
     "Window",
     "WishlistRow",
     "acquire",
@@ -202,7 +206,9 @@ __all__ = [
     "training_rows",
     "transaction",
     "user_activity",
+    "user_data_part",
     "user_events",
+    "user_header",
     "users_deleted_since",
     "write_state",
 ]

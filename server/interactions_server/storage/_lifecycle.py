@@ -213,15 +213,17 @@ class Job:
         record: AuditRecord,
         pace: Pace,
         *,
-        count_users: bool = False,
+        removed: Removed | None = None,
         beat: Callable[[], Awaitable[None]] | None = None,
+        turn: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.pool = pool
         self.record = record
         self.pace = pace
-        self.removed = Removed(users=set() if count_users else None)
+        self.removed = Removed() if removed is None else removed  # with users: a set, to count them
         self.started = time.monotonic()
         self._beat = beat  # called between batches (the schedule's lease)
+        self.turn = turn  # awaited before each row batch (interactive calls first)
 
     async def audit(self, conn: asyncpg.Connection, by_type: Mapping[str, int], partitions: int = 0) -> None:
         """In the transaction of a removal: creates the run's record at its
@@ -419,6 +421,8 @@ async def _remove_slices(
     if previous is not None:
         slices.width = previous.width
     while (window := slices.next()) is not None:
+        if job.turn is not None:
+            await job.turn()
         started = time.monotonic()
         try:
             async with job.pool.acquire() as conn, conn.transaction():
@@ -542,23 +546,27 @@ async def purge_events(
     subject: SubjectHash | None,
     detail: Mapping[str, Any],
     pace: Pace = DEFAULT_PACE,
+    removed: Removed | None = None,
+    turn: Callable[[], Awaitable[None]] | None = None,
 ) -> Removed:
     """Removes the events matching `purge`, batch by batch; `subject`: the
-    user's hash when the purge names one user."""
+    user's hash when the purge names one user. `removed` (given: filled as
+    it goes, also when the call is cancelled half-way); `turn`: awaited
+    before each batch."""
     record = AuditRecord(PURGE_EVENTS, actor, subject, {}, detail)
-    job = Job(pool, record, pace, count_users=True)
+    job = Job(pool, record, pace, removed=removed or Removed(users=set()), turn=turn)
     span = await _log_range(pool)
     if span is not None:
         start = max(span[0], purge.start) if purge.start is not None else span[0]
         end = min(span[1], purge.end) if purge.end is not None else span[1]
         if start < end:
             await _remove_slices(job, start, end, purge.type_filter, purge.users or None)
-    removed = job.finish()
-    if removed.audit_id is not None:
-        assert removed.users is not None
+    done = job.finish()
+    if done.audit_id is not None:
         await pool.execute(
-            "UPDATE audit_log SET counts = counts || jsonb_build_object('users', $2::int8) WHERE id = $1",
-            removed.audit_id,
-            len(removed.users),
+            "UPDATE audit_log SET counts = counts || jsonb_build_object('users', $2::int8),"
+            " detail = detail || '{\"finished\": true}' WHERE id = $1",
+            done.audit_id,
+            len(done.users or ()),
         )
-    return removed
+    return done
