@@ -88,6 +88,30 @@ async def test_the_export_equals_what_the_reads_return(server: App) -> None:
     assert len(stored) == 9 and all(s.received_at.seconds > 0 for s in stored)  # type: ignore[attr-defined]
 
 
+async def test_a_person_with_linked_ids_exports_what_the_reads_return_by_any_of_their_ids(server: App) -> None:
+    """The guest's history (cookie ids) and the user's, one person after the links."""
+    guest = person("cookie-1")[:5]  # a cart, a wishlist, a purchase as a guest
+    other_guest = [ev(T.EVENT_TYPE_ADD_TO_CART, NOW - timedelta(hours=3), user="cookie-2", product_id="p9")]
+    await log(server, [*guest, *other_guest, *person("erin")[5:]])
+    async with InteractionsClient(server.address) as client:
+        await client.link_identity("cookie-1", "erin")
+        await client.link_identity("cookie-2", "erin")
+        await log(server, [ev(T.EVENT_TYPE_VIEW, NOW - timedelta(hours=1), user="cookie-1")])  # after the link
+        identity = await client.get_identity("cookie-2")
+        expected = await reads(client, "erin")
+        for asked in ("erin", "cookie-1", "cookie-2"):
+            responses = await exported(client, asked)
+            header = responses[0].header
+            assert (header.user_id, list(header.anonymous_ids)) == (identity.user_id, identity.anonymous_ids)
+            assert (header.user_id, list(header.anonymous_ids)) == ("erin", ["cookie-1", "cookie-2"])
+            got = parts(responses)
+            assert {k: got[k] for k in ("cart", "wishlist", "purchases")} == {
+                k: expected[k] for k in ("cart", "wishlist", "purchases")
+            }
+            assert [s.event for s in got["events"]] == expected["events"][::-1]  # type: ignore[attr-defined]
+    assert len(expected["events"]) == 5 + 1 + 4 + 1 and [i.product_id for i in expected["cart"]] == ["p1", "p9"]  # type: ignore[attr-defined]
+
+
 async def test_a_deleted_user_exports_the_deletion_record_and_what_came_since(server: App) -> None:
     await log(server, person("carol"))
     async with InteractionsClient(server.address) as client:

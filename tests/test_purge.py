@@ -258,3 +258,14 @@ async def test_the_purge_command_refuses_an_empty_filter(server: App) -> None:
 async def test_an_unknown_type_is_a_usage_error(server: App) -> None:
     run = await client_cli("--target", server.address, "purge", "--type", "pageview")
     assert run.status == 2 and "pageview" in run.stderr
+
+
+async def test_a_linked_id_names_its_person(server: App) -> None:
+    """A linked guest's rows live under the person: purging by either id finds them."""
+    guest = [ev(T.EVENT_TYPE_PAGE_VIEW, JAN, user="cookie-9"), ev(T.EVENT_TYPE_VIEW, JAN, user="cookie-9")]
+    await log(server, [*guest, ev(T.EVENT_TYPE_PAGE_VIEW, FEB, user="frank")])
+    async with InteractionsClient(server.address) as client:
+        await client.link_identity("cookie-9", "frank")
+    assert await purge(server, force=False, user_ids=["cookie-9"], event_types=["page_view"]) == (2, 1)
+    assert await purge(server, force=True, user_ids=["cookie-9", "frank"], event_types=["page_view"]) == (2, 1)
+    assert await logged(server.pool) == {guest[1].event_id}

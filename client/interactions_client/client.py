@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from interactions_client import batches
-from interactions_client.analytics import AnalyticsMethods, EventTypeLike, event_type_numbers, timestamp
+from interactions_client import analytics, batches
+from interactions_client.analytics import AnalyticsMethods, EventTypeLike, event_type_numbers
 from interactions_client.channel import (
     DEFAULT_DEADLINE,
     ChannelOptions,
@@ -79,8 +79,8 @@ def purge_request(
     return PurgeEventsRequest(
         event_types=event_type_numbers(event_types),
         custom_types=list(custom_types),
-        start_time=timestamp(start_time, "start_time"),
-        end_time=timestamp(end_time, "end_time"),
+        start_time=analytics.timestamp(start_time, "start_time"),
+        end_time=analytics.timestamp(end_time, "end_time"),
         user_ids=list(user_ids),
         force=force,
     )

@@ -112,7 +112,9 @@ class PurgeEventsRequest(_message.Message):
 
     @_builtins.property
     def user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Events of these users (at most 10,000)."""
+        """Events of these users (at most 10,000); an anonymous id linked to a
+        user names that user (IdentityService: the guest's events are theirs).
+        """
 
     def __init__(
         self,

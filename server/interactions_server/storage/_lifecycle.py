@@ -497,7 +497,7 @@ class PurgeFilter:
     custom_types: tuple[str, ...]  # custom type names (stored names), part of the type condition
     start: datetime | None  # occurred_at >= start
     end: datetime | None  # occurred_at < end
-    users: tuple[str, ...]
+    users: tuple[str, ...]  # each names its person (a linked anonymous id: the user it belongs to)
 
     @property
     def type_filter(self) -> TypeFilter:
@@ -528,11 +528,22 @@ _FAR_PAST = datetime(1, 1, 2, tzinfo=UTC)
 _FAR_FUTURE = datetime(9999, 12, 30, tzinfo=UTC)
 
 
+# A user id names its person (person_of, migrations/0008_identity.sql): the
+# events of a linked anonymous id are stored under the person.
+_PERSONS = "SELECT coalesce(array_agg(DISTINCT person_of(u) ORDER BY person_of(u)), '{}') FROM unnest($1::text[]) AS u"
+
+
+async def _persons(conn: asyncpg.Connection | asyncpg.Pool, users: Sequence[str]) -> list[str]:
+    persons: list[str] = await conn.fetchval(_PERSONS, list(users))
+    return persons
+
+
 async def count_purge(conn: asyncpg.Connection | asyncpg.Pool, purge: PurgeFilter) -> tuple[int, int]:
     """(events, users) a purge with `purge` would remove now (reads only)."""
     window = (purge.start or _FAR_PAST, purge.end or _FAR_FUTURE)
     if purge.users:
-        row = await conn.fetchrow(_COUNT_SOME_USERS, *window, *purge.type_filter, list(purge.users))
+        persons = await _persons(conn, purge.users)
+        row = await conn.fetchrow(_COUNT_SOME_USERS, *window, *purge.type_filter, persons)
     else:
         row = await conn.fetchrow(_COUNT_ALL_USERS, *window, *purge.type_filter)
     return row[0], row[1]
@@ -560,7 +571,8 @@ async def purge_events(
         start = max(span[0], purge.start) if purge.start is not None else span[0]
         end = min(span[1], purge.end) if purge.end is not None else span[1]
         if start < end:
-            await _remove_slices(job, start, end, purge.type_filter, purge.users or None)
+            persons = await _persons(pool, purge.users) if purge.users else None
+            await _remove_slices(job, start, end, purge.type_filter, persons)
     done = job.finish()
     if done.audit_id is not None:
         await pool.execute(

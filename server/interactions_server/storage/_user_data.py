@@ -28,11 +28,16 @@ class UserHeader(NamedTuple):
     deleted_at: datetime | None
 
 
-# The person of an id, their linked ids, and their deletion record. Identity
-# links (issue 18) are not in this schema yet: an id is its own person.
+# The person an id belongs to (person_of, migrations/0008_identity.sql: the
+# rows of a linked anonymous id live under its person), the anonymous ids
+# linked to them, and their deletion record.
 _HEADER = """
-SELECT $1::text AS person, '{}'::text[], now(), d.deleted_through, d.deleted_at
-FROM (SELECT) AS one LEFT JOIN user_deletions AS d ON d.user_id = $1
+WITH p AS (SELECT person_of($1) AS person)
+SELECT p.person,
+       array(SELECT l.anonymous_id FROM identity_links AS l WHERE l.user_id = p.person
+             ORDER BY l.anonymous_id COLLATE "C"),
+       now(), d.deleted_through, d.deleted_at
+FROM p LEFT JOIN user_deletions AS d ON d.user_id = p.person
 """
 
 _PARTS = {
