@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from bench import analytics, identity, late_events, measures
+from bench import analytics, identity, late_events, measures, retention
 from bench.config import MEASURES, BenchConfig
 from bench.database import EmbeddedDatabase
 from bench.report import Results, render, to_json
@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--link-guests", type=_positive, help=f"(m): guests linked (default {defaults.link_guests:,})")
     parser.add_argument(
+        "--retention-events",
+        type=_positive,
+        help=f"(n): old page_view rows the retention deletes (default {defaults.retention_events:,})",
+    )
+    parser.add_argument(
         "--k2-workers",
         type=_workers_list,
         help="(k2): the server set-ups, as --workers values, each with as many client connections (default 1,2)",
@@ -205,6 +210,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         "late_key_events": args.late_key_events,
         "late_calls": args.late_calls,
         "link_guests": args.link_guests,
+        "retention_events": args.retention_events,
         # The two switches override only when given (None: the config's own value).
         "prevalidate": None if args.prevalidate else False,
         "pg_defaults": True if args.pg_defaults else None,
@@ -276,7 +282,7 @@ async def _measure(bench: measures.Bench, results: Results) -> None:
     await measures.warm_up(bench)
     if "a" in only:
         results.ceiling, results.ceiling_events_only = await measures.ceiling(bench)
-    if "b" in only or "f" in only:  # (f) is measured against (b)
+    if only & {"b", "f", "n"}:  # (f) and (n) are measured against (b)
         results.bulk = await measures.bulk(bench)
     if "c" in only:
         results.rpc_ceiling = await measures.rpc_ceiling(bench)
@@ -291,6 +297,8 @@ async def _measure(bench: measures.Bench, results: Results) -> None:
         results.late = await late_events.run(bench)
     if "m" in only:
         results.link = await identity.link_latency(bench)
+    if "n" in only:
+        results.retention = await retention.run(bench)
     if "e" in only:
         results.memory = await measures.memory(bench)
     if "g" in only:

@@ -20,6 +20,7 @@ MEASURES: dict[str, str] = {
     "k2": "LogEvent at a quarter of its own maximum, alone and beside a full-speed stream; 1 and 2 workers",
     "l": "a late LogEvent on a (user, product) with 200k events: latency and CPU per call",
     "m": "LinkIdentity of a guest with 100 events: latency",
+    "n": "bulk ingest while a per-type retention deletes a month of rows, against (b) alone",
 }
 
 
@@ -52,6 +53,7 @@ class BenchConfig:
     late_key_events: int = 200_000  # (l): events of the key before the late calls
     late_calls: int = 200  # (l): late LogEvent calls, one at a time
     link_guests: int = 500  # (m): guests of 100 events linked, one call each
+    retention_events: int = 200_000  # (n): old page_view rows the retention deletes beside the stream
     prevalidate: bool = True  # the bulk streams' client pre-validates (the shipped default)
     pg_defaults: bool = False  # PostgreSQL's own defaults instead of the embedded server's machine settings
     seed: int = 5
@@ -74,6 +76,7 @@ class BenchConfig:
             late_key_events=5_000,
             late_calls=20,
             link_guests=20,
+            retention_events=10_000,
             repeat=1,
             quick=True,
         )

@@ -167,7 +167,9 @@ async def stream_run(
     lazy: bool = False,
     sample_rss: bool = False,
     profile: str | None = None,
+    beside: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[Throughput, RssSamples | None]:
+    """A bulk run of `events` events; `beside` is awaited the instant before its clock starts."""
     base_time = time.time()
     jobs: list[StreamJob | UnaryJob] = [
         StreamJob(
@@ -194,6 +196,8 @@ async def stream_run(
         sampler = RssSampler(bench.server.pid)
         wal = await database.wal_position(bench.url)
         async with sampler, profiler:
+            if beside is not None:
+                await beside()
             meter.start()
             outcome = await run.go()
             cpu = meter.stop(outcome.cpu_seconds)

@@ -12,6 +12,7 @@ from bench.analytics import AnalyticsResults, QueryLatency
 from bench.identity import LinkLatency
 from bench.late_events import LateEvents
 from bench.measures import BusyLatency, CallLatency, InlineLatency, Latency, Memory, Profile, Throughput
+from bench.retention import RetentionBeside
 
 MB = 1024.0  # kB per MB
 RSS_LIMIT_MB = 250.0
@@ -38,6 +39,7 @@ class Results:
     inline: list[InlineLatency] = field(default_factory=list)  # (k2), one per server set-up
     late: LateEvents | None = None  # (l)
     link: LinkLatency | None = None  # (m)
+    retention: RetentionBeside | None = None  # (n)
     profiles: dict[str, Profile] = field(default_factory=dict)
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -243,6 +245,8 @@ def rows(results: Results) -> list[Row]:
         out.extend(late_rows(late))
     if (link := results.link) is not None:
         out.extend(link_rows(link))
+    if (kept := results.retention) is not None:
+        out.extend(retention_rows(kept, results.bulk))
     for key, why in results.skipped.items():
         out.append(Row(key, f"({key}) skipped", why))
     return out
@@ -428,6 +432,31 @@ def link_rows(link: LinkLatency) -> list[Row]:
     ]
 
 
+def retention_rows(kept: RetentionBeside, alone: Throughput | None) -> list[Row]:
+    void = "; ".join(filter(None, [_void(kept.run), *kept.errors[:3]]))
+    text, ratio = _ratio(kept.run.rate, alone, "(b)")
+    return [
+        Row(
+            "n",
+            "(n) bulk beside a page_view retention",
+            f"{kept.run.rate:,.0f} events/s",
+            text,
+            ">= 0.5 of (b)",
+            _met(ratio, 0.5),
+            void,
+            _noise(alone, kept.run),
+        ),
+        Row(
+            "n",
+            "(n) the retention meanwhile",
+            f"{kept.removed:,} of {kept.old_rows:,} rows in {kept.retention_seconds:.1f} s",
+            f"{kept.overlap_seconds:.1f} s beside the stream",
+            void=void,
+            noise=_noise(kept.run),
+        ),
+    ]
+
+
 def cpu_rows(results: Results) -> list[tuple[str, Throughput]]:
     named: list[tuple[str, Throughput | None]] = [
         ("(a) DB ceiling", results.ceiling),
@@ -443,6 +472,7 @@ def cpu_rows(results: Results) -> list[tuple[str, Throughput]]:
         *((f"(k2) {k.workers}w alone", k.alone.run) for k in results.inline),
         *((f"(k2) {k.workers}w beside", k.stream_beside) for k in results.inline),
         ("(l) late LogEvents", results.late.run if results.late else None),
+        ("(n) bulk beside retention", results.retention.run if results.retention else None),
     ]
     return [(name, r) for name, r in named if r is not None]
 
@@ -584,6 +614,12 @@ def to_json(results: Results) -> dict[str, Any]:
             "run": throughput(results.late.run),
         },
         "m_link_latency": None if results.link is None else asdict(results.link),
+        "n_retention_beside": None
+        if results.retention is None
+        else {
+            **{k: v for k, v in asdict(results.retention).items() if k != "run"},
+            "run": throughput(results.retention.run),
+        },
         "profiles": {name: asdict(p) for name, p in results.profiles.items()},
         "skipped": results.skipped,
     }

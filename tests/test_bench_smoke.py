@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The start of the table row of every measure, (a) to (m) and (k2).
+# The start of the table row of every measure, (a) to (n) and (k2).
 MEASURE_ROWS = (
     "(a) DB ceiling",
     "(b) bulk StreamEvents",
@@ -47,6 +47,8 @@ MEASURE_ROWS = (
     "(l) CPU per late LogEvent",
     "(m) LinkIdentity, guest of 100 events, p50",
     "(m) LinkIdentity, guest of 100 events, p99",
+    "(n) bulk beside a page_view retention",
+    "(n) the retention meanwhile",
     "(k2) 1 worker, 1 conn.: LogEvent",
     "(k2) 1 worker, 1 conn.: the stream beside LogEvent",
     "(k2) 2 workers, 2 conn.: LogEvent",
