@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from bench import analytics, identity, late_events, measures, retention
+from bench import analytics, identity, late_events, measures, retention, subscribe
 from bench.config import MEASURES, BenchConfig
 from bench.database import EmbeddedDatabase
 from bench.report import Results, render, to_json
@@ -299,6 +299,8 @@ async def _measure(bench: measures.Bench, results: Results) -> None:
         results.link = await identity.link_latency(bench)
     if "n" in only:
         results.retention = await retention.run(bench)
+    if "s" in only:  # before (e), (g) and (f): its first part needs no subscriber on the log
+        results.subscription = await subscribe.run(bench)
     if "e" in only:
         results.memory = await measures.memory(bench)
     if "g" in only:

@@ -21,6 +21,7 @@ MEASURES: dict[str, str] = {
     "l": "a late LogEvent on a (user, product) with 200k events: latency and CPU per call",
     "m": "LinkIdentity of a guest with 100 events: latency",
     "n": "bulk ingest while a per-type retention deletes a month of rows, against (b) alone",
+    "s": "the event stream: the xid stamp's cost on (b), (b) with 8 subscribers, delivery latency, slow-consumer RSS",
 }
 
 

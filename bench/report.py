@@ -13,8 +13,11 @@ from bench.identity import LinkLatency
 from bench.late_events import LateEvents
 from bench.measures import BusyLatency, CallLatency, InlineLatency, Latency, Memory, Profile, Throughput
 from bench.retention import RetentionBeside
+from bench.proc_stats import RssSamples
+from bench.subscribe import SUBSCRIBERS, SubscriptionResults
 
 MB = 1024.0  # kB per MB
+SUBSCRIBERS_TEXT = str(SUBSCRIBERS)
 RSS_LIMIT_MB = 250.0
 FLAT_GROWTH = 0.10  # RSS in the last quarter at most 10% above the second quarter
 
@@ -40,6 +43,7 @@ class Results:
     late: LateEvents | None = None  # (l)
     link: LinkLatency | None = None  # (m)
     retention: RetentionBeside | None = None  # (n)
+    subscription: SubscriptionResults | None = None  # (s)
     profiles: dict[str, Profile] = field(default_factory=dict)
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -247,8 +251,89 @@ def rows(results: Results) -> list[Row]:
         out.extend(link_rows(link))
     if (kept := results.retention) is not None:
         out.extend(retention_rows(kept, results.bulk))
+    if (sub := results.subscription) is not None:
+        out.extend(subscription_rows(sub))
     for key, why in results.skipped.items():
         out.append(Row(key, f"({key}) skipped", why))
+    return out
+
+
+def _quarter_growth(rss: RssSamples) -> float:
+    """RSS in the last quarter of the samples against the second."""
+    q2, q4 = rss.quarter_mean_kb(2), rss.quarter_mean_kb(4)
+    return (q4 - q2) / q2 if q2 else 0.0
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else float("nan")
+
+
+def _per_event_us(run: Throughput, cores: float) -> float:
+    return cores * run.cpu.wall_seconds / max(run.count, 1) * 1e6
+
+
+def subscription_rows(sub: SubscriptionResults) -> list[Row]:
+    """(s): the medians of the interleaved runs, with every run's rate (the spread is the noise)."""
+    out: list[Row] = []
+    base = sub.variants.get("no xid column", [])
+    base_rate = _median([r.rate for r in base])
+    for variant, runs in sub.variants.items():
+        rate = _median([r.rate for r in runs])
+        spread = ", ".join(f"{r.rate / 1000:.1f}k" for r in runs)
+        pg = _median([_per_event_us(r, r.cpu.postgres) for r in runs])
+        server = _median([_per_event_us(r, r.cpu.server) for r in runs])
+        wal = _median([r.wal_bytes / max(r.count, 1) for r in runs])
+        out.append(
+            Row(
+                "s",
+                f"(s) (b) {variant}",
+                f"{rate:,.0f} events/s (runs {spread}); PostgreSQL {pg:.1f} µs/ev, server {server:.1f} µs/ev, WAL {wal:,.0f} B/ev",
+                f"{rate / base_rate:.2f} of no xid" if base_rate > 0 else "",
+                void=_void(*runs),
+                noise=_noise(*runs),
+            )
+        )
+    if sub.pairs:
+        ratios = [with_.rate / alone.rate for alone, with_ in sub.pairs if alone.rate > 0]
+        ratio = _median(ratios)
+        value = "; ".join(f"{alone.rate / 1000:.1f}k -> {with_.rate / 1000:.1f}k" for alone, with_ in sub.pairs)
+        out.append(
+            Row(
+                "s",
+                f"(s) (b) with {SUBSCRIBERS_TEXT} subscribers attached, in pairs",
+                value,
+                f"{ratio:.2f} of without (pairs {', '.join(f'{r:.2f}' for r in ratios)})",
+                ">= 0.8 of without",
+                ratio >= 0.8,
+                _void(*(r for pair in sub.pairs for r in pair)),
+                _noise(*(r for pair in sub.pairs for r in pair)),
+            )
+        )
+    for d in sub.delivery:
+        out.append(
+            Row(
+                "s",
+                f"(s) commit -> delivery, {d.subscribers} subscriber(s), ingest at {d.rate:,.0f}/s (half of (b))",
+                f"p50 {_ms(d.p50)}, p99 {_ms(d.p99)}, max {_ms(d.max)} (from send p99 {_ms(d.from_send_p99)}; "
+                f"{d.events:,} events, {d.missing} missing)",
+                target="p99 <= 100 ms (aim 20)",
+                met=d.p99 <= 0.100 and d.missing == 0,
+            )
+        )
+    if (slow := sub.slow) is not None:
+        rss = slow.rss
+        growth = _quarter_growth(rss)
+        out.append(
+            Row(
+                "s",
+                f"(s) server RSS, a consumer at {slow.read_rate:,.0f}/s, ingest {slow.ingest_rate:,.0f}/s, {slow.seconds:.0f} s",
+                f"start {rss.start_kb / MB:.0f} MB, peak {rss.peak_kb / MB:.0f}, end {rss.end_kb / MB:.0f}; "
+                f"last vs second quarter {growth:+.1%}",
+                target=f"flat (<= +{FLAT_GROWTH:.0%})",
+                met=growth <= FLAT_GROWTH,
+            )
+        )
     return out
 
 
@@ -284,8 +369,7 @@ def analytics_rows(results: AnalyticsResults) -> list[Row]:
             )
         )
         rss = training.rss
-        q2, q4 = rss.quarter_mean_kb(2), rss.quarter_mean_kb(4)
-        growth = (q4 - q2) / q2 if q2 else 0.0
+        growth = _quarter_growth(rss)
         out.append(
             Row(
                 "i",
@@ -473,8 +557,19 @@ def cpu_rows(results: Results) -> list[tuple[str, Throughput]]:
         *((f"(k2) {k.workers}w beside", k.stream_beside) for k in results.inline),
         ("(l) late LogEvents", results.late.run if results.late else None),
         ("(n) bulk beside retention", results.retention.run if results.retention else None),
+        *_subscription_cpu(results.subscription),
     ]
     return [(name, r) for name, r in named if r is not None]
+
+
+def _subscription_cpu(sub: SubscriptionResults | None) -> list[tuple[str, Throughput]]:
+    """The first run of each (s) variant and pair in the CPU table."""
+    if sub is None:
+        return []
+    named = [(f"(s) {variant}", runs[0]) for variant, runs in sub.variants.items() if runs]
+    if sub.pairs:
+        named += [("(s) without subscribers", sub.pairs[0][0]), ("(s) with subscribers", sub.pairs[0][1])]
+    return named
 
 
 def _analytics_cpu(results: AnalyticsResults | None) -> list[tuple[str, Throughput]]:
@@ -619,6 +714,14 @@ def to_json(results: Results) -> dict[str, Any]:
         else {
             **{k: v for k, v in asdict(results.retention).items() if k != "run"},
             "run": throughput(results.retention.run),
+        },
+        "s_subscription": None
+        if results.subscription is None
+        else {
+            "variants": {v: [throughput(r) for r in runs] for v, runs in results.subscription.variants.items()},
+            "pairs": [[throughput(a), throughput(b)] for a, b in results.subscription.pairs],
+            "delivery": [asdict(d) for d in results.subscription.delivery],
+            "slow": None if results.subscription.slow is None else asdict(results.subscription.slow),
         },
         "profiles": {name: asdict(p) for name, p in results.profiles.items()},
         "skipped": results.skipped,

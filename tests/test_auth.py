@@ -50,6 +50,7 @@ TOKENS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "analyst": ("analyst-secret", ["analytics:read"], None),
     "linker": ("linker-secret", ["identity:write"], None),
     "operator": ("operator-secret", ["admin"], None),
+    "subscriber": ("subscriber-secret", ["events:subscribe"], None),
     "nobody": ("nobody-secret", [], None),
     "web": ("web-secret", ["events:write"], ["view", "search"]),
 }
@@ -123,7 +124,9 @@ async def call(
     metadata: tuple[tuple[str, str], ...] | None = None,
 ) -> grpc.StatusCode:
     """Calls the method with an empty request (an empty stream for a client
-    stream) and `token`'s metadata (or `metadata`); returns the status code it ends with."""
+    stream) and `token`'s metadata (or `metadata`); returns the status code it
+    ends with (a response stream: OK once its first response came, as a
+    subscription never ends)."""
     request_class = message_factory.GetMessageClass(method.input_type)
     response_class = message_factory.GetMessageClass(method.output_type)
     path = f"/{service.full_name}/{method.name}"
@@ -143,7 +146,8 @@ async def call(
         result = multicallable(request, metadata=metadata, timeout=10)
         if method.server_streaming:
             async for _ in result:
-                pass
+                break
+            result.cancel()
         else:
             await result
     except grpc.aio.AioRpcError as error:
@@ -423,7 +427,14 @@ def test_an_rpc_without_required_scope_fails() -> None:
     health = health_pb2.DESCRIPTOR.services_by_name["Health"]
     with pytest.raises(MissingScopeError, match=r"grpc\.health\.v1\.Health\.Check declares no"):
         required_scopes([health])
-    assert {"events:write", "state:read", "analytics:read", "identity:write", "admin"} == GRANTABLE_SCOPES
+    assert {
+        "events:write",
+        "state:read",
+        "analytics:read",
+        "identity:write",
+        "admin",
+        "events:subscribe",
+    } == GRANTABLE_SCOPES
 
 
 def test_the_hash_helper(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The start of the table row of every measure, (a) to (n) and (k2).
+# The start of the table row of every measure, (a) to (n), (k2) and (s).
 MEASURE_ROWS = (
     "(a) DB ceiling",
     "(b) bulk StreamEvents",
@@ -53,6 +53,14 @@ MEASURE_ROWS = (
     "(k2) 1 worker, 1 conn.: the stream beside LogEvent",
     "(k2) 2 workers, 2 conn.: LogEvent",
     "(k2) 2 workers, 2 conn.: the stream beside LogEvent",
+    "(s) (b) xid + BRIN (0009)",
+    "(s) (b) no xid column",
+    "(s) (b) xid + B-tree",
+    "(s) (b) xid + BRIN + NOTIFY",
+    "(s) (b) with 8 subscribers attached",
+    "(s) commit -> delivery, 1 subscriber(s)",
+    "(s) commit -> delivery, 8 subscriber(s)",
+    "(s) server RSS, a consumer at",
 )
 
 

@@ -55,6 +55,12 @@ MODULE_NAMES = {
     "interactions_client.streamer": ["EventStreamer", "ParallelStreamer", "StreamTotals", "Undelivered"],
     "interactions_client.sync_streamer": ["SyncEventStreamer"],
     "interactions_client.analytics": ["AsyncExport", "SyncExport", "ResumePolicy", "event_type_number", "to_datetime"],
+    "interactions_client.subscription": [
+        "AsyncSubscription",
+        "SyncSubscription",
+        "SubscriptionBatch",
+        "SUBSCRIPTION_POLICY",
+    ],
     "interactions_client.errors": [
         "ConflictError",
         "DeadlineExceededError",
@@ -84,6 +90,7 @@ MODULE_NAMES = {
     "interactions_client.v1.user_state_service_pb2_grpc": ["UserStateServiceStub"],
     "interactions_client.v1.analytics_service_pb2_grpc": ["AnalyticsServiceStub"],
     "interactions_client.v1.admin_service_pb2_grpc": ["AdminServiceStub"],
+    "interactions_client.v1.event_stream_service_pb2_grpc": ["EventStreamServiceStub"],
     "interactions_client.cli": ["build_parser", "main"],
 }
 

@@ -19,6 +19,7 @@ from interactions_client.v1 import (
     admin_service_pb2,
     analytics_service_pb2,
     identity_service_pb2,
+    event_stream_service_pb2,
     interaction_service_pb2,
     user_state_service_pb2,
 )
@@ -46,6 +47,7 @@ SCHEMA_SERVICES: tuple[ServiceDescriptor, ...] = (
     analytics_service_pb2.DESCRIPTOR.services_by_name["AnalyticsService"],
     identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"],
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"],
+    event_stream_service_pb2.DESCRIPTOR.services_by_name["EventStreamService"],
 )
 
 

@@ -183,7 +183,30 @@ def resumable(error: grpc.RpcError) -> bool:
     return bool(code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (error.details() or ""))
 
 
-class _Export(Generic[Row]):
+class Resumable:
+    """A stream that reopens after a resumable failure (exports, subscriptions):
+    `_failed(error)` gives the backoff before reopening, or raises the client
+    error once the policy's attempts in a row without progress are spent."""
+
+    def __init__(self, policy: ResumePolicy) -> None:
+        self._policy = policy
+        self._failures = 0
+        self.resumes = 0
+        """How many times the stream broke and was reopened."""
+
+    def _progressed(self) -> None:
+        self._failures = 0
+
+    def _failed(self, error: grpc.RpcError) -> float:
+        """The backoff before reopening; raises the client error when the stream cannot go on."""
+        if not resumable(error) or self._failures >= self._policy.attempts:
+            raise from_rpc_error(error) from error
+        self._failures += 1
+        self.resumes += 1
+        return self._policy.backoff(self._failures)
+
+
+class _Export(Resumable, Generic[Row]):
     """The bookkeeping of one export, shared by the async and sync iterators.
 
     The stream is read only when the consumer asks for more, so when it breaks
@@ -192,13 +215,10 @@ class _Export(Generic[Row]):
     """
 
     def __init__(self, open_stream: Callable[[Any], Any], request: Any, rows_field: str, policy: ResumePolicy) -> None:
+        super().__init__(policy)
         self._open = open_stream
         self._request = request
         self._rows_field = rows_field
-        self._policy = policy
-        self._failures = 0
-        self.resumes = 0
-        """How many times the stream broke and was reopened."""
         self.rows = 0
         """Rows received so far."""
         self.as_of: datetime | None = None
@@ -213,7 +233,7 @@ class _Export(Generic[Row]):
         return cast(str, self._request.resume_token)
 
     def _received(self, response: Any) -> Sequence[Row]:
-        self._failures = 0
+        self._progressed()
         if self.as_of is None and "as_of" in response.DESCRIPTOR.fields_by_name and response.HasField("as_of"):
             self.as_of = to_datetime(response.as_of)
         rows: Sequence[Row] = getattr(response, self._rows_field)
@@ -224,14 +244,6 @@ class _Export(Generic[Row]):
         """Every row of `response` was handed out: a reopened stream starts after them."""
         if response.resume_token:
             self._request.resume_token = response.resume_token
-
-    def _failed(self, error: grpc.RpcError) -> float:
-        """The backoff before reopening; raises the client error when the export cannot go on."""
-        if not resumable(error) or self._failures >= self._policy.attempts:
-            raise from_rpc_error(error) from error
-        self._failures += 1
-        self.resumes += 1
-        return self._policy.backoff(self._failures)
 
 
 class AsyncExport(_Export[Row]):

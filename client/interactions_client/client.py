@@ -12,7 +12,7 @@ import grpc
 import grpc.aio
 
 from interactions_client import analytics, batches
-from interactions_client.analytics import AnalyticsMethods, EventTypeLike, event_type_numbers
+from interactions_client.analytics import AnalyticsMethods, EventTypeLike, ResumePolicy, event_type_numbers
 from interactions_client.channel import (
     DEFAULT_DEADLINE,
     ChannelOptions,
@@ -34,6 +34,7 @@ from interactions_client.rpc_protos import (
     serialize_health_check_request,
 )
 from interactions_client.streamer import OWN_CONNECTION_OPTION, EventStreamer, ParallelStreamer, RejectionCallback
+from interactions_client.subscription import SUBSCRIPTION_POLICY, AsyncSubscription, subscribe_request
 from interactions_client.v1.admin_service_pb2 import (
     DeleteUserDataRequest,
     DeleteUserDataResponse,
@@ -47,6 +48,7 @@ from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceSt
 from interactions_client.v1.event_pb2 import Event
 from interactions_client.v1.identity_service_pb2 import GetIdentityRequest, LinkIdentityRequest
 from interactions_client.v1.identity_service_pb2_grpc import IdentityServiceStub
+from interactions_client.v1.event_stream_service_pb2_grpc import EventStreamServiceStub
 from interactions_client.v1.interaction_service_pb2 import LogEventRequest
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
 from interactions_client.v1.user_state_service_pb2 import (
@@ -143,6 +145,7 @@ class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], Analytics
         self._admin = with_metadata(AdminServiceStub(self._channel), metadata)
         self._identity = with_metadata(IdentityServiceStub(self._channel), metadata)
         self._analytics = with_metadata(AnalyticsServiceStub(self._channel), metadata)
+        self._events = with_metadata(EventStreamServiceStub(self._channel), metadata)
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
             request_serializer=serialize_health_check_request,
@@ -373,6 +376,24 @@ class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], Analytics
             raise from_rpc_error(error) from error
         finally:
             call.cancel()
+
+    def subscribe(
+        self,
+        *,
+        event_types: Iterable[EventTypeLike] = (),
+        start: str = "now",
+        cursor: str = "",
+        partition: tuple[int, int] | None = None,
+        policy: ResumePolicy = SUBSCRIPTION_POLICY,
+    ) -> AsyncSubscription:
+        """Every event committed from `start` ("now" or "earliest": the oldest still in
+        the log) or after `cursor` (from a batch of an earlier subscription; wins over
+        `start`), as batches (docs/subscribe.md): `async for batch in client.subscribe():`.
+        `event_types`: only these (stored names or EventType numbers; "custom" for every
+        custom type); `partition`: (index, count), only the users whose stable hash falls
+        in that partition. Resumes by itself after UNAVAILABLE; store `batch.cursor`."""
+        request = subscribe_request(event_types, start, cursor, partition)
+        return AsyncSubscription(self._events.SubscribeEvents, request, policy)
 
     async def health(self, service: str = "", *, deadline: float | None = None) -> bool:
         """grpc.health.v1 Check: True when the service reports SERVING.

@@ -126,6 +126,7 @@ _BY_CODE: dict[grpc.StatusCode, type[InteractionsError]] = {
     grpc.StatusCode.ABORTED: ConflictError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
     grpc.StatusCode.ALREADY_EXISTS: EventIdReusedError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
 }
 
 

@@ -9,7 +9,7 @@ from types import TracebackType
 import grpc
 
 from interactions_client import batches
-from interactions_client.analytics import EventTypeLike, SyncAnalyticsMethods
+from interactions_client.analytics import EventTypeLike, ResumePolicy, SyncAnalyticsMethods
 from interactions_client.channel import (
     DEFAULT_DEADLINE,
     ChannelOptions,
@@ -30,6 +30,7 @@ from interactions_client.rpc_protos import (
     serialize_health_check_request,
 )
 from interactions_client.streamer import RejectionCallback
+from interactions_client.subscription import SUBSCRIPTION_POLICY, SyncSubscription, subscribe_request
 from interactions_client.sync_streamer import SyncEventStreamer
 from interactions_client.v1.admin_service_pb2 import (
     DeleteUserDataRequest,
@@ -43,6 +44,7 @@ from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceSt
 from interactions_client.v1.event_pb2 import Event
 from interactions_client.v1.identity_service_pb2 import GetIdentityRequest, LinkIdentityRequest
 from interactions_client.v1.identity_service_pb2_grpc import IdentityServiceStub
+from interactions_client.v1.event_stream_service_pb2_grpc import EventStreamServiceStub
 from interactions_client.v1.interaction_service_pb2 import LogEventRequest
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
 from interactions_client.v1.user_state_service_pb2 import (
@@ -87,6 +89,7 @@ class SyncInteractionsClient(EventMethods[LogResult], SyncAnalyticsMethods):
         self._admin = with_metadata(AdminServiceStub(self._channel), self._metadata)
         self._identity = with_metadata(IdentityServiceStub(self._channel), self._metadata)
         self._analytics = with_metadata(AnalyticsServiceStub(self._channel), self._metadata)
+        self._events = with_metadata(EventStreamServiceStub(self._channel), self._metadata)
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
             request_serializer=serialize_health_check_request,
@@ -261,6 +264,19 @@ class SyncInteractionsClient(EventMethods[LogResult], SyncAnalyticsMethods):
             raise from_rpc_error(error) from error
         finally:
             call.cancel()
+
+    def subscribe(
+        self,
+        *,
+        event_types: Iterable[EventTypeLike] = (),
+        start: str = "now",
+        cursor: str = "",
+        partition: tuple[int, int] | None = None,
+        policy: ResumePolicy = SUBSCRIPTION_POLICY,
+    ) -> SyncSubscription:
+        """As InteractionsClient.subscribe: `for batch in client.subscribe():`."""
+        request = subscribe_request(event_types, start, cursor, partition)
+        return SyncSubscription(self._events.SubscribeEvents, request, policy)
 
     def health(self, service: str = "", *, deadline: float | None = None) -> bool:
         """As InteractionsClient.health."""

@@ -29,6 +29,8 @@ DEFAULT_MAX_OPEN_STREAMS_PER_CLIENT = 100  # per authenticated client (--auth-to
 DEFAULT_STREAM_IDLE_TIMEOUT = 120.0  # seconds without a request, nothing in flight
 DEFAULT_INTERACTIVE_LATENCY_TARGET = 0.005  # seconds (precedence.py); 0: bulk never gives way
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+DEFAULT_SUBSCRIPTION_POLL_INTERVAL = 0.01  # seconds between the feed reader's polls (docs/subscribe.md)
+DEFAULT_SUBSCRIPTION_RING_BYTES = 32 * 1024 * 1024
 
 
 MAX_RETENTION_DAYS = 36_600  # 100 years: beyond it a cutoff would leave the calendar
@@ -119,6 +121,12 @@ class ServerConfig:
     pool_min_size: int = 2
     pool_max_size: int = 10
     analytics_pool_max_size: int = 3  # exports and window queries: never the connections ingest needs
+    # Subscriptions (EventStreamService): the reader's poll interval, the
+    # bytes its ring of recent reads may hold, and the pool of the
+    # subscriptions that read behind the ring (besides the reader's own connection).
+    subscription_poll_interval: float = DEFAULT_SUBSCRIPTION_POLL_INTERVAL
+    subscription_ring_bytes: int = DEFAULT_SUBSCRIPTION_RING_BYTES
+    subscription_pool_max_size: int = 2
     batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT  # per stream
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES  # request bytes held by all calls at once
     max_concurrent_rpcs: int | None = DEFAULT_MAX_CONCURRENT_RPCS  # unary calls; the excess gets RESOURCE_EXHAUSTED

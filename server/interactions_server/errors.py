@@ -7,9 +7,10 @@ the mapping lives): InvalidArgument → INVALID_ARGUMENT with field
 violations, FailedPrecondition → FAILED_PRECONDITION with field violations,
 Unavailable → UNAVAILABLE, NotFound → NOT_FOUND, AlreadyExists →
 ALREADY_EXISTS, ResourceExhausted → RESOURCE_EXHAUSTED, DeadlineExceeded →
-DEADLINE_EXCEEDED; `is_database_unavailable` → UNAVAILABLE (a read-only
-database, `is_database_read_only`, with a message of its own), `is_conflict`
-→ ABORTED; anything else → INTERNAL.
+DEADLINE_EXCEEDED;
+`is_database_unavailable` → UNAVAILABLE (a read-only database,
+`is_database_read_only`, with a message of its own), `is_conflict` → ABORTED;
+anything else → INTERNAL.
 """
 
 from __future__ import annotations
@@ -76,13 +77,25 @@ class InvalidArgument(Exception):
 
 
 class FailedPrecondition(Exception):
-    """The request is well-formed but the stored state refuses it (e.g. an
-    identity link that would contradict an earlier one); reported as
-    FAILED_PRECONDITION, with the fields it names as BadRequest details."""
+    """The request is well-formed but the stored state refuses it; reported as
+    FAILED_PRECONDITION. Either with the fields it names as BadRequest details
+    (e.g. an identity link that would contradict an earlier one), or, given
+    `kind`, with a google.rpc.PreconditionFailure: `kind` the violation's type
+    (e.g. "RETENTION"), `subject` the field or thing it is about (e.g. a
+    subscription cursor older than retention)."""
 
-    def __init__(self, violations: Iterable[FieldViolation], message: str = "failed precondition") -> None:
+    def __init__(
+        self,
+        violations: Iterable[FieldViolation] = (),
+        message: str = "failed precondition",
+        *,
+        kind: str = "",
+        subject: str = "",
+    ) -> None:
         self.violations = list(violations)
         self.message = message
+        self.kind = kind
+        self.subject = subject
         super().__init__(summarize(message, self.violations))
 
 

@@ -121,6 +121,12 @@ class _Metrics:
         self.streams_open = Gauge(
             "interactions_streams_open", "StreamEvents calls open.", registry=r, multiprocess_mode="livesum"
         )
+        self.subscriptions_open = Gauge(
+            "interactions_subscriptions_open",
+            "SubscribeEvents calls open.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.group_commit_queue = Gauge(
             "interactions_group_commit_queue",
             "LogEvent events waiting for a group-commit write.",
@@ -343,6 +349,14 @@ def stream_opened() -> None:
 
 def stream_closed() -> None:
     instruments().streams_open.dec()
+
+
+def subscription_opened() -> None:
+    instruments().subscriptions_open.inc()
+
+
+def subscription_closed() -> None:
+    instruments().subscriptions_open.dec()
 
 
 def group_commit_queued(delta: int) -> None:

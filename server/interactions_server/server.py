@@ -30,11 +30,12 @@ from interactions_client import access
 from interactions_client.v1 import (
     admin_service_pb2,
     analytics_service_pb2,
+    event_stream_service_pb2,
     identity_service_pb2,
     interaction_service_pb2,
     user_state_service_pb2,
 )
-from interactions_server import logs, metrics, rpc, storage
+from interactions_server import feed, logs, metrics, rpc, storage
 from interactions_server.auth import TokensFileError
 from interactions_server.config import ServerConfig, check_port_free
 from interactions_server.errors import StartupError
@@ -44,9 +45,11 @@ from interactions_server.precedence import Precedence
 from interactions_server.services import (
     AdminService,
     AnalyticsService,
+    EventStreamService,
     IdentityService,
     InteractionService,
     UserStateService,
+    encode_stream_event,
 )
 from interactions_server.services.interactions import is_interactive_batch
 
@@ -67,6 +70,7 @@ class Parts:
     budget: rpc.ByteBudget  # request bytes held by all calls at once
     keyring: Keyring  # seals the tokens handed to callers; hashes the ids of the audit log
     precedence: Precedence  # interactive before bulk
+    feed: feed.EventFeed  # the subscriptions' reader
 
 
 # Group commit's write slots and two reads: the pool's connections that bulk
@@ -123,7 +127,13 @@ SERVICES: tuple[Service, ...] = (
             analytics_pool=parts.analytics_pool,
             precedence=parts.precedence,
             pace=storage.Pace(rows=parts.config.removal_batch_rows),
+            on_deleted=parts.feed.note_deletion,
         ),
+    ),
+    Service(
+        event_stream_service_pb2.DESCRIPTOR.services_by_name["EventStreamService"],
+        lambda parts: EventStreamService(parts.feed, parts.keyring),
+        reads_only=True,
     ),
 )
 SERVICE_DESCRIPTORS: tuple[ServiceDescriptor, ...] = tuple(s.descriptor for s in SERVICES)
@@ -159,6 +169,8 @@ class Server:
         self.port = 0
         self._pool: asyncpg.Pool | None = None
         self._analytics_pool: asyncpg.Pool | None = None
+        self._subscription_pool: asyncpg.Pool | None = None
+        self._feed: feed.EventFeed | None = None
         self._auth: rpc.TokenAuth | None = None
         self._health: rpc.DatabaseHealth | None = None
         self._committer: GroupCommitter | None = None
@@ -219,7 +231,14 @@ class Server:
             max_size=config.analytics_pool_max_size,
             statement_cache_size=config.statement_cache_size,
         )
-        pools = (self._pool, self._analytics_pool)
+        # min_size 0: no connection until a subscription reads behind the ring.
+        self._subscription_pool = await storage.open_pool(
+            self.dsn,
+            min_size=0,
+            max_size=config.subscription_pool_max_size,
+            statement_cache_size=config.statement_cache_size,
+        )
+        pools = (self._pool, self._analytics_pool, self._subscription_pool)
         self._health = rpc.DatabaseHealth(
             self.dsn,
             SERVICE_NAMES,
@@ -230,6 +249,15 @@ class Server:
             statement_cache_size=config.statement_cache_size,
         )
         precedence = Precedence(config.interactive_latency_target)
+        self._feed = feed.EventFeed(
+            self.dsn,
+            self._subscription_pool,
+            encode_stream_event,
+            poll_interval=config.subscription_poll_interval,
+            ring_bytes=config.subscription_ring_bytes,
+            statement_cache_size=config.statement_cache_size,
+            precedence=precedence,
+        )
         ingestor = Ingestor(
             self._pool,
             bulk_connections=max(1, config.pool_max_size - INTERACTIVE_CONNECTIONS),
@@ -246,6 +274,7 @@ class Server:
             rpc.ByteBudget(config.max_inflight_bytes),
             await storage.load_keyring(self._pool),
             precedence,
+            self._feed,
         )
 
         server = rpc.grpc_server(config, self._auth, precedence, INTERACTIVE)
@@ -281,7 +310,10 @@ class Server:
             await self._server.stop(grace)
         if self._committer is not None:
             await self._committer.close()
-        for pool in (self._pool, self._analytics_pool):
+        if self._feed is not None:
+            self._feed.close()
+            await self._feed.wait_closed()
+        for pool in (self._pool, self._analytics_pool, self._subscription_pool):
             if pool is not None:
                 await storage.close_pool(pool)
         await self._summary.stop()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinteractions/v1/access.proto\x12\x0finteractions.v1\x1a google/protobuf/descriptor.proto*\x81\x02\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x19\n\x0fSCOPE_ANY_TOKEN\x10\x01\x1a\x04\xd2\xf3\x18\x00\x12(\n\x12SCOPE_EVENTS_WRITE\x10\x02\x1a\x10\xd2\xf3\x18\x0c\x65vents:write\x12$\n\x10SCOPE_STATE_READ\x10\x03\x1a\x0e\xd2\xf3\x18\nstate:read\x12,\n\x14SCOPE_ANALYTICS_READ\x10\x04\x1a\x12\xd2\xf3\x18\x0e\x61nalytics:read\x12\x1a\n\x0bSCOPE_ADMIN\x10\x05\x1a\t\xd2\xf3\x18\x05\x61\x64min\x12,\n\x14SCOPE_IDENTITY_WRITE\x10\x06\x1a\x12\xd2\xf3\x18\x0eidentity:write:7\n\nscope_name\x12!.google.protobuf.EnumValueOptions\x18\xba\x8e\x03 \x01(\t:P\n\x0erequired_scope\x12\x1e.google.protobuf.MethodOptions\x18\xbb\x8e\x03 \x01(\x0e\x32\x16.interactions.v1.Scopeb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinteractions/v1/access.proto\x12\x0finteractions.v1\x1a google/protobuf/descriptor.proto*\xb3\x02\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x19\n\x0fSCOPE_ANY_TOKEN\x10\x01\x1a\x04\xd2\xf3\x18\x00\x12(\n\x12SCOPE_EVENTS_WRITE\x10\x02\x1a\x10\xd2\xf3\x18\x0c\x65vents:write\x12$\n\x10SCOPE_STATE_READ\x10\x03\x1a\x0e\xd2\xf3\x18\nstate:read\x12,\n\x14SCOPE_ANALYTICS_READ\x10\x04\x1a\x12\xd2\xf3\x18\x0e\x61nalytics:read\x12\x1a\n\x0bSCOPE_ADMIN\x10\x05\x1a\t\xd2\xf3\x18\x05\x61\x64min\x12,\n\x14SCOPE_IDENTITY_WRITE\x10\x06\x1a\x12\xd2\xf3\x18\x0eidentity:write\x12\x30\n\x16SCOPE_EVENTS_SUBSCRIBE\x10\x07\x1a\x14\xd2\xf3\x18\x10\x65vents:subscribe:7\n\nscope_name\x12!.google.protobuf.EnumValueOptions\x18\xba\x8e\x03 \x01(\t:P\n\x0erequired_scope\x12\x1e.google.protobuf.MethodOptions\x18\xbb\x8e\x03 \x01(\x0e\x32\x16.interactions.v1.Scopeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,6 +44,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOPE'].values_by_name["SCOPE_ADMIN"]._serialized_options = b'\322\363\030\005admin'
   _globals['_SCOPE'].values_by_name["SCOPE_IDENTITY_WRITE"]._loaded_options = None
   _globals['_SCOPE'].values_by_name["SCOPE_IDENTITY_WRITE"]._serialized_options = b'\322\363\030\016identity:write'
+  _globals['_SCOPE'].values_by_name["SCOPE_EVENTS_SUBSCRIBE"]._loaded_options = None
+  _globals['_SCOPE'].values_by_name["SCOPE_EVENTS_SUBSCRIBE"]._serialized_options = b'\322\363\030\020events:subscribe'
   _globals['_SCOPE']._serialized_start=84
-  _globals['_SCOPE']._serialized_end=341
+  _globals['_SCOPE']._serialized_end=391
 # @@protoc_insertion_point(module_scope)

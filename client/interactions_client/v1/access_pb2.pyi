@@ -39,6 +39,8 @@ class _ScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Scope.ValueType
     """Link an anonymous id to a user (IdentityService.LinkIdentity). A token
     that may log login events can also link through their LoginDetails.
     """
+    SCOPE_EVENTS_SUBSCRIBE: _Scope.ValueType  # 7
+    """Subscribe to the stream of logged events (EventStreamService)."""
 
 class Scope(_Scope, metaclass=_ScopeEnumTypeWrapper):
     """What a bearer token must hold to call an RPC, when the server checks
@@ -62,6 +64,8 @@ SCOPE_IDENTITY_WRITE: Scope.ValueType  # 6
 """Link an anonymous id to a user (IdentityService.LinkIdentity). A token
 that may log login events can also link through their LoginDetails.
 """
+SCOPE_EVENTS_SUBSCRIBE: Scope.ValueType  # 7
+"""Subscribe to the stream of logged events (EventStreamService)."""
 Global___Scope: _TypeAlias = Scope  # noqa: Y015
 
 SCOPE_NAME_FIELD_NUMBER: _builtins.int

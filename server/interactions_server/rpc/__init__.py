@@ -9,7 +9,7 @@ from interactions_server.rpc._auth import TokenAuth
 from interactions_server.rpc._budget import EXPECTATION_SECONDS, ByteBudget, footprint
 from interactions_server.rpc._concurrency import ConcurrencyLimit, CoreCalls
 from interactions_server.rpc._grpc_server import KEEPALIVE_OPTIONS, SERVER_OPTIONS, grpc_server, listen
-from interactions_server.rpc._handlers import register
+from interactions_server.rpc._handlers import register, write_unless_gone, yields_encoded
 from interactions_server.rpc._health import DatabaseHealth
 from interactions_server.rpc._message_size import MAX_MESSAGE_BYTES
 from interactions_server.rpc._metrics import MetricsInterceptor
@@ -34,4 +34,6 @@ __all__ = [
     "grpc_server",
     "listen",
     "register",
+    "write_unless_gone",
+    "yields_encoded",
 ]

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
+from grpc._cython.cygrpc import ExecuteBatchError
 
 Shape = tuple[bool, bool]  # (request streaming, response streaming)
 # What an interceptor's intercept_service is given to find the next handler.
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+_B = TypeVar("_B", bound=Callable[..., Any])
 
 _FACTORIES: dict[Shape, Callable[..., grpc.RpcMethodHandler]] = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -96,17 +98,47 @@ def refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str)
     )
 
 
+async def write_unless_gone(context: grpc.aio.ServicerContext, response: Any) -> bool:
+    """Writes a response of a streaming call; False when the peer has gone
+    (it cancelled, or its connection broke, while the write waited for flow
+    control: gRPC fails the write). A yielded response that fails so is logged
+    by gRPC as an error with a traceback; a written one is the caller's to end."""
+    try:
+        await context.write(response)
+    except ExecuteBatchError:
+        return False
+    return True
+
+
+_ENCODED = "_yields_encoded_responses"
+
+
+def yields_encoded(behavior: _B) -> _B:
+    """Marks a behavior whose responses are the bytes of their message,
+    encoded already (a response assembled from parts encoded once for many
+    calls, like a subscription's events): gRPC sends them as they are."""
+    setattr(behavior, _ENCODED, True)
+    return behavior
+
+
+def _as_is(response: bytes) -> bytes:
+    return response
+
+
 def register(server: grpc.aio.Server, service: ServiceDescriptor, behaviors: Mapping[str, Callable[..., Any]]) -> None:
     """Registers the behaviors of `service`'s methods by name, like the
     generated add_*_to_server, except that a request that does not parse
     reaches its behavior as a MalformedRequest (and so INVALID_ARGUMENT)
-    instead of failing inside gRPC as UNKNOWN. A method left out of
-    `behaviors` is UNIMPLEMENTED."""
+    instead of failing inside gRPC as UNKNOWN, and that a behavior marked
+    `yields_encoded` sends bytes. A method left out of `behaviors` is
+    UNIMPLEMENTED."""
     handlers = {
         method.name: _FACTORIES[(method.client_streaming, method.server_streaming)](
             behaviors[method.name],
             request_deserializer=lenient_parser(message_factory.GetMessageClass(method.input_type)),
-            response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
+            response_serializer=_as_is
+            if getattr(behaviors[method.name], _ENCODED, False)
+            else message_factory.GetMessageClass(method.output_type).SerializeToString,
         )
         for method in service.methods
         if method.name in behaviors

@@ -10,6 +10,8 @@ StatusInterceptor applies `abort_for` around every handler:
 - `FailedPrecondition(violations)` → FAILED_PRECONDITION, the fields it
   names as `google.rpc.BadRequest` field violations too (read like those of
   INVALID_ARGUMENT), e.g. an identity link contradicting an earlier one;
+  `FailedPrecondition(message=..., kind, subject)` → FAILED_PRECONDITION with
+  a `google.rpc.PreconditionFailure` (e.g. a cursor older than retention);
 - `Unavailable(message)` → UNAVAILABLE (e.g. the server is shutting down);
 - `NotFound(message)` → NOT_FOUND;
 - `AlreadyExists(message)` → ALREADY_EXISTS (an event id reused for other content);
@@ -94,10 +96,25 @@ def bad_request_status(
     return rpc_status.to_status(status)
 
 
+def precondition_status(exc: FailedPrecondition) -> grpc.Status:
+    """FAILED_PRECONDITION carrying a google.rpc.PreconditionFailure."""
+    failure = error_details_pb2.PreconditionFailure(
+        violations=[
+            error_details_pb2.PreconditionFailure.Violation(type=exc.kind, subject=exc.subject, description=str(exc))
+        ]
+    )
+    detail = any_pb2.Any()
+    detail.Pack(failure)
+    status = status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=str(exc), details=[detail])
+    return rpc_status.to_status(status)
+
+
 async def abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> NoReturn:
     """Ends the RPC with the status `exc` maps to."""
     if isinstance(exc, InvalidArgument):
         await context.abort_with_status(bad_request_status(exc.violations, exc.message))
+    if isinstance(exc, FailedPrecondition) and exc.kind:
+        await context.abort_with_status(precondition_status(exc))
     if isinstance(exc, FailedPrecondition):
         await context.abort_with_status(
             bad_request_status(exc.violations, exc.message, code=code_pb2.FAILED_PRECONDITION)

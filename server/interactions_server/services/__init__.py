@@ -3,10 +3,20 @@ requests to the write path (ingest), the statements (storage) and back to
 responses; their private helpers beside them. Servicers raise the exceptions
 of interactions_server.errors, never set a status themselves, and hold no SQL."""
 
+from interactions_server.services._event_stream_protos import encode_event as encode_stream_event
 from interactions_server.services.admin import AdminService
 from interactions_server.services.analytics import AnalyticsService
+from interactions_server.services.event_stream import EventStreamService
 from interactions_server.services.identity import IdentityService
 from interactions_server.services.interactions import InteractionService
 from interactions_server.services.user_state import UserStateService
 
-__all__ = ["AdminService", "AnalyticsService", "IdentityService", "InteractionService", "UserStateService"]
+__all__ = [
+    "AdminService",
+    "AnalyticsService",
+    "EventStreamService",
+    "IdentityService",
+    "InteractionService",
+    "UserStateService",
+    "encode_stream_event",
+]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,12 +53,16 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         analytics_pool: asyncpg.Pool | None = None,
         precedence: Precedence | None = None,
         pace: storage.Pace | None = None,
+        on_deleted: Callable[[str, int], None] | None = None,
     ) -> None:
         self._pool = pool
         self._analytics_pool = analytics_pool or pool  # counts and exports: long reads
         self._keyring = keyring  # the audit log's keyed hash of the user id
         self._precedence = precedence or Precedence(0)
         self._pace = pace or storage.Pace()
+        # Told (user_id, the deleting transaction's id) once a deletion has
+        # committed: the subscriptions of this process drop the user's events at once.
+        self._on_deleted = on_deleted
 
     async def DeleteUserData(self, request: pb.DeleteUserDataRequest, context: Any) -> pb.DeleteUserDataResponse:
         user_id = check_id(request.user_id, "user_id")
@@ -70,6 +74,8 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             counts = await storage.delete_user_data(
                 self._pool, user_id, actor=actor, subject=self._keyring.subject_hash(user_id)
             )
+            if self._on_deleted is not None:
+                self._on_deleted(user_id, counts.xid)
             # The audit trail is the audit_log record, committed with the
             # deletion; the log names the record, never the user.
             _log.info(

@@ -20,14 +20,13 @@ import contextlib
 import functools
 import itertools
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import asyncpg
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from interactions_client.rules import CUSTOM, RULES, STANDARD
 from interactions_client.v1 import analytics_service_pb2 as pb
 from interactions_client.v1 import analytics_service_pb2_grpc
 from interactions_client.v1.event_pb2 import FieldViolation
@@ -37,6 +36,7 @@ from interactions_server.keyring import Keyring
 from interactions_server.services import _analytics_protos as protos
 from interactions_server.services import _analytics_tokens as tokens
 from interactions_server.services._deleted_users import DeletedSince
+from interactions_server.services._event_types import type_filter
 from interactions_server.services._ids import check_id
 from interactions_server.services.user_state import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
@@ -51,7 +51,6 @@ BYTES_PER_RESPONSE = 1 << 20  # about: an export response is sent before it grow
 
 # Timestamp's valid range (0001-01-01 to 9999-12-31), in seconds.
 _MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
-_STANDARD_NAMES = sorted(STANDARD)
 _DAY_US = 86_400_000_000
 
 
@@ -117,7 +116,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         self, request: pb.ExportEventsRequest, context: Any
     ) -> AsyncGenerator[pb.ExportEventsResponse, None]:
         window = _window(request)
-        types = _type_filter(request.event_types)
+        types = type_filter(request.event_types)
         after = (
             tokens.decode_position(self._keyring, request.resume_token, "resume_token", tokens.EVENTS)
             if request.resume_token
@@ -228,7 +227,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
     async def ListUserEvents(self, request: pb.ListUserEventsRequest, context: Any) -> pb.ListUserEventsResponse:
         user_id = check_id(request.user_id, "user_id")
         window = _window(request)
-        types = _type_filter(request.event_types)
+        types = type_filter(request.event_types)
         page_size = _bounded(request.page_size, "page_size", DEFAULT_PAGE_SIZE)
         before = (
             tokens.decode_position(self._keyring, request.page_token, "page_token", tokens.USER_EVENTS)
@@ -278,17 +277,3 @@ def _bounded(value: int, field: str, default: int) -> int:
     if not 0 <= value <= MAX_PAGE_SIZE:
         raise _invalid(field, f"must be from 0 (the default, {default}) to {MAX_PAGE_SIZE:,}")
     return value or default
-
-
-def _type_filter(event_types: Sequence[int]) -> storage.TypeFilter:
-    names: list[str] = []
-    custom = False
-    for number in event_types:
-        rule = RULES.get(number)
-        if rule is None:
-            raise _invalid("event_types", f"{number} is not a known event type")
-        if rule is CUSTOM:
-            custom = True
-        else:
-            names.append(rule.name)
-    return storage.TypeFilter(sorted(set(names)), custom, _STANDARD_NAMES)

@@ -16,6 +16,7 @@ upkeep. Nothing here knows of gRPC; callers pass pools and connections in.
   (record_audit, in the transaction of what it records; audit_records);
 - `_identity`: identity links (their locks and facts, the move of an
   anonymous id's rows under its person, GetIdentity);
+- `_event_stream`: the subscription's reads (the stream's order and positions);
 - `_database`: the database side of a host (embedded PostgreSQL, migrations,
   partitions), and the operator's errors of a database that refuses us;
 - `_migrate`, `_partitions`, `_embedded`: what `_database` runs.
@@ -55,6 +56,19 @@ from interactions_server.storage._audit import (
 from interactions_server.storage._database import Database, database_error, migrate_when_reachable
 from interactions_server.storage._deletion import DeletionCounts, count_user_data, delete_user_data
 from interactions_server.storage._embedded import EmbeddedPostgres, start_tuned
+from interactions_server.storage._event_stream import (
+    Poll,
+    StreamDeletion,
+    StreamFilter,
+    StreamKey,
+    StreamPosition,
+    StreamRead,
+    poll_stream,
+    read_stream,
+    removed_through,
+    row_position,
+    summarize_stream,
+)
 from interactions_server.storage._events import (
     CartRow,
     EventColumns,
@@ -142,6 +156,7 @@ __all__ = [
     "MigrationFailed",
     "MovedEvent",
     "Pace",
+    "Poll",
     "Probe",
     "PurchaseRecord",
     "PurchaseRow",
@@ -157,6 +172,11 @@ __all__ = [
     "StateLine",
     "StoredAuditRecord",
     "StoredRow",
+    "StreamDeletion",
+    "StreamFilter",
+    "StreamKey",
+    "StreamPosition",
+    "StreamRead",
     "TailStart",
     "TrainingRow",
     "TypeActivity",
@@ -192,10 +212,14 @@ __all__ = [
     "person_ids",
     "person_of",
     "purge_events",
+    "poll_stream",
     "quiet_pool_logs",
+    "read_stream",
     "record_audit",
+    "removed_through",
     "renew_connections",
     "run_retention",
+    "row_position",
     "search_outcomes",
     "session_events",
     "session_timeline",
@@ -203,6 +227,7 @@ __all__ = [
     "snapshot",
     "snapshot_of",
     "start_tuned",
+    "summarize_stream",
     "training_rows",
     "transaction",
     "user_activity",

@@ -27,6 +27,7 @@ class DeletionCounts(NamedTuple):
     purchases: int
     deleted_through: datetime  # the watermark (on a dry run: what it would be)
     audit_id: int | None = None  # the audit_log record of a deletion (None on a dry run)
+    xid: int = -1  # the deleting transaction's id, which orders it in the event stream (-1: a dry run)
 
 
 # A user is a person and the anonymous ids linked to it (migrations/
@@ -87,10 +88,10 @@ WITH keys AS (DELETE FROM event_keys WHERE user_id = ANY($1::text[]) RETURNING u
         ON CONFLICT (user_id) DO UPDATE
         SET deleted_through = greatest(d.deleted_through, excluded.deleted_through), deleted_at = now(),
             deleted_xid = pg_current_xact_id()
-        RETURNING deleted_through
+        RETURNING deleted_through, deleted_xid::text::int8 AS xid
      )
 SELECT (SELECT count(*) FROM cart), (SELECT count(*) FROM wishlist), (SELECT count(*) FROM purchases),
-       (SELECT max(deleted_through) FROM mark),
+       (SELECT max(deleted_through) FROM mark), (SELECT max(xid) FROM mark),
        (SELECT coalesce(array_agg(user_id), '{}') FROM late),
        (SELECT coalesce(array_agg(event_id), '{}') FROM late), (SELECT coalesce(array_agg(occurred_at), '{}') FROM late)
 """
@@ -132,7 +133,7 @@ async def delete_user_data(pool: asyncpg.Pool, user_id: str, *, actor: str, subj
             await conn.execute(_LOCK, missing)
             locked.update(missing)
             ids = list(dict.fromkeys([*ids, *await person_ids(conn, user_id)]))
-        cart, wishlist, purchases, deleted_through, late_users, late_ids, late_times = await conn.fetchrow(
+        cart, wishlist, purchases, deleted_through, xid, late_users, late_ids, late_times = await conn.fetchrow(
             _DELETE_REST, ids, deleted_ids, latest
         )
         if late_ids:
@@ -140,7 +141,7 @@ async def delete_user_data(pool: asyncpg.Pool, user_id: str, *, actor: str, subj
         counts = {"events": events, "cart_lines": cart, "wishlist_lines": wishlist, "purchases": purchases}
         record = AuditRecord(DELETE_USER_DATA, actor, subject, counts, {"deleted_through": deleted_through.isoformat()})
         audit_id = await record_audit(conn, record)
-        return DeletionCounts(events, cart, wishlist, purchases, deleted_through, audit_id)
+        return DeletionCounts(events, cart, wishlist, purchases, deleted_through, audit_id, xid)
 
 
 async def count_user_data(pool: asyncpg.Pool, user_id: str) -> DeletionCounts:
