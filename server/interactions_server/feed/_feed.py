@@ -59,10 +59,9 @@ RETRY_BACKOFF = (0.1, 2.0)  # the reader's wait after a database failure, first 
 FIRST_SPAN = 1_024
 MAX_SPAN = 1 << 40
 _ORIGIN = StreamPosition(0)
-NO_DELETIONS = 1 << 62
-APPLICATION_NAME = (
-    "interactions-feed"  # of the reader's connection, in pg_stat_activity  # a poll "since" no deletion is that recent
-)
+NO_DELETIONS = 1 << 62  # a poll "since" no deletion is that recent
+APPLICATION_NAME = "interactions-feed"  # of the reader's connection, in pg_stat_activity
+RPC = "SubscribeEvents"  # the bulk work's name in the precedence's metrics
 
 
 class FeedClosed(Exception):
