@@ -65,7 +65,8 @@ END $$;
 -- oldest position available is the one right after it. One row; absent
 -- until something was removed. Whatever removes events from the log (today
 -- drop_event_partitions_before; the lifecycle's policies and purges) records
--- it here with note_events_removed, in the transaction that removes them.
+-- it here with note_events_removed(largest xid removed), in the transaction
+-- that removes them (storage/_lifecycle.py does, for every batch).
 CREATE TABLE event_stream_horizon (
     only_row         boolean     PRIMARY KEY DEFAULT true CHECK (only_row),
     removed_through  bigint      NOT NULL,
@@ -76,7 +77,8 @@ CREATE FUNCTION note_events_removed(through bigint) RETURNS void
 LANGUAGE sql VOLATILE AS $$
     INSERT INTO event_stream_horizon AS h (removed_through) SELECT through WHERE through IS NOT NULL
     ON CONFLICT (only_row) DO UPDATE
-    SET removed_through = greatest(h.removed_through, excluded.removed_through), removed_at = now()
+    SET removed_through = excluded.removed_through, removed_at = now()
+    WHERE excluded.removed_through > h.removed_through  -- raised only; no write when it stays
 $$;
 
 -- drop_event_partitions_before (0001) as before, now recording the largest

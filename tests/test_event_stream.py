@@ -542,3 +542,39 @@ async def test_a_subscriber_that_leaves_mid_response_ends_quietly(
                 call.cancel()
         await eventually(lambda: _true(server.server is not None and not server.server._feed.subscriptions))  # type: ignore[union-attr]
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_the_retention_policy_records_the_oldest_position_for_whole_months_and_rows(
+    server: App, client: InteractionsClient
+) -> None:
+    """The lifecycle's removals (issue 21) record what they removed: a month
+    detached whole and rows deleted inside a month by a shorter per-type
+    retention both move the oldest position available past them."""
+    from dataclasses import replace
+    from datetime import UTC, datetime
+
+    from interactions_server import storage
+    from interactions_server.config import RetentionPolicy
+
+    await server.pool.execute("SELECT ensure_event_partitions('2025-01-01', '2025-03-31')")
+    before = await Reader(client.subscribe()).started()
+    january = events_of(["a", "b"], at=datetime(2025, 1, 15, tzinfo=UTC).timestamp())
+    page = events_of(["c"], EventType.EVENT_TYPE_PAGE_VIEW, at=datetime(2025, 3, 5, tzinfo=UTC).timestamp())
+    kept = events_of(["d"], at=datetime(2025, 3, 9, tzinfo=UTC).timestamp())
+    for batch in (january, page, kept):
+        assert (await client.log_many(batch)).accepted == len(batch)
+    xids = dict(await server.pool.fetch("SELECT event_id::text, xid FROM events"))
+    policy = RetentionPolicy.of(30, {"page_view": 7})
+    fast = replace(storage.Pace(), rows=3, pause=0.0, min_pause=0.0)
+    removed = await storage.run_retention(server.pool, policy, as_of=datetime(2025, 3, 13, 12, tzinfo=UTC), pace=fast)
+    assert removed.events == 3 and removed.partitions == ["events_2025_01"]
+    horizon = await server.pool.fetchval("SELECT removed_through FROM event_stream_horizon")
+    assert horizon == max(xids[e.event_id] for e in january + page) < xids[kept[0].event_id]
+    with pytest.raises(FailedPreconditionError, match="oldest position available"):
+        async for _ in client.subscribe(cursor=before):
+            pass
+    earliest = Reader(client.subscribe(start="earliest"))
+    await earliest.wait_for(1)
+    await asyncio.sleep(0.1)
+    assert earliest.event_ids == [kept[0].event_id]
+    await earliest.close()

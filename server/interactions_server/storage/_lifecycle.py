@@ -24,10 +24,12 @@ batch's transaction also adds what it removed to the run's audit_log record
 (audit_add_removed), written by its first removal, so the record counts
 exactly what was removed even when a run stops half-way.
 
-Hook for the subscription stream (issue 19): a removal must record the
-oldest position still available, in its own transaction. Every removal of
-this module goes through `_removed` (row batches) or `_detach` (whole
-months), which is where that call belongs.
+For the subscription stream (issue 19, docs/subscribe.md): every removal
+records the largest transaction id it removed, in its own transaction
+(`note_events_removed`, migrations/0009), so that a subscription positioned
+before a removed event is refused instead of skipping it: `_detach` locks the
+month against late writes and reads its largest xid before detaching it, and
+each row batch of `_remove_slices` records the largest xid it deleted.
 """
 
 from __future__ import annotations
@@ -262,9 +264,14 @@ async def _detach(job: Job, part: Partition) -> bool:
     async with job.pool.acquire() as conn, conn.transaction():
         await conn.execute(f"SET LOCAL lock_timeout = '{job.pace.lock_timeout}'")
         try:
+            # No late event of the month may land between reading its largest
+            # xid and the detach (SHARE: reads go on, writes to it wait).
+            await conn.execute(f'LOCK TABLE "{part.name}" IN SHARE MODE')
+            largest = await conn.fetchval(f'SELECT max(xid) FROM "{part.name}"')
             await conn.execute(f'ALTER TABLE events DETACH PARTITION "{part.name}"')
         except asyncpg.LockNotAvailableError:
             return False
+        await conn.execute("SELECT note_events_removed($1)", largest)
         await conn.execute(f'ALTER TABLE "{part.name}" RENAME TO "{retired}"')
         if job.removed.audit_id is None:
             job.removed.audit_id = await record_audit(conn, job.record)
@@ -368,14 +375,15 @@ _DELETE_SLICE = """
 WITH gone AS (
     DELETE FROM events
     WHERE occurred_at >= $1::timestamptz AND occurred_at < $2::timestamptz AND {types} {users}
-    RETURNING user_id, event_id, occurred_at, event_type
+    RETURNING user_id, event_id, occurred_at, event_type, xid
 ), keys AS (
     DELETE FROM event_keys AS k USING gone AS g
     WHERE k.user_id = g.user_id AND k.event_id = g.event_id AND k.occurred_at = g.occurred_at
 )
 SELECT (SELECT coalesce(jsonb_object_agg(event_type, n), '{{}}')::text
         FROM (SELECT event_type, count(*) AS n FROM gone GROUP BY event_type) AS c),
-       CASE WHEN $6::bool THEN (SELECT array_agg(DISTINCT user_id) FROM gone) END
+       CASE WHEN $6::bool THEN (SELECT array_agg(DISTINCT user_id) FROM gone) END,
+       (SELECT note_events_removed(max(xid)) FROM gone)
 """
 _ALL_USERS = _DELETE_SLICE.format(types=_types_sql(3), users="")
 _SOME_USERS = _DELETE_SLICE.format(types=_types_sql(3), users="AND user_id = ANY($7::text[])")
@@ -426,7 +434,7 @@ async def _remove_slices(
         started = time.monotonic()
         try:
             async with job.pool.acquire() as conn, conn.transaction():
-                counts_text, user_ids = await conn.fetchrow(statement, *window, *types, want_users, *extra)
+                counts_text, user_ids, _ = await conn.fetchrow(statement, *window, *types, want_users, *extra)
                 by_type: dict[str, int] = {}
                 for name, n in json.loads(counts_text).items():
                     by_type[_stored(name)] = by_type.get(_stored(name), 0) + n
