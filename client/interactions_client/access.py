@@ -18,8 +18,8 @@ from interactions_client.v1 import (
     access_pb2,
     admin_service_pb2,
     analytics_service_pb2,
-    identity_service_pb2,
     event_stream_service_pb2,
+    identity_service_pb2,
     interaction_service_pb2,
     user_state_service_pb2,
 )

@@ -46,9 +46,9 @@ from interactions_client.v1.admin_service_pb2 import (
 from interactions_client.v1.admin_service_pb2_grpc import AdminServiceStub
 from interactions_client.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
 from interactions_client.v1.event_pb2 import Event
+from interactions_client.v1.event_stream_service_pb2_grpc import EventStreamServiceStub
 from interactions_client.v1.identity_service_pb2 import GetIdentityRequest, LinkIdentityRequest
 from interactions_client.v1.identity_service_pb2_grpc import IdentityServiceStub
-from interactions_client.v1.event_stream_service_pb2_grpc import EventStreamServiceStub
 from interactions_client.v1.interaction_service_pb2 import LogEventRequest
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
 from interactions_client.v1.user_state_service_pb2 import (
