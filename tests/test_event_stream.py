@@ -344,7 +344,7 @@ async def test_a_cursor_older_than_retention_is_refused_with_the_oldest_position
 # --- deletion -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("through", ["DeleteUserData", "another process"])
+@pytest.mark.parametrize("through", ["DeleteUserData", "another process", "DeleteUserData of a linked guest id"])
 async def test_after_a_deletion_no_event_of_the_user_comes_and_subscribers_are_told(
     server: App, client: InteractionsClient, through: str
 ) -> None:
@@ -352,7 +352,13 @@ async def test_after_a_deletion_no_event_of_the_user_comes_and_subscribers_are_t
     user's events (the ring); the user's data is deleted; what comes next
     holds a UserDeleted record, and none of those events after it. Deleted
     by DeleteUserData in this process (known at once) or by another process
-    (known at the reader's next poll)."""
+    (known at the reader's next poll), or in this process naming a guest id
+    linked to the user (the events are stored under the person: every id of
+    the person is dropped, and each gets its record)."""
+    told_ids = ["doomed"]
+    if through == "DeleteUserData of a linked guest id":
+        assert (await client.link_identity("doomed-guest", "doomed")).events_moved == 0
+        told_ids = ["doomed", "doomed-guest"]
     # Flow control without the window growing: the transport holds little.
     options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65_536)]
     async with grpc.aio.insecure_channel(server.address, options=options) as channel:
@@ -368,6 +374,8 @@ async def test_after_a_deletion_no_event_of_the_user_comes_and_subscribers_are_t
         await asyncio.sleep(0.5)  # the reader has read everything into the ring
         if through == "DeleteUserData":
             assert (await client.delete_user_data("doomed")).events_deleted == 5000
+        elif through == "DeleteUserData of a linked guest id":
+            assert (await client.delete_user_data("doomed-guest")).events_deleted == 5000
         else:
             from interactions_server import storage
             from interactions_server.keyring import Keyring
@@ -383,7 +391,7 @@ async def test_after_a_deletion_no_event_of_the_user_comes_and_subscribers_are_t
                 responses.append(await call.read())
         call.cancel()
     told = [i for i, r in enumerate(responses) if r.deletions]
-    assert len(told) == 1 and [d.user_id for d in responses[told[0]].deletions] == ["doomed"]
+    assert len(told) == 1 and sorted(d.user_id for d in responses[told[0]].deletions) == told_ids
     assert responses[told[0]].deletions[0].deleted_at.seconds > 0
     doomed_ids = {e.event_id for b in doomed for e in b}
     later = [e.event.event_id for r in responses[told[0] + 1 :] for e in r.events]
@@ -400,9 +408,30 @@ async def test_after_a_deletion_no_event_of_the_user_comes_and_subscribers_are_t
     await earliest.wait_for(501)
     await asyncio.sleep(0.1)
     assert not doomed_ids & set(earliest.event_ids)
-    assert [d.user_id for b in earliest.batches for d in b.deletions] == ["doomed"]
+    assert sorted(d.user_id for b in earliest.batches for d in b.deletions) == told_ids
     assert earliest.event_ids[-1] == after[0].event_id  # after its deletion, in stream order
     await earliest.close()
+
+
+async def test_a_linked_guest_s_events_are_delivered_under_the_person(client: InteractionsClient) -> None:
+    """Events are delivered as stored: a guest's events before its link under
+    the guest; the link moves them under the person, and they come again
+    (same event_id, user_id the person) at the link's place; what is logged
+    for the guest after the link comes as the person's."""
+    reader = Reader(client.subscribe())
+    await reader.started()
+    before = events_of(["guest-7", "guest-7"])
+    assert (await client.log_many(before)).accepted == 2
+    await reader.wait_for(2)
+    assert [(e.event.event_id, e.event.user_id) for e in reader.events] == [(e.event_id, "guest-7") for e in before]
+    assert (await client.link_identity("guest-7", "person-7")).events_moved == 2
+    later = events_of(["guest-7"], at=time.time())
+    assert (await client.log_many(later)).accepted == 1
+    await reader.wait_for(5)
+    await asyncio.sleep(0.1)
+    moved = [(e.event.event_id, e.event.user_id) for e in reader.events[2:]]
+    assert moved == [*((e.event_id, "person-7") for e in before), (later[0].event_id, "person-7")]
+    await reader.close()
 
 
 # --- the log from before the stream, the reader, a slow consumer ---------------------------
@@ -578,3 +607,36 @@ async def test_the_retention_policy_records_the_oldest_position_for_whole_months
     await asyncio.sleep(0.1)
     assert earliest.event_ids == [kept[0].event_id]
     await earliest.close()
+
+
+async def test_a_purge_records_the_oldest_position_too(server: App, client: InteractionsClient) -> None:
+    """A purge (issue 21: storage.purge_events, one user's events) moves the
+    oldest position available past what it removed: a cursor from before the
+    purged event is refused, one from after it goes on, and the earliest
+    start no longer holds it."""
+    from interactions_server import storage
+    from interactions_server.keyring import Keyring
+
+    reader = Reader(client.subscribe())
+    before = await reader.started()
+    purged = events_of(["purged"])
+    assert (await client.log_many(purged)).accepted == 1
+    await reader.wait_for(1)
+    after_purged = reader.batches[-1].cursor
+    kept = events_of(["kept"])
+    assert (await client.log_many(kept)).accepted == 1
+    await reader.wait_for(2)
+    await reader.close()
+    everything = storage.TypeFilter([], False, [])
+    purge = storage.PurgeFilter(everything, (), None, None, ("purged",))
+    subject = Keyring.generate().subject_hash("purged")
+    removed = await storage.purge_events(server.pool, purge, actor="test", subject=subject, detail={})
+    assert removed.events == 1
+    with pytest.raises(FailedPreconditionError, match="oldest position available"):
+        async for _ in client.subscribe(cursor=before):
+            pass
+    for resumed in (Reader(client.subscribe(cursor=after_purged)), Reader(client.subscribe(start="earliest"))):
+        await resumed.wait_for(1)
+        await asyncio.sleep(0.1)
+        assert resumed.event_ids == [kept[0].event_id]
+        await resumed.close()

@@ -60,8 +60,9 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         self._keyring = keyring  # the audit log's keyed hash of the user id
         self._precedence = precedence or Precedence(0)
         self._pace = pace or storage.Pace()
-        # Told (user_id, the deleting transaction's id) once a deletion has
-        # committed: the subscriptions of this process drop the user's events at once.
+        # Told (user_id, the deleting transaction's id), for every id of the
+        # person, once a deletion has committed: the subscriptions of this
+        # process drop those users' events at once.
         self._on_deleted = on_deleted
 
     async def DeleteUserData(self, request: pb.DeleteUserDataRequest, context: Any) -> pb.DeleteUserDataResponse:
@@ -75,7 +76,8 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
                 self._pool, user_id, actor=actor, subject=self._keyring.subject_hash(user_id)
             )
             if self._on_deleted is not None:
-                self._on_deleted(user_id, counts.xid)
+                for deleted_id in counts.user_ids:  # the person's rows may be under another of its ids
+                    self._on_deleted(deleted_id, counts.xid)
             # The audit trail is the audit_log record, committed with the
             # deletion; the log names the record, never the user.
             _log.info(

@@ -28,6 +28,7 @@ class DeletionCounts(NamedTuple):
     deleted_through: datetime  # the watermark (on a dry run: what it would be)
     audit_id: int | None = None  # the audit_log record of a deletion (None on a dry run)
     xid: int = -1  # the deleting transaction's id, which orders it in the event stream (-1: a dry run)
+    user_ids: tuple[str, ...] = ()  # every id the deletion marked: the person and its anonymous ids
 
 
 # A user is a person and the anonymous ids linked to it (migrations/
@@ -141,7 +142,7 @@ async def delete_user_data(pool: asyncpg.Pool, user_id: str, *, actor: str, subj
         counts = {"events": events, "cart_lines": cart, "wishlist_lines": wishlist, "purchases": purchases}
         record = AuditRecord(DELETE_USER_DATA, actor, subject, counts, {"deleted_through": deleted_through.isoformat()})
         audit_id = await record_audit(conn, record)
-        return DeletionCounts(events, cart, wishlist, purchases, deleted_through, audit_id, xid)
+        return DeletionCounts(events, cart, wishlist, purchases, deleted_through, audit_id, xid, tuple(ids))
 
 
 async def count_user_data(pool: asyncpg.Pool, user_id: str) -> DeletionCounts:
