@@ -95,6 +95,12 @@ class _Subscription(Resumable):
             self._request.cursor = response.cursor
         return SubscriptionBatch(response.events, response.deletions, response.cursor or self._request.cursor)
 
+    def close(self) -> None:
+        """Ends the subscription (from any thread, for the sync one)."""
+        self._closed = True
+        if self._call is not None:
+            self._call.cancel()
+
 
 class AsyncSubscription(_Subscription):
     """`async for batch in subscription`; `close()` (or leaving the loop) ends it."""
@@ -117,11 +123,6 @@ class AsyncSubscription(_Subscription):
         finally:
             self.close()
 
-    def close(self) -> None:
-        self._closed = True
-        if self._call is not None:
-            self._call.cancel()
-
 
 class SyncSubscription(_Subscription):
     """`for batch in subscription`; `close()` (from any thread) ends it."""
@@ -143,8 +144,3 @@ class SyncSubscription(_Subscription):
                 time.sleep(delay)
         finally:
             self.close()
-
-    def close(self) -> None:
-        self._closed = True
-        if self._call is not None:
-            self._call.cancel()
