@@ -12,8 +12,8 @@ from bench.analytics import AnalyticsResults, QueryLatency
 from bench.identity import LinkLatency
 from bench.late_events import LateEvents
 from bench.measures import BusyLatency, CallLatency, InlineLatency, Latency, Memory, Profile, Throughput
-from bench.retention import RetentionBeside
 from bench.proc_stats import RssSamples
+from bench.retention import RetentionBeside
 from bench.subscribe import SUBSCRIBERS, SubscriptionResults
 
 MB = 1024.0  # kB per MB

@@ -609,14 +609,11 @@ async def test_the_retention_policy_records_the_oldest_position_for_whole_months
     await earliest.close()
 
 
-async def test_a_purge_records_the_oldest_position_too(server: App, client: InteractionsClient) -> None:
-    """A purge (issue 21: storage.purge_events, one user's events) moves the
-    oldest position available past what it removed: a cursor from before the
-    purged event is refused, one from after it goes on, and the earliest
+async def test_a_purge_records_the_oldest_position_too(client: InteractionsClient) -> None:
+    """A purge (issue 21: AdminService.PurgeEvents of one user's events) moves
+    the oldest position available past what it removed: a cursor from before
+    the purged event is refused, one from after it goes on, and the earliest
     start no longer holds it."""
-    from interactions_server import storage
-    from interactions_server.keyring import Keyring
-
     reader = Reader(client.subscribe())
     before = await reader.started()
     purged = events_of(["purged"])
@@ -627,11 +624,7 @@ async def test_a_purge_records_the_oldest_position_too(server: App, client: Inte
     assert (await client.log_many(kept)).accepted == 1
     await reader.wait_for(2)
     await reader.close()
-    everything = storage.TypeFilter([], False, [])
-    purge = storage.PurgeFilter(everything, (), None, None, ("purged",))
-    subject = Keyring.generate().subject_hash("purged")
-    removed = await storage.purge_events(server.pool, purge, actor="test", subject=subject, detail={})
-    assert removed.events == 1
+    assert (await client.purge_events(user_ids=["purged"], force=True)).events == 1
     with pytest.raises(FailedPreconditionError, match="oldest position available"):
         async for _ in client.subscribe(cursor=before):
             pass
