@@ -4,6 +4,7 @@ partitions, and group commit of concurrent unary calls."""
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -213,7 +214,9 @@ async def test_events_land_in_monthly_partitions_and_retention_drops_old_months(
     current = event("view")
     await log(interaction_stub, old, current)
     partitions = await server.pool.fetch("SELECT tableoid::regclass::text AS p FROM events ORDER BY occurred_at")
-    assert [r["p"] for r in partitions] == ["events_default", f"events_{current.occurred_at.ToDatetime():%Y_%m}"]
+    # On Citus (tests/citus) a row's table is a shard of its partition: events_2026_12_102017.
+    names = [re.sub(r"_\d{6,}$", "", r["p"]) for r in partitions]
+    assert names == ["events_default", f"events_{current.occurred_at.ToDatetime():%Y_%m}"]
 
     # Resending into a partitioned log is still deduplicated.
     assert (await log(interaction_stub, old, current)).duplicate_count == 2

@@ -3,6 +3,8 @@
     interactions-server [serve]              # run the service (the default)
     interactions-server migrate              # apply pending migrations and exit
     interactions-server retention [--dry-run]  # apply the retention policy once (or only count) and exit
+    interactions-server distribute --database-url URL [--shard-count N]
+                                             # on a Citus coordinator: migrate, distribute the tables, exit
 
 Every flag has an environment variable default. Without a database URL an
 embedded PostgreSQL is started with its data in --data-dir. With --workers N
@@ -58,6 +60,7 @@ from interactions_server.storage import (
     MigrationError,
     RetentionBusy,
     close_pool,
+    distribute,
     migrate_when_reachable,
     open_pool,
     run_retention,
@@ -129,9 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=("serve", "migrate", "retention"),
+        choices=("serve", "migrate", "retention", "distribute"),
         default="serve",
-        help="what to do (default: serve); retention: apply the retention policy once and exit",
+        help="what to do (default: serve); retention: apply the retention policy once and exit; "
+        "distribute: on a Citus coordinator, apply the migrations and distribute the tables by user_id "
+        "(docs/scaling.md)",
+    )
+    parser.add_argument(
+        "--shard-count",
+        type=_at_least_one,
+        help="distribute: shards of the distributed tables (default: the cluster's citus.shard_count; "
+        "see docs/scaling.md for advice)",
     )
     parser.add_argument(
         "--retention-days",
@@ -353,6 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_migrate(config))
         if args.command == "retention":
             return asyncio.run(_retention(config, dry_run=args.dry_run))
+        if args.command == "distribute":
+            return asyncio.run(_distribute(config, args.shard_count))
+        if args.shard_count is not None:
+            raise StartupError("--shard-count is an option of `interactions-server distribute`")
         if config.workers > 1:
             return process.supervise(
                 config, target=Server, database=Database(config), log_level=args.log_level, log_format=log_format
@@ -454,6 +469,15 @@ async def _retention(config: ServerConfig, *, dry_run: bool) -> int:
     width = max(len(name) for name, _ in rows)
     verb = "would remove (dry run)" if dry_run else "removed"
     sys.stdout.write(f"retention {verb}:\n" + "".join(f"  {name:<{width}}  {value}\n" for name, value in rows))
+    return 0
+
+
+async def _distribute(config: ServerConfig, shard_count: int | None) -> int:
+    if config.database_url is None:
+        raise StartupError("distribute needs --database-url: the URL of the Citus coordinator")
+    for line in await distribute(config, config.database_url, shard_count):
+        _log.info("%s", line)
+    _log.info("the tables are distributed; start the servers against the coordinator")
     return 0
 
 

@@ -218,11 +218,13 @@ class Server:
         if self._auth is not None:
             self._auth.require(scopes)
         storage.quiet_pool_logs()
+        citus = await _cluster(self.dsn, config)
         self._pool = await storage.open_pool(
             self.dsn,
             min_size=config.pool_min_size,
             max_size=config.pool_max_size,
             statement_cache_size=config.statement_cache_size,
+            citus=citus,
         )
         metrics.watch_pool(self._pool)
         self._analytics_pool = await storage.open_pool(
@@ -230,6 +232,7 @@ class Server:
             min_size=1,
             max_size=config.analytics_pool_max_size,
             statement_cache_size=config.statement_cache_size,
+            citus=citus,
         )
         # min_size 0: no connection until a subscription reads behind the ring.
         self._subscription_pool = await storage.open_pool(
@@ -317,6 +320,22 @@ class Server:
             if pool is not None:
                 await storage.close_pool(pool)
         await self._summary.stop()
+
+
+async def _cluster(dsn: str, config: ServerConfig) -> bool:
+    """Whether the database is a Citus cluster whose tables are distributed
+    (detected once, at start): its connections then use the statements Citus
+    routes to shards. Refuses a Citus worker."""
+    kind = await storage.kind_of(dsn, statement_cache_size=config.statement_cache_size)
+    if kind.cluster:
+        _log.info("Citus %s coordinator with %d worker(s): the tables are distributed", kind.citus, kind.workers)
+    elif kind.citus is not None:
+        _log.warning(
+            "the database has Citus %s but its tables are not distributed: they stay on this node "
+            "(interactions-server distribute distributes them)",
+            kind.citus,
+        )
+    return kind.cluster
 
 
 def _token_auth(config: ServerConfig) -> rpc.TokenAuth | None:

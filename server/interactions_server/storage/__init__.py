@@ -19,7 +19,11 @@ upkeep. Nothing here knows of gRPC; callers pass pools and connections in.
 - `_event_stream`: the subscription's reads (the stream's order and positions);
 - `_database`: the database side of a host (embedded PostgreSQL, migrations,
   partitions), and the operator's errors of a database that refuses us;
-- `_migrate`, `_partitions`, `_embedded`: what `_database` runs.
+- `_migrate`, `_partitions`, `_embedded`: what `_database` runs;
+- `_citus`: what the database is (plain, a Citus coordinator or worker),
+  where each table lives on a cluster, `distribute`; `_citus_write`: the
+  write path's statements on a cluster (the same semantics as _events' and
+  _state's, in statements Citus routes to shards).
 """
 
 from interactions_server.storage._analytics import (
@@ -53,7 +57,8 @@ from interactions_server.storage._audit import (
     audit_records,
     record_audit,
 )
-from interactions_server.storage._database import Database, database_error, migrate_when_reachable
+from interactions_server.storage._citus import DatabaseKind, database_kind, kind_of, on_citus
+from interactions_server.storage._database import Database, database_error, distribute, migrate_when_reachable
 from interactions_server.storage._deletion import DeletionCounts, count_user_data, delete_user_data
 from interactions_server.storage._embedded import EmbeddedPostgres, start_tuned
 from interactions_server.storage._event_stream import (
@@ -141,6 +146,7 @@ __all__ = [
     "AuditRecord",
     "CartRow",
     "Database",
+    "DatabaseKind",
     "DeletionCounts",
     "EmbeddedPostgres",
     "EventColumns",
@@ -193,7 +199,9 @@ __all__ = [
     "count_retention",
     "count_user_data",
     "database_error",
+    "database_kind",
     "delete_user_data",
+    "distribute",
     "export_events",
     "fetch_cart",
     "fetch_fold_rows",
@@ -202,12 +210,14 @@ __all__ = [
     "fetch_state_lines",
     "fetch_wishlist",
     "insert_events",
+    "kind_of",
     "load_keyring",
     "lock_identities",
     "lock_state_keys",
     "migrate",
     "migrate_when_reachable",
     "move_linked",
+    "on_citus",
     "open_pool",
     "person_ids",
     "person_of",

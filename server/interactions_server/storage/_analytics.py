@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
+from interactions_server.storage._citus import for_person, person_sql
+
 _US = "(extract(epoch FROM {}) * 1000000)::int8"
 _TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
 LEADS_TO_US = 30 * 60 * 1_000_000  # a search leads to what its user does within 30 minutes
@@ -386,9 +388,10 @@ async def user_events(
     limit: int,
 ) -> list[EventRow]:
     """A user's events newest first, after the page that ended at `before`."""
+    sql, person = await for_person(conn, _USER_EVENTS, user_id)
     records = await conn.fetch(
-        _USER_EVENTS,
-        user_id,
+        sql,
+        person,
         window.start_us,
         window.end_us,
         *types,
@@ -406,20 +409,20 @@ class TypeActivity(NamedTuple):
     last_us: int
 
 
+_ACTIVITY = f"""
+SELECT event_type, count(*), {_US.format("min(occurred_at)")}, {_US.format("max(occurred_at)")}
+FROM events WHERE user_id = person_of($1) GROUP BY event_type
+"""
+_SESSION_COUNT = "SELECT count(DISTINCT session_id) FROM events WHERE user_id = person_of($1)"
+
+
 async def user_activity(conn: asyncpg.Connection, user_id: str) -> tuple[list[TypeActivity], int]:
     """A user's events per type (count, first and last occurred_at) and how
     many distinct sessions they carry (`conn` in a REPEATABLE READ transaction,
     so that both statements see one snapshot)."""
-    records = await conn.fetch(
-        f"""
-        SELECT event_type, count(*), {_US.format("min(occurred_at)")}, {_US.format("max(occurred_at)")}
-        FROM events WHERE user_id = person_of($1) GROUP BY event_type
-        """,
-        user_id,
-    )
-    sessions: int = await conn.fetchval(
-        "SELECT count(DISTINCT session_id) FROM events WHERE user_id = person_of($1)", user_id
-    )
+    sql, person = await for_person(conn, _ACTIVITY, user_id)
+    records = await conn.fetch(sql, person)
+    sessions: int = await conn.fetchval(person_sql(conn, _SESSION_COUNT), person)
     return [TypeActivity(*r) for r in records], sessions
 
 
@@ -442,7 +445,8 @@ ORDER BY session_id, occurred_at, event_id
 
 async def session_events(conn: asyncpg.Connection, user_id: str, session_ids: Sequence[str]) -> list[SessionEvent]:
     """The events of some sessions of a user, per session in (occurred_at, event_id) order."""
-    return [SessionEvent(*r) for r in await conn.fetch(_SESSION_EVENTS, user_id, list(session_ids))]
+    sql, person = await for_person(conn, _SESSION_EVENTS, user_id)
+    return [SessionEvent(*r) for r in await conn.fetch(sql, person, list(session_ids))]
 
 
 _SESSION_TIMELINE = f"""
@@ -454,7 +458,8 @@ LIMIT $3
 
 
 async def session_timeline(conn: asyncpg.Connection, user_id: str, session_id: str, limit: int) -> list[EventRow]:
-    return [EventRow(*r) for r in await conn.fetch(_SESSION_TIMELINE, user_id, session_id, limit)]
+    sql, person = await for_person(conn, _SESSION_TIMELINE, user_id)
+    return [EventRow(*r) for r in await conn.fetch(sql, person, session_id, limit)]
 
 
 class SessionStart(NamedTuple):
@@ -477,7 +482,6 @@ async def sessions_page(
     conn: asyncpg.Connection, user_id: str, before: tuple[int, str] | None, limit: int
 ) -> list[SessionStart]:
     """A user's sessions, newest start first, after the page that ended at `before`."""
-    records = await conn.fetch(
-        _SESSIONS_PAGE, user_id, before[0] if before else None, before[1] if before else None, limit
-    )
+    sql, person = await for_person(conn, _SESSIONS_PAGE, user_id)
+    records = await conn.fetch(sql, person, before[0] if before else None, before[1] if before else None, limit)
     return [SessionStart(*r) for r in records]

@@ -18,7 +18,7 @@ import asyncpg
 
 from interactions_server.config import ServerConfig
 from interactions_server.errors import StartupError, is_database_unavailable
-from interactions_server.storage import _migrate
+from interactions_server.storage import _citus, _migrate
 from interactions_server.storage._embedded import EmbeddedPostgres
 from interactions_server.storage._partitions import PartitionKeeper
 from interactions_server.storage._pool import close_pool, quiet_pool_logs
@@ -157,3 +157,42 @@ def unreachable_database(exc: BaseException, dsn: str, waited: float) -> Startup
         f"cannot reach the database at {describe_database(dsn)} after {waited:.0f} s ({reason}): "
         "check that PostgreSQL is running there and --database-url"
     )
+
+
+async def distribute(config: ServerConfig, dsn: str, shard_count: int | None) -> list[str]:
+    """`interactions-server distribute`: on a Citus coordinator with workers,
+    applies the pending migrations, then distributes every per-user table
+    co-located by user_id and keeps the others on the coordinator
+    (storage/_citus.py says which and why). Idempotent. Returns what it did,
+    a line per table; raises StartupError for what an operator must fix."""
+    target = describe_database(dsn)
+    try:
+        conn = await asyncpg.connect(dsn, timeout=config.startup_timeout, statement_cache_size=0)
+    except Exception as exc:
+        if (operator_error := database_error(exc, dsn)) is not None:
+            raise operator_error from exc
+        if is_database_unavailable(exc):
+            raise unreachable_database(exc, dsn, 0) from exc
+        raise
+    try:
+        kind = await _citus.refuse_worker(conn)
+        if kind.citus is None:
+            raise StartupError(
+                f"the database at {target} is not a Citus coordinator (no citus extension): run "
+                "CREATE EXTENSION citus there and on each worker, and add the workers (citus_add_node); "
+                "scripts/citus-cluster starts such a cluster on one machine"
+            )
+        if kind.workers == 0:
+            raise StartupError(
+                f"the Citus coordinator at {target} has no active worker nodes: add them first "
+                "(SELECT citus_add_node('HOST', PORT) on the coordinator)"
+            )
+        await conn.execute("SET client_min_messages = warning")  # Citus's NOTICEs about copying rows
+        await _migrate.apply(conn)
+        await conn.execute("SELECT pg_advisory_lock($1)", _migrate.LOCK_KEY)  # not while a runner migrates
+        try:
+            return await _citus.place_tables(conn, shard_count)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _migrate.LOCK_KEY)
+    finally:
+        await conn.close()

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
+from interactions_server.storage._citus import for_person, on_citus
 from interactions_server.storage._pool import acquire
 
 # SQL expressions converting epoch microseconds (bigint) and timestamptz, exactly.
@@ -138,7 +139,13 @@ async def insert_events(
     `lock_keys`: the (user_id, product_id) keys whose state-sync locks the
     transaction takes first (what lock_keys does, without a round trip), with
     each user replaced by its person. The events of a linked user are stored
-    under its person (`persons` of the outcome)."""
+    under its person (`persons` of the outcome).
+    On a Citus cluster: _citus_write.insert_events, the same in statements
+    Citus routes to shards."""
+    if on_citus(conn):
+        from interactions_server.storage import _citus_write  # imports this module
+
+        return await _citus_write.insert_events(conn, columns, deadline, lock_keys)
     outcome = InsertOutcome(set(), set(), {}, {})
     not_logged: set[tuple[str, str]] = set()
     raced: list[tuple[str, str]] = []
@@ -217,21 +224,22 @@ class PurchaseRecord(NamedTuple):
     purchased_at: datetime
 
 
+# GetCart: on Citus, a router query (one shard: docs/scaling.md shows its plan).
+CART_SQL = "SELECT product_id, quantity, updated_at FROM user_cart WHERE user_id = person_of($1) ORDER BY product_id"
+
+
 async def fetch_cart(pool: asyncpg.Pool, user_id: str) -> list[CartRow]:
     async with acquire(pool) as conn:
-        records = await conn.fetch(
-            "SELECT product_id, quantity, updated_at FROM user_cart WHERE user_id = person_of($1) ORDER BY product_id",
-            user_id,
-        )
+        records = await conn.fetch(*await for_person(conn, CART_SQL, user_id))
     return [CartRow(*r) for r in records]
+
+
+_WISHLIST = "SELECT product_id, added_at FROM user_wishlist WHERE user_id = person_of($1) ORDER BY added_at, product_id"
 
 
 async def fetch_wishlist(pool: asyncpg.Pool, user_id: str) -> list[WishlistRow]:
     async with acquire(pool) as conn:
-        records = await conn.fetch(
-            "SELECT product_id, added_at FROM user_wishlist WHERE user_id = person_of($1) ORDER BY added_at, product_id",
-            user_id,
-        )
+        records = await conn.fetch(*await for_person(conn, _WISHLIST, user_id))
     return [WishlistRow(*r) for r in records]
 
 
@@ -240,10 +248,8 @@ async def fetch_purchases(
 ) -> list[PurchaseRecord]:
     """A page of purchases, newest first; `after` is the last row of the previous page."""
     async with acquire(pool) as conn:
-        if after is None:
-            records = await conn.fetch(_FIRST_PAGE, user_id, limit)
-        else:
-            records = await conn.fetch(_NEXT_PAGE, user_id, limit, *after)
+        sql, person = await for_person(conn, _FIRST_PAGE if after is None else _NEXT_PAGE, user_id)
+        records = await conn.fetch(sql, person, limit, *(after or ()))
     return [PurchaseRecord(*r) for r in records]
 
 

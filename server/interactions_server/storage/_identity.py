@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import asyncpg
 
+from interactions_server.storage._citus import on_citus
+
 _TS_TO_US = "(extract(epoch FROM {}) * 1000000)::int8"
 _US_TO_TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
 
@@ -138,7 +140,12 @@ async def move_linked(conn: asyncpg.Connection, links: Sequence[Link]) -> tuple[
     """Records `links` and moves each anonymous id's rows under its person
     (its locks held: lock_identities and the state-sync key locks); returns
     how many events moved and the anonymous ids' state history, under the
-    person, which the caller folds into the person's lines."""
+    person, which the caller folds into the person's lines. On a Citus
+    cluster: _citus_write.move_linked, the same in statements Citus runs."""
+    if on_citus(conn):
+        from interactions_server.storage import _citus_write  # imports this module
+
+        return await _citus_write.move_linked(conn, links)
     records = await conn.fetch(
         _MOVE,
         [link.anonymous_id for link in links],

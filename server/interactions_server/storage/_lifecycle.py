@@ -383,7 +383,7 @@ WITH gone AS (
 SELECT (SELECT coalesce(jsonb_object_agg(event_type, n), '{{}}')::text
         FROM (SELECT event_type, count(*) AS n FROM gone GROUP BY event_type) AS c),
        CASE WHEN $6::bool THEN (SELECT array_agg(DISTINCT user_id) FROM gone) END,
-       (SELECT note_events_removed(max(xid)) FROM gone)
+       (SELECT max(xid) FROM gone)
 """
 _ALL_USERS = _DELETE_SLICE.format(types=_types_sql(3), users="")
 _SOME_USERS = _DELETE_SLICE.format(types=_types_sql(3), users="AND user_id = ANY($7::text[])")
@@ -434,7 +434,11 @@ async def _remove_slices(
         started = time.monotonic()
         try:
             async with job.pool.acquire() as conn, conn.transaction():
-                counts_text, user_ids, _ = await conn.fetchrow(statement, *window, *types, want_users, *extra)
+                counts_text, user_ids, largest = await conn.fetchrow(statement, *window, *types, want_users, *extra)
+                if largest is not None:
+                    # Its own statement: Citus cannot carry a void result
+                    # through the recursive plan of the DELETE's CTE.
+                    await conn.execute("SELECT note_events_removed($1)", largest)
                 by_type: dict[str, int] = {}
                 for name, n in json.loads(counts_text).items():
                     by_type[_stored(name)] = by_type.get(_stored(name), 0) + n

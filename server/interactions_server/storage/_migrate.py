@@ -17,6 +17,7 @@ from pathlib import Path
 import asyncpg
 
 from interactions_server.errors import StartupError
+from interactions_server.storage import _citus
 
 _log = logging.getLogger("interactions_server.migrate")
 
@@ -113,8 +114,13 @@ def load(directory: Path | None = None) -> list[Migration]:
 
 
 async def apply(connection: asyncpg.Connection, directory: Path | None = None) -> list[Migration]:
-    """Applies the pending migrations on `connection`; returns those it applied."""
+    """Applies the pending migrations on `connection`; returns those it applied.
+    On a Citus worker node it refuses (StartupError) before reading anything:
+    the schema there is the coordinator's to change. On a Citus cluster whose
+    tables are distributed, the tables new migrations create are placed too
+    (storage/_citus.py), so an upgrade needs no second command."""
     migrations = load(directory)
+    kind = await _citus.refuse_worker(connection)
     # Up to date (every start but the first after an upgrade): no lock. Behind
     # pgbouncer in transaction mode a session lock could be taken on one
     # server connection and released on another, staying held for good.
@@ -150,6 +156,9 @@ async def apply(connection: asyncpg.Connection, directory: Path | None = None) -
                 raise _refused(f"migration {migration.path.name}", exc) from exc
             _log.info("applied migration %04d_%s", migration.version, migration.name)
             applied.append(migration)
+        if applied and kind.cluster:
+            for line in await _citus.place_tables(connection, None):
+                _log.info("citus: %s", line)
         return applied
     finally:
         if not connection.is_closed():

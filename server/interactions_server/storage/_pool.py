@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 
 from interactions_server.errors import is_database_read_only, is_database_unavailable
+from interactions_server.storage._citus import CitusConnection
 
 _log = logging.getLogger("interactions_server.server")
 
@@ -35,15 +36,20 @@ async def _end_transaction(connection: asyncpg.Connection) -> None:
         await connection.execute("ROLLBACK")
 
 
-async def open_pool(dsn: str, *, min_size: int, max_size: int, statement_cache_size: int) -> asyncpg.Pool:
+async def open_pool(
+    dsn: str, *, min_size: int, max_size: int, statement_cache_size: int, citus: bool = False
+) -> asyncpg.Pool:
     """A pool of the serving side. Connections that die with the database are
-    dropped and replaced on the next acquire, so the pool survives a restart."""
+    dropped and replaced on the next acquire, so the pool survives a restart.
+    `citus`: the database is a Citus cluster (DatabaseKind.cluster): the
+    connections make the write path use the statements of _citus_write."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         reset=_end_transaction,
         statement_cache_size=statement_cache_size,
+        connection_class=CitusConnection if citus else asyncpg.Connection,
     )
     return pool
 

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
+from interactions_server.storage._citus import on_citus
 from interactions_server.storage._events import _TS_TO_US, _US_TO_TS
 
 STATE_TABLES = ("cart_lines", "wishlist_lines")
@@ -91,16 +92,20 @@ _STATE_VALUE: dict[str, tuple[str, str, str]] = {"cart_lines": _CART, "wishlist_
 assert tuple(_STATE_VALUE) == STATE_TABLES
 
 
-# The current lines of given keys in every state table, tagged with the table's index.
-_FETCH_STATE_LINES = "\nUNION ALL\n".join(
-    f"""SELECT {n} AS t, l.user_id, l.product_id, ({out.format("l." + value)})::int8,
+def lines_sql(n: int, table: str, first: int, where: str = "") -> str:
+    """The current lines of given keys (parameters ${first}, ${first + 1}:
+    users, products) of one state table, tagged with its index `n`."""
+    value, out, _ = _STATE_VALUE[table]
+    return f"""SELECT {n} AS t, l.user_id, l.product_id, ({out.format("l." + value)})::int8,
        {_TS_TO_US.format("l.updated_at")}, l.last_event_id::text,
        {_TS_TO_US.format("l.sealed_at")}, l.sealed_event_id::text, ({out.format("l.base")})::int8,
        l.tail_a, l.tail_b, l.tail_events, ({out.format("l.origin")})::int8
-FROM unnest(${2 * n + 1}::text[], ${2 * n + 2}::text[]) AS k(u, p)
-JOIN {table} AS l ON l.user_id = k.u AND l.product_id = k.p"""
-    for n, (table, (value, out, _)) in enumerate(_STATE_VALUE.items())
-)
+FROM unnest(${first}::text[], ${first + 1}::text[]) AS k(u, p)
+JOIN {table} AS l ON l.user_id = k.u AND l.product_id = k.p{where}"""
+
+
+# The current lines of given keys in every state table, tagged with the table's index.
+_FETCH_STATE_LINES = "\nUNION ALL\n".join(lines_sql(n, table, 2 * n + 1) for n, table in enumerate(STATE_TABLES))
 
 
 async def fetch_state_lines(
@@ -109,6 +114,10 @@ async def fetch_state_lines(
     """The current lines of the given keys of each state table (by table name), in one statement."""
     if not any(keys.values()):
         return {}
+    if on_citus(conn):
+        from interactions_server.storage import _citus_write  # imports this module
+
+        return await _citus_write.fetch_state_lines(conn, keys)
     params: list[list[str]] = []
     for table in STATE_TABLES:
         table_keys = keys.get(table, ())
@@ -191,6 +200,10 @@ async def fetch_fold_rows(
     sealed segment), the history rows of the segment it falls in and every
     segment of its key; for each of `tails`, the history rows after its start.
     Rows and segments in no order."""
+    if on_citus(conn):
+        from interactions_server.storage import _citus_write  # imports this module
+
+        return await _citus_write.fetch_fold_rows(conn, late, tails)
     keys: dict[tuple[str, str, str], int] = {}
     late_columns: list[list[Any]] = [[] for _ in range(6)]
     tail_columns: list[list[Any]] = [[] for _ in range(6)]
@@ -219,54 +232,125 @@ def _entry_order(entry: LatePosition | TailStart) -> tuple[str, str]:
     return entry[0], entry[1]
 
 
+class RowsInsert(NamedTuple):
+    """An INSERT of rows given as tuples (StateLine[:11], HistoryRow, Segment,
+    PurchaseRow): the one description from which both the plain statement (a
+    CTE of write_state, rows from arrays) and the Citus one (multi-row VALUES,
+    _citus_write.py) are made, so that both write exactly the same."""
+
+    target: str  # the table, with its alias for ON CONFLICT
+    columns: tuple[tuple[str, str, str], ...]  # per tuple field: (column, parameter type, expression of "{}")
+    order: tuple[str, ...]  # the columns of the rows' key order (no deadlocks)
+    conflict: str
+
+    @property
+    def column_list(self) -> str:
+        return ", ".join(c for c, _, _ in self.columns)
+
+    def from_arrays(self, first: int) -> str:
+        """INSERT ... SELECT FROM unnest of one array per column, parameters from ${first + 1}."""
+        arrays = ", ".join(f"${first + i + 1}::{t}[]" for i, (_, t, _) in enumerate(self.columns))
+        names = ", ".join(c for c, _, _ in self.columns)
+        exprs = ", ".join(e.format(f"r.{c}") for c, _, e in self.columns)
+        order = ", ".join(f"r.{c}" for c in self.order)
+        return f"""INSERT INTO {self.target} ({self.column_list})
+    SELECT {exprs}
+    FROM unnest({arrays}) AS r({names})
+    ORDER BY {order}
+    {self.conflict}"""
+
+    def values(self, rows: int) -> str:
+        """INSERT ... VALUES of `rows` tuples, parameters row after row."""
+        width = len(self.columns)
+        tuples = ", ".join(
+            "(" + ", ".join(e.format(f"${n * width + i + 1}::{t}") for i, (_, t, e) in enumerate(self.columns)) + ")"
+            for n in range(rows)
+        )
+        return f"INSERT INTO {self.target} ({self.column_list}) VALUES {tuples} {self.conflict}"
+
+
+_LINE_SET = ", ".join(
+    f"{c} = excluded.{c}"
+    for c in ("updated_at", "last_event_id", "sealed_at", "sealed_event_id", "base", "tail_a", "tail_b", "tail_events")
+)
+# Per state table: the lines as StateLine[:11] (a line's origin is never written: only migrations set it).
+LINES_INSERT: dict[str, RowsInsert] = {
+    table: RowsInsert(
+        f"{table} AS l",
+        (
+            ("user_id", "text", "{}"),
+            ("product_id", "text", "{}"),
+            (value, "int8", value_in),
+            ("updated_at", "int8", _US_TO_TS),
+            ("last_event_id", "text", "{}::uuid"),
+            ("sealed_at", "int8", _US_TO_TS),
+            ("sealed_event_id", "text", "{}::uuid"),
+            ("base", "int8", value_in),
+            ("tail_a", "int8", "{}"),
+            ("tail_b", "int8", "{}"),
+            ("tail_events", "int4", "{}"),
+        ),
+        ("user_id", "product_id"),
+        f"ON CONFLICT (user_id, product_id) DO UPDATE SET {value} = excluded.{value}, {_LINE_SET}",
+    )
+    for table, (value, _, value_in) in _STATE_VALUE.items()
+}
+_KEY_COLUMNS = (("state_table", "text", "{}"), ("user_id", "text", "{}"), ("product_id", "text", "{}"))
+HISTORY_INSERT = RowsInsert(  # rows as HistoryRow
+    "state_history",
+    (
+        *_KEY_COLUMNS,
+        ("occurred_at", "int8", _US_TO_TS),
+        ("event_id", "text", "{}::uuid"),
+        ("event_type", "text", "{}"),
+        ("event_value", "int8", "{}"),
+    ),
+    ("user_id", "product_id", "state_table", "occurred_at", "event_id"),
+    "",  # never a row already stored (storage/_deletion.py says why)
+)
+SEGMENTS_INSERT = RowsInsert(  # rows as Segment
+    "state_segments AS g",
+    (
+        *_KEY_COLUMNS,
+        ("until_at", "int8", _US_TO_TS),
+        ("until_event_id", "text", "{}::uuid"),
+        ("events", "int4", "{}"),
+        ("a", "int8", "{}"),
+        ("b", "int8", "{}"),
+    ),
+    ("user_id", "product_id", "state_table", "until_at", "until_event_id"),
+    "ON CONFLICT (user_id, product_id, state_table, until_at, until_event_id) DO UPDATE "
+    "SET events = excluded.events, a = excluded.a, b = excluded.b",
+)
+PURCHASES_INSERT = RowsInsert(  # rows as PurchaseRow
+    "purchase_history",
+    (
+        ("user_id", "text", "{}"),
+        ("purchased_at", "int8", _US_TO_TS),
+        ("event_id", "text", "{}::uuid"),
+        ("product_id", "text", "{}"),
+        ("session_id", "text", "{}"),
+    ),
+    ("user_id", "purchased_at", "event_id"),
+    "ON CONFLICT DO NOTHING",
+)
+
+
 # Writes the new state of each line of every state table, the new history
 # rows and segments, and appends the purchases: one statement, each table's
 # rows in key order (no deadlocks).
 def _write_state_sql() -> str:
-    n = 0
-
-    def params(*types: str) -> str:
-        nonlocal n
-        first, n = n, n + len(types)
-        return ", ".join(f"${first + i + 1}::{t}[]" for i, t in enumerate(types))
-
-    line_types = ("text", "text", "int8", "int8", "text", "int8", "text", "int8", "int8", "int8", "int4")
-    parts = [
-        f"""{table}_written AS (
-    INSERT INTO {table} AS l (user_id, product_id, {value}, updated_at, last_event_id,
-                              sealed_at, sealed_event_id, base, tail_a, tail_b, tail_events)
-    SELECT u, p, {value_in.format("v")}, {_US_TO_TS.format("t")}, e::uuid,
-           {_US_TO_TS.format("so")}, si::uuid, {value_in.format("bv")}, ta, tb, tn
-    FROM unnest({params(*line_types)}) AS r(u, p, v, t, e, so, si, bv, ta, tb, tn)
-    ORDER BY u, p
-    ON CONFLICT (user_id, product_id) DO UPDATE
-    SET {value} = excluded.{value}, updated_at = excluded.updated_at, last_event_id = excluded.last_event_id,
-        sealed_at = excluded.sealed_at, sealed_event_id = excluded.sealed_event_id, base = excluded.base,
-        tail_a = excluded.tail_a, tail_b = excluded.tail_b, tail_events = excluded.tail_events
-)"""
-        for table, (value, _, value_in) in _STATE_VALUE.items()
+    inserts = [
+        *((f"{table}_written", LINES_INSERT[table]) for table in STATE_TABLES),
+        ("history_written", HISTORY_INSERT),
+        ("segments_written", SEGMENTS_INSERT),
+        ("purchases_written", PURCHASES_INSERT),
     ]
-    parts.append(f"""history_written AS (
-    INSERT INTO state_history (user_id, product_id, state_table, occurred_at, event_id, event_type, event_value)
-    SELECT u, p, s, {_US_TO_TS.format("o")}, e::uuid, y, v
-    FROM unnest({params("text", "text", "text", "int8", "text", "text", "int8")}) AS r(s, u, p, o, e, y, v)
-    ORDER BY u, p, s, o, e
-)""")
-    parts.append(f"""segments_written AS (
-    INSERT INTO state_segments AS g (user_id, product_id, state_table, until_at, until_event_id, events, a, b)
-    SELECT u, p, s, {_US_TO_TS.format("o")}, e::uuid, n, a, b
-    FROM unnest({params("text", "text", "text", "int8", "text", "int4", "int8", "int8")}) AS r(s, u, p, o, e, n, a, b)
-    ORDER BY u, p, s, o, e
-    ON CONFLICT (user_id, product_id, state_table, until_at, until_event_id) DO UPDATE
-    SET events = excluded.events, a = excluded.a, b = excluded.b
-)""")
-    parts.append(f"""purchases_written AS (
-    INSERT INTO purchase_history (user_id, purchased_at, event_id, product_id, session_id)
-    SELECT u, {_US_TO_TS.format("t")}, e::uuid, p, s
-    FROM unnest({params("text", "int8", "text", "text", "text")}) AS r(u, t, e, p, s)
-    ORDER BY u, t, e
-    ON CONFLICT DO NOTHING
-)""")
+    parts: list[str] = []
+    first = 0
+    for name, insert in inserts:
+        parts.append(f"{name} AS (\n    {insert.from_arrays(first)}\n)")
+        first += len(insert.columns)
     return "WITH " + ",\n".join(parts) + "\nSELECT"
 
 
@@ -284,6 +368,11 @@ async def write_state(
     history rows, the new or recomputed segments and the new purchases, in one
     statement. A line's origin is never written (only migrations set it)."""
     if not purchases and not history and not segments and not any(lines.values()):
+        return
+    if on_citus(conn):
+        from interactions_server.storage import _citus_write  # imports this module
+
+        await _citus_write.write_state(conn, lines, history, segments, purchases)
         return
     params: list[list[Any]] = []
     for table in STATE_TABLES:
