@@ -5,6 +5,7 @@
     interactions-server retention [--dry-run]  # apply the retention policy once (or only count) and exit
     interactions-server distribute --database-url URL [--shard-count N]
                                              # on a Citus coordinator: migrate, distribute the tables, exit
+    interactions-server rebuild-recommendations  # rebuild the recommendations from the log and exit
 
 Every flag has an environment variable default. Without a database URL an
 embedded PostgreSQL is started with its data in --data-dir. With --workers N
@@ -35,6 +36,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -63,6 +65,7 @@ from interactions_server.storage import (
     distribute,
     migrate_when_reachable,
     open_pool,
+    rebuild_now,
     run_retention,
 )
 
@@ -132,17 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=("serve", "migrate", "retention", "distribute"),
+        choices=("serve", "migrate", "retention", "distribute", "rebuild-recommendations"),
         default="serve",
         help="what to do (default: serve); retention: apply the retention policy once and exit; "
         "distribute: on a Citus coordinator, apply the migrations and distribute the tables by user_id "
-        "(docs/scaling.md)",
+        "(docs/scaling.md); rebuild-recommendations: rebuild the recommendations' aggregates from the log and exit",
     )
     parser.add_argument(
         "--shard-count",
         type=_at_least_one,
         help="distribute: shards of the distributed tables (default: the cluster's citus.shard_count; "
         "see docs/scaling.md for advice)",
+    )
+    parser.add_argument(
+        "--recommendations-interval",
+        type=_seconds,
+        metavar="SECONDS",
+        default=env("INTERACTIONS_RECOMMENDATIONS_INTERVAL", "0.5"),
+        help="seconds between steps of the recommendations' maintainer once it has caught up; 0: no maintainer "
+        "on this host (env INTERACTIONS_RECOMMENDATIONS_INTERVAL; default %(default)s)",
     )
     parser.add_argument(
         "--retention-days",
@@ -355,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         interactive_latency_target=args.interactive_latency_target,
         event_loop=args.event_loop,
         retention=RetentionPolicy.of(args.retention_days, args.retention_days_by_type),
+        recommendations_interval=args.recommendations_interval,
     )
     if args.dry_run and args.command != "retention":
         _log.error("--dry-run is an option of `interactions-server retention`")
@@ -364,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_migrate(config))
         if args.command == "retention":
             return asyncio.run(_retention(config, dry_run=args.dry_run))
+        if args.command == "rebuild-recommendations":
+            return asyncio.run(_rebuild_recommendations(config))
         if args.command == "distribute":
             return asyncio.run(_distribute(config, args.shard_count))
         if args.shard_count is not None:
@@ -478,6 +492,16 @@ async def _distribute(config: ServerConfig, shard_count: int | None) -> int:
     for line in await distribute(config, config.database_url, shard_count):
         _log.info("%s", line)
     _log.info("the tables are distributed; start the servers against the coordinator")
+    return 0
+
+
+async def _rebuild_recommendations(config: ServerConfig) -> int:
+    """Rebuilds the aggregates from the log in one transaction (reads go on
+    from the old ones until it commits; a running maintainer waits)."""
+    async with _migrated(config) as dsn:
+        started = time.monotonic()
+        result = await rebuild_now(dsn, statement_cache_size=config.statement_cache_size)
+    sys.stdout.write(f"recommendations rebuilt from {result.applied:,} events in {time.monotonic() - started:.1f} s\n")
     return 0
 
 

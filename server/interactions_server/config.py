@@ -152,6 +152,9 @@ class ServerConfig:
     retention: RetentionPolicy = KEEP_EVERYTHING
     retention_check_interval: float = 3600.0  # seconds between checks whether the daily run is due
     removal_batch_rows: int = 5_000  # rows a batch of a purge aims at (storage/_lifecycle.py)
+    # Seconds between steps of the recommendations' maintainer once caught up
+    # (--recommendations-interval); 0: no maintainer on this host.
+    recommendations_interval: float = 0.5
 
 
 def split_listen(listen: str) -> tuple[str, int]:

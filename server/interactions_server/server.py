@@ -33,6 +33,7 @@ from interactions_client.v1 import (
     event_stream_service_pb2,
     identity_service_pb2,
     interaction_service_pb2,
+    recommendation_service_pb2,
     user_state_service_pb2,
 )
 from interactions_server import feed, logs, metrics, rpc, storage
@@ -48,6 +49,7 @@ from interactions_server.services import (
     EventStreamService,
     IdentityService,
     InteractionService,
+    RecommendationService,
     UserStateService,
     encode_stream_event,
 )
@@ -129,6 +131,19 @@ SERVICES: tuple[Service, ...] = (
             pace=storage.Pace(rows=parts.config.removal_batch_rows),
             on_deleted=parts.feed.note_deletion,
         ),
+    ),
+    Service(
+        recommendation_service_pb2.DESCRIPTOR.services_by_name["RecommendationService"],
+        lambda parts: RecommendationService(parts.pool, parts.analytics_pool),
+        reads_only=True,
+        # Per-user and per-product reads, one index range each; trending is
+        # a shared list (a computation now and then), neither class.
+        interactive={
+            "RecentlyViewed": None,
+            "UserAffinities": None,
+            "FrequentlyBoughtTogether": None,
+            "AlsoViewed": None,
+        },
     ),
     Service(
         event_stream_service_pb2.DESCRIPTOR.services_by_name["EventStreamService"],

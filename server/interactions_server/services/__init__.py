@@ -9,6 +9,7 @@ from interactions_server.services.analytics import AnalyticsService
 from interactions_server.services.event_stream import EventStreamService
 from interactions_server.services.identity import IdentityService
 from interactions_server.services.interactions import InteractionService
+from interactions_server.services.recommendations import RecommendationService
 from interactions_server.services.user_state import UserStateService
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "EventStreamService",
     "IdentityService",
     "InteractionService",
+    "RecommendationService",
     "UserStateService",
     "encode_stream_event",
 ]

@@ -17,6 +17,8 @@ upkeep. Nothing here knows of gRPC; callers pass pools and connections in.
 - `_identity`: identity links (their locks and facts, the move of an
   anonymous id's rows under its person, GetIdentity);
 - `_event_stream`: the subscription's reads (the stream's order and positions);
+- `_recommendations`: the RecommendationService's aggregates, their maintainer
+  (in `_database`'s Database, once per host) and rebuild, and its reads;
 - `_database`: the database side of a host (embedded PostgreSQL, migrations,
   partitions), and the operator's errors of a database that refuses us;
 - `_migrate`, `_partitions`, `_embedded`: what `_database` runs;
@@ -118,6 +120,18 @@ from interactions_server.storage._pool import (
     renew_connections,
     transaction,
 )
+from interactions_server.storage._recommendations import (
+    PURCHASES,
+    VIEWS,
+    RecommendationsMaintainer,
+    Scored,
+    affinities,
+    rebuild_now,
+    recently_viewed,
+    together,
+    trending,
+    wait_applied,
+)
 from interactions_server.storage._retention import RetentionBusy, RetentionKeeper, run_retention
 from interactions_server.storage._state import (
     STATE_TABLES,
@@ -138,10 +152,12 @@ from interactions_server.storage._user_data import USER_DATA_PARTS, UserHeader, 
 
 __all__ = [
     "DELETE_USER_DATA",
+    "PURCHASES",
     "PURGE_EVENTS",
     "RETENTION",
     "STATE_TABLES",
     "USER_DATA_PARTS",
+    "VIEWS",
     "ActiveUsers",
     "AuditRecord",
     "CartRow",
@@ -167,10 +183,12 @@ __all__ = [
     "PurchaseRecord",
     "PurchaseRow",
     "PurgeFilter",
+    "RecommendationsMaintainer",
     "Removed",
     "RetentionBusy",
     "RetentionKeeper",
     "RetentionPlan",
+    "Scored",
     "SearchOutcome",
     "Segment",
     "SessionEvent",
@@ -193,6 +211,7 @@ __all__ = [
     "acquire",
     "active_users",
     "actor_of",
+    "affinities",
     "audit_records",
     "close_pool",
     "count_purge",
@@ -225,6 +244,8 @@ __all__ = [
     "purge_events",
     "quiet_pool_logs",
     "read_stream",
+    "rebuild_now",
+    "recently_viewed",
     "record_audit",
     "removed_through",
     "renew_connections",
@@ -238,12 +259,15 @@ __all__ = [
     "snapshot_of",
     "start_tuned",
     "summarize_stream",
+    "together",
     "training_rows",
     "transaction",
+    "trending",
     "user_activity",
     "user_data_part",
     "user_events",
     "user_header",
     "users_deleted_since",
+    "wait_applied",
     "write_state",
 ]

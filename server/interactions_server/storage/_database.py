@@ -22,6 +22,7 @@ from interactions_server.storage import _citus, _migrate
 from interactions_server.storage._embedded import EmbeddedPostgres
 from interactions_server.storage._partitions import PartitionKeeper
 from interactions_server.storage._pool import close_pool, quiet_pool_logs
+from interactions_server.storage._recommendations import RecommendationsMaintainer
 from interactions_server.storage._retention import RetentionKeeper
 
 _log = logging.getLogger("interactions_server.database")
@@ -39,6 +40,7 @@ class Database:
         self._pool: asyncpg.Pool | None = None  # for the partition keeper and retention only
         self._partitions: PartitionKeeper | None = None
         self.retention: RetentionKeeper | None = None
+        self.recommendations: RecommendationsMaintainer | None = None
 
     async def start(self) -> str:
         """Ready on return: the database is up, migrated, its partitions made.
@@ -58,6 +60,13 @@ class Database:
         if not policy.keeps_everything:
             self.retention = RetentionKeeper(self._pool, policy, check_interval=self.config.retention_check_interval)
             self.retention.start()
+        if self.config.recommendations_interval > 0:
+            self.recommendations = RecommendationsMaintainer(
+                dsn,
+                interval=self.config.recommendations_interval,
+                statement_cache_size=self.config.statement_cache_size,
+            )
+            self.recommendations.start()
         return dsn
 
     @property
@@ -74,6 +83,9 @@ class Database:
             await asyncio.sleep(EMBEDDED_WATCH_INTERVAL)
 
     async def stop(self) -> None:
+        if self.recommendations is not None:
+            await self.recommendations.stop()
+            self.recommendations = None
         if self.retention is not None:
             await self.retention.stop()
             self.retention = None

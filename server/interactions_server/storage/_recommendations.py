@@ -1,0 +1,744 @@
+"""The SQL of the recommendations (RecommendationService; migrations/0011,
+docs/analytics.md "Recommendations"): the maintained aggregates, their
+maintenance from the committed events, their rebuild from the log, and the
+reads.
+
+The maintainer applies the log in windows of transaction ids (the stream's
+`xid`, migrations/0009): a step, in one REPEATABLE READ transaction, locks
+recs_state, takes the boundary of its own snapshot (every transaction below
+it has finished: the stream's proof, docs/subscribe.md), applies every event
+with an xid in [applied_through, end) for an end at most that boundary, and
+moves applied_through to end. Each event is applied once: the window and the
+position move together, under the row lock.
+
+Removals (a deletion, an identity link's move, retention's and purges' row
+deletes) leave a row in recs_removed by trigger; the step recomputes what
+they touched from what the log still holds below applied_through: every
+person-level row of the persons concerned, and the trending buckets of the
+(hour, product)s concerned. Reading the log in the step's own snapshot is
+what keeps removals race-free: a row deleted before the step is not there to
+apply, one deleted after has its journal row seen by a later step. A
+partition that vanished (retention dropped or detached a month) triggers a
+rebuild.
+
+Everything is set-based SQL; nothing here reads events into Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+
+from interactions_client.rules import STANDARD
+from interactions_server.errors import is_database_unavailable
+
+_log = logging.getLogger("interactions_server.recommendations")
+
+VIEW_TYPES = ("view", "product_view", "click")  # RecentlyViewed and AlsoViewed
+PURCHASE_TYPES = ("purchase",)  # FrequentlyBoughtTogether
+VIEWS, PURCHASES = 1, 2  # the kinds of together (recs_*_members.kind)
+CAP = 20  # products of a (kind, person, hour) or (kind, person, session) that take part in pairs
+TOGETHER_SECONDS = 3_600  # two occurrences within this of each other are together
+ML_WEIGHTS: dict[str, float] = {r.name: r.ml_weight for r in STANDARD.values() if r.ml_weight is not None}
+_WEIGHT_TYPES = list(ML_WEIGHTS)
+_WEIGHT_VALUES = [ML_WEIGHTS[name] for name in _WEIGHT_TYPES]
+HOUR_BUCKET_HOURS = 1.0  # recs_product_hours
+DAY_BUCKET_HOURS = 24.0  # recs_user_days
+
+_VIEW_LIST = ", ".join(f"'{t}'" for t in VIEW_TYPES)
+_BUY_LIST = ", ".join(f"'{t}'" for t in PURCHASE_TYPES)
+_KIND = f"(CASE WHEN e.event_type IN ({_VIEW_LIST}) THEN 1 WHEN e.event_type IN ({_BUY_LIST}) THEN 2 END)"
+
+# Which events a statement reads: $1, $2 and the source's clause. A window
+# is [$1, $2) of transaction ids (the whole log below $2 when $1 is -1); a
+# person recompute is the events of the users $1 below transaction $2.
+_WINDOW = "e.xid >= $1::int8 AND e.xid < $2::int8"
+_USERS = "e.user_id = ANY($1::text[]) AND e.xid < $2::int8"
+
+
+def _aggregate_sql(where: str, *, hours: bool) -> str:
+    """The additive part of a step (or of a rebuild): a person's products,
+    the denominators, the decay moments by day, the members of together, and
+    (hours) the trending buckets. $3, $4: the ml_weights; $5: the step."""
+    hours_cte = (
+        """,
+hours AS (
+    INSERT INTO recs_product_hours AS t (hour, product_id, n, s0, s1, s2, last_at)
+    SELECT h, product_id, count(*), sum(weight), sum(weight * x), sum(weight * x * x), max(occurred_at)
+    FROM (SELECT product_id, weight, occurred_at, floor(epoch / 3600)::int4 AS h,
+                 (epoch - floor(epoch / 3600) * 3600) / 3600 AS x
+          FROM src WHERE weight IS NOT NULL) AS s
+    GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (hour, product_id) DO UPDATE
+    SET n = t.n + excluded.n, s0 = t.s0 + excluded.s0, s1 = t.s1 + excluded.s1, s2 = t.s2 + excluded.s2,
+        last_at = greatest(t.last_at, excluded.last_at)
+)"""
+        if hours
+        else ""
+    )
+    return f"""
+WITH w AS (SELECT * FROM unnest($3::text[], $4::float8[]) AS w(event_type, weight)),
+src AS MATERIALIZED (
+    SELECT e.user_id, e.product_id, e.event_type, e.session_id, e.occurred_at, w.weight, {_KIND} AS kind,
+           date_part('epoch', e.occurred_at) AS epoch
+    FROM events AS e LEFT JOIN w ON w.event_type = e.event_type
+    WHERE {where} AND e.product_id IS NOT NULL
+),
+agg AS (
+    SELECT user_id, product_id,
+           count(*) FILTER (WHERE kind = 1) AS view_n, max(occurred_at) FILTER (WHERE kind = 1) AS view_last,
+           count(*) FILTER (WHERE kind = 2) AS buy_n,
+           count(weight) AS train_n, coalesce(sum(weight), 0) AS train_w,
+           max(occurred_at) FILTER (WHERE weight IS NOT NULL) AS train_last
+    FROM src GROUP BY 1, 2
+    HAVING count(*) FILTER (WHERE kind IS NOT NULL) > 0 OR count(weight) > 0
+),
+old AS (
+    SELECT o.user_id, o.product_id, o.view_n, o.buy_n
+    FROM recs_user_products AS o JOIN agg AS a ON a.user_id = o.user_id AND a.product_id = o.product_id
+),
+products AS (
+    INSERT INTO recs_user_products AS t
+        (user_id, product_id, view_n, view_last, buy_n, train_n, train_w, train_last)
+    SELECT user_id, product_id, view_n, view_last, buy_n, train_n, train_w, train_last
+    FROM agg ORDER BY user_id, product_id
+    ON CONFLICT (user_id, product_id) DO UPDATE
+    SET view_n = t.view_n + excluded.view_n, view_last = greatest(t.view_last, excluded.view_last),
+        buy_n = t.buy_n + excluded.buy_n, train_n = t.train_n + excluded.train_n,
+        train_w = t.train_w + excluded.train_w, train_last = greatest(t.train_last, excluded.train_last)
+),
+people AS (
+    INSERT INTO recs_product_people AS t (kind, product_id, people)
+    SELECT k.kind, a.product_id, count(*)
+    FROM agg AS a LEFT JOIN old AS o ON o.user_id = a.user_id AND o.product_id = a.product_id
+    CROSS JOIN LATERAL (VALUES (1::int2, a.view_n > 0 AND coalesce(o.view_n, 0) = 0),
+                               (2::int2, a.buy_n > 0 AND coalesce(o.buy_n, 0) = 0)) AS k(kind, became)
+    WHERE k.became
+    GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (kind, product_id) DO UPDATE SET people = t.people + excluded.people
+),
+days AS (
+    INSERT INTO recs_user_days AS t (user_id, day, product_id, n, s0, s1, s2)
+    SELECT user_id, d, product_id, count(*), sum(weight), sum(weight * x), sum(weight * x * x)
+    FROM (SELECT user_id, product_id, weight, floor(epoch / 86400)::int4 AS d,
+                 (epoch - floor(epoch / 86400) * 86400) / 3600 AS x
+          FROM src WHERE weight IS NOT NULL) AS s
+    GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+    ON CONFLICT (user_id, day, product_id) DO UPDATE
+    SET n = t.n + excluded.n, s0 = t.s0 + excluded.s0, s1 = t.s1 + excluded.s1, s2 = t.s2 + excluded.s2
+),
+hour_members AS (
+    INSERT INTO recs_hour_members AS t (kind, user_id, hour, product_id, first_at, last_at, eligible, touched)
+    SELECT kind, user_id, floor(epoch / 3600)::int4, product_id, min(occurred_at), max(occurred_at), false, $5::int8
+    FROM src WHERE kind IS NOT NULL
+    GROUP BY kind, user_id, 3, product_id ORDER BY kind, user_id, 3, product_id
+    ON CONFLICT (kind, user_id, hour, product_id) DO UPDATE
+    SET first_at = least(t.first_at, excluded.first_at), last_at = greatest(t.last_at, excluded.last_at),
+        touched = excluded.touched
+    WHERE excluded.first_at < t.first_at OR excluded.last_at > t.last_at
+),
+session_members AS (
+    INSERT INTO recs_session_members AS t (kind, user_id, session_id, product_id, first_at, eligible, touched)
+    SELECT kind, user_id, session_id, product_id, min(occurred_at), false, $5::int8
+    FROM src WHERE kind IS NOT NULL AND session_id IS NOT NULL AND session_id <> ''
+    GROUP BY kind, user_id, session_id, product_id ORDER BY kind, user_id, session_id, product_id
+    ON CONFLICT (kind, user_id, session_id, product_id) DO UPDATE
+    SET first_at = excluded.first_at, touched = excluded.touched
+    WHERE excluded.first_at < t.first_at
+){hours_cte}
+SELECT count(*) FROM src
+"""
+
+
+# The groups whose members a statement ranks: those the window touched, or
+# every group of some users (a recompute), or every group (a rebuild).
+_WINDOW_HOUR_GROUPS = f"""
+SELECT DISTINCT {_KIND} AS kind, e.user_id, floor(date_part('epoch', e.occurred_at) / 3600)::int4 AS grp
+FROM events AS e WHERE {_WINDOW} AND e.product_id IS NOT NULL AND {_KIND} IS NOT NULL
+"""
+_WINDOW_SESSION_GROUPS = f"""
+SELECT DISTINCT {_KIND} AS kind, e.user_id, e.session_id AS grp
+FROM events AS e WHERE {_WINDOW} AND e.product_id IS NOT NULL AND {_KIND} IS NOT NULL
+  AND e.session_id IS NOT NULL AND e.session_id <> ''
+"""
+
+
+def _eligibility_sql(table: str, column: str, groups: str | None) -> str:
+    """Ranks the members of the groups (all groups when None) and stores who
+    is among the first CAP by first occurrence (ties by product_id);
+    returns the rows whose eligibility changed. A row that becomes eligible
+    is touched by step $3, so that its pairs are looked for."""
+    scope = (
+        f"JOIN ({groups}) AS g ON g.kind = m.kind AND g.user_id = m.user_id AND g.grp = m.{column}"
+        if groups is not None
+        else ""
+    )
+    return f"""
+WITH ranked AS (
+    SELECT m.kind, m.user_id, m.{column}, m.product_id,
+           row_number() OVER (PARTITION BY m.kind, m.user_id, m.{column}
+                              ORDER BY m.first_at, m.product_id COLLATE "C") <= {CAP} AS eligible
+    FROM {table} AS m {scope}
+)
+UPDATE {table} AS t SET eligible = r.eligible, touched = CASE WHEN r.eligible THEN $3::int8 ELSE t.touched END
+FROM ranked AS r
+WHERE t.kind = r.kind AND t.user_id = r.user_id AND t.{column} = r.{column} AND t.product_id = r.product_id
+  AND t.eligible <> r.eligible
+RETURNING t.kind, t.user_id, t.eligible
+"""
+
+
+_ELIGIBLE_WINDOW_HOURS = _eligibility_sql("recs_hour_members", "hour", _WINDOW_HOUR_GROUPS)
+_ELIGIBLE_WINDOW_SESSIONS = _eligibility_sql("recs_session_members", "session_id", _WINDOW_SESSION_GROUPS)
+_USER_HOUR_GROUPS = "SELECT kind, user_id, hour AS grp FROM recs_hour_members WHERE user_id = ANY($1::text[])"
+_USER_SESSION_GROUPS = (
+    "SELECT kind, user_id, session_id AS grp FROM recs_session_members WHERE user_id = ANY($1::text[])"
+)
+# $2 is unused by these: the same parameters as the window's, for one call shape.
+_ELIGIBLE_USER_HOURS = _eligibility_sql(
+    "recs_hour_members", "hour", f"SELECT DISTINCT * FROM ({_USER_HOUR_GROUPS}) AS u WHERE $2::int8 IS NOT NULL"
+)
+_ELIGIBLE_USER_SESSIONS = _eligibility_sql(
+    "recs_session_members",
+    "session_id",
+    f"SELECT DISTINCT * FROM ({_USER_SESSION_GROUPS}) AS u WHERE $2::int8 IS NOT NULL",
+)
+_ELIGIBLE_ALL_HOURS = _eligibility_sql("recs_hour_members", "hour", None).replace("$3", "$1")
+_ELIGIBLE_ALL_SESSIONS = _eligibility_sql("recs_session_members", "session_id", None).replace("$3", "$1")
+
+_C = 'COLLATE "C"'
+
+
+def _pairs_sql(hour_rows: str, session_rows: str) -> str:
+    """Inserts the person pairs the given member rows (eligible ones) are in,
+    with any eligible member of the same person in reach (same or adjacent
+    hour within TOGETHER_SECONDS, or same session), and adds the new ones to
+    the supports."""
+    return f"""
+WITH d AS ({hour_rows}),
+ds AS ({session_rows}),
+cand AS (
+    SELECT d.kind, d.user_id, least(d.product_id {_C}, o.product_id {_C}) AS a,
+           greatest(d.product_id {_C}, o.product_id {_C}) AS b
+    FROM d JOIN recs_hour_members AS o
+      ON o.kind = d.kind AND o.user_id = d.user_id AND o.hour BETWEEN d.hour - 1 AND d.hour + 1
+     AND o.eligible AND o.product_id <> d.product_id
+     AND (o.hour = d.hour
+          OR (o.hour = d.hour + 1 AND o.first_at - d.last_at <= interval '{TOGETHER_SECONDS} seconds')
+          OR (o.hour = d.hour - 1 AND d.first_at - o.last_at <= interval '{TOGETHER_SECONDS} seconds'))
+    UNION
+    SELECT ds.kind, ds.user_id, least(ds.product_id {_C}, o.product_id {_C}),
+           greatest(ds.product_id {_C}, o.product_id {_C})
+    FROM ds JOIN recs_session_members AS o
+      ON o.kind = ds.kind AND o.user_id = ds.user_id AND o.session_id = ds.session_id
+     AND o.eligible AND o.product_id <> ds.product_id
+),
+new AS (
+    INSERT INTO recs_person_pairs (kind, user_id, a, b)
+    SELECT kind, user_id, a, b FROM cand ORDER BY kind, user_id, a, b
+    ON CONFLICT DO NOTHING
+    RETURNING kind, a, b
+)
+INSERT INTO recs_pairs AS t (kind, product_id, other_id, support)
+SELECT kind, p, q, count(*)
+FROM (SELECT kind, a AS p, b AS q FROM new UNION ALL SELECT kind, b, a FROM new) AS x
+GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+ON CONFLICT (kind, product_id, other_id) DO UPDATE SET support = t.support + excluded.support
+"""
+
+
+# A window: the rows the step widened or made eligible ($3: the step), in
+# the groups the window touched.
+_PAIRS_WINDOW = _pairs_sql(
+    f"""SELECT m.* FROM recs_hour_members AS m
+        JOIN ({_WINDOW_HOUR_GROUPS}) AS g ON g.kind = m.kind AND g.user_id = m.user_id AND g.grp = m.hour
+        WHERE m.eligible AND m.touched = $3::int8""",
+    f"""SELECT m.* FROM recs_session_members AS m
+        JOIN ({_WINDOW_SESSION_GROUPS}) AS g ON g.kind = m.kind AND g.user_id = m.user_id AND g.grp = m.session_id
+        WHERE m.eligible AND m.touched = $3::int8""",
+)
+# Every eligible member of the users $1 (their pairs are built from scratch).
+_PAIRS_USERS = _pairs_sql(
+    "SELECT * FROM recs_hour_members WHERE user_id = ANY($1::text[]) AND eligible",
+    "SELECT * FROM recs_session_members WHERE user_id = ANY($1::text[]) AND eligible",
+)
+_PAIRS_ALL = _pairs_sql(
+    "SELECT * FROM recs_hour_members WHERE eligible", "SELECT * FROM recs_session_members WHERE eligible"
+)
+
+# Forgetting persons: their pairs leave the supports, their products the
+# denominators, then every person-level row of theirs goes.
+_FORGET_PAIRS = """
+WITH gone AS (DELETE FROM recs_person_pairs WHERE kind IN (1, 2) AND user_id = ANY($1::text[]) RETURNING kind, a, b),
+dec AS (
+    SELECT kind, p, q, count(*) AS n
+    FROM (SELECT kind, a AS p, b AS q FROM gone UNION ALL SELECT kind, b, a FROM gone) AS x
+    GROUP BY 1, 2, 3
+)
+UPDATE recs_pairs AS t SET support = t.support - dec.n
+FROM dec WHERE t.kind = dec.kind AND t.product_id = dec.p AND t.other_id = dec.q
+RETURNING t.kind, t.product_id, t.other_id, t.support
+"""
+_DROP_PAIRS = """
+DELETE FROM recs_pairs AS t USING unnest($1::int2[], $2::text[], $3::text[]) AS k(kind, p, q)
+WHERE t.kind = k.kind AND t.product_id = k.p AND t.other_id = k.q AND t.support <= 0
+"""
+_FORGET_PRODUCTS = """
+WITH gone AS (DELETE FROM recs_user_products WHERE user_id = ANY($1::text[]) RETURNING product_id, view_n, buy_n),
+dec AS (
+    SELECT k.kind, g.product_id, count(*) AS n
+    FROM gone AS g CROSS JOIN LATERAL (VALUES (1::int2, g.view_n > 0), (2::int2, g.buy_n > 0)) AS k(kind, had)
+    WHERE k.had GROUP BY 1, 2
+),
+days AS (DELETE FROM recs_user_days WHERE user_id = ANY($1::text[])),
+hours AS (DELETE FROM recs_hour_members WHERE kind IN (1, 2) AND user_id = ANY($1::text[])),
+sessions AS (DELETE FROM recs_session_members WHERE kind IN (1, 2) AND user_id = ANY($1::text[]))
+UPDATE recs_product_people AS t SET people = t.people - dec.n
+FROM dec WHERE t.kind = dec.kind AND t.product_id = dec.product_id
+RETURNING t.kind, t.product_id, t.people
+"""
+_DROP_PEOPLE = """
+DELETE FROM recs_product_people AS t USING unnest($1::int2[], $2::text[]) AS k(kind, p)
+WHERE t.kind = k.kind AND t.product_id = k.p AND t.people <= 0
+"""
+
+# The trending buckets of one hour recomputed from the log for some products
+# (below transaction $3): after removals.
+_RECOMPUTE_HOUR = """
+WITH w AS (SELECT * FROM unnest($4::text[], $5::float8[]) AS w(event_type, weight)),
+fresh AS (
+    SELECT e.product_id, count(*) AS n, sum(w.weight) AS s0,
+           sum(w.weight * (date_part('epoch', e.occurred_at) - $1::int4 * 3600.0) / 3600) AS s1,
+           sum(w.weight * ((date_part('epoch', e.occurred_at) - $1::int4 * 3600.0) / 3600) ^ 2) AS s2,
+           max(e.occurred_at) AS last_at
+    FROM events AS e JOIN w ON w.event_type = e.event_type
+    WHERE e.occurred_at >= to_timestamp($1::int4 * 3600.0) AND e.occurred_at < to_timestamp(($1::int4 + 1) * 3600.0)
+      AND e.product_id = ANY($2::text[]) AND e.xid < $3::int8
+    GROUP BY e.product_id
+),
+gone AS (
+    DELETE FROM recs_product_hours AS t
+    WHERE t.hour = $1::int4 AND t.product_id = ANY($2::text[]) AND t.product_id NOT IN (SELECT product_id FROM fresh)
+)
+INSERT INTO recs_product_hours AS t (hour, product_id, n, s0, s1, s2, last_at)
+SELECT $1::int4, product_id, n, s0, s1, s2, last_at FROM fresh ORDER BY product_id
+ON CONFLICT (hour, product_id) DO UPDATE
+SET n = excluded.n, s0 = excluded.s0, s1 = excluded.s1, s2 = excluded.s2, last_at = excluded.last_at
+"""
+
+_TABLES = (
+    "recs_user_products",
+    "recs_user_days",
+    "recs_product_hours",
+    "recs_hour_members",
+    "recs_session_members",
+    "recs_person_pairs",
+    "recs_pairs",
+    "recs_product_people",
+)
+
+_PARTITIONS = """
+SELECT coalesce(array_agg(c.relname::text ORDER BY c.relname), '{}')
+FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'events'::regclass
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    applied: int  # events read from the window
+    removed: int  # journal rows handled
+    rebuilt: bool
+    applied_through: int | None  # None: another server holds the lease
+    caught_up: bool  # the window reached the boundary
+
+
+class LeaseHeld(Exception):
+    """Another server maintains the recommendations now."""
+
+
+async def apply_window(conn: asyncpg.Connection, start: int, end: int) -> int:
+    """Applies the events with an xid in [start, end); returns how many were read."""
+    applied: int = await conn.fetchval(
+        _aggregate_sql(_WINDOW, hours=True), start, end, _WEIGHT_TYPES, _WEIGHT_VALUES, end
+    )
+    displaced: set[str] = set()
+    for statement in (_ELIGIBLE_WINDOW_HOURS, _ELIGIBLE_WINDOW_SESSIONS):
+        for kind, user_id, eligible in await conn.fetch(statement, start, end, end):
+            del kind
+            if not eligible:
+                displaced.add(user_id)
+    await conn.execute(_PAIRS_WINDOW, start, end, end)
+    if displaced:
+        # A member pushed out of its group's first CAP: the person's pairs
+        # are rebuilt from their members (it may have been the only witness).
+        users = sorted(displaced)
+        await _forget_pairs(conn, users)
+        await conn.execute(_PAIRS_USERS, users)
+    return applied
+
+
+async def _forget_pairs(conn: asyncpg.Connection, users: list[str]) -> None:
+    rows = await conn.fetch(_FORGET_PAIRS, users)
+    zero = [r for r in rows if r["support"] <= 0]
+    if zero:
+        await conn.execute(
+            _DROP_PAIRS, [r["kind"] for r in zero], [r["product_id"] for r in zero], [r["other_id"] for r in zero]
+        )
+
+
+async def recompute_persons(conn: asyncpg.Connection, users: Sequence[str], through: int, step: int) -> None:
+    """Every person-level row of `users` recomputed from their events below
+    transaction `through` (the denominators and supports adjusted)."""
+    users = sorted(set(users))
+    await _forget_pairs(conn, users)
+    rows = await conn.fetch(_FORGET_PRODUCTS, users)
+    zero = [r for r in rows if r["people"] <= 0]
+    if zero:
+        await conn.execute(_DROP_PEOPLE, [r["kind"] for r in zero], [r["product_id"] for r in zero])
+    await conn.fetchval(_aggregate_sql(_USERS, hours=False), users, through, _WEIGHT_TYPES, _WEIGHT_VALUES, step)
+    await conn.execute(_ELIGIBLE_USER_HOURS, users, through, step)
+    await conn.execute(_ELIGIBLE_USER_SESSIONS, users, through, step)
+    await conn.execute(_PAIRS_USERS, users)
+
+
+async def recompute_hours(conn: asyncpg.Connection, buckets: dict[int, set[str]], through: int) -> None:
+    """The trending buckets of (hour, product)s recomputed from the log below `through`."""
+    for hour in sorted(buckets):
+        await conn.execute(_RECOMPUTE_HOUR, hour, sorted(buckets[hour]), through, _WEIGHT_TYPES, _WEIGHT_VALUES)
+
+
+async def rebuild(conn: asyncpg.Connection, through: int) -> int:
+    """Every aggregate rebuilt from the events below transaction `through`
+    (inside the caller's transaction: readers see the old ones until it
+    commits). Returns the events read."""
+    for table in _TABLES:
+        await conn.execute(f"DELETE FROM {table}")
+    await conn.execute("DELETE FROM recs_removed")
+    applied: int = await conn.fetchval(
+        _aggregate_sql(_WINDOW, hours=True), -1, through, _WEIGHT_TYPES, _WEIGHT_VALUES, through
+    )
+    await conn.execute(_ELIGIBLE_ALL_HOURS, through)
+    await conn.execute(_ELIGIBLE_ALL_SESSIONS, through)
+    await conn.execute(_PAIRS_ALL)
+    return applied
+
+
+_LOCK_STATE = (
+    "SELECT applied_through, holder, coalesce(lease_until > now(), false) AS leased, partitions,"
+    " event_stream_boundary() AS boundary, (" + _PARTITIONS + ") AS current FROM recs_state FOR UPDATE"
+)
+_ENSURE_STATE = "INSERT INTO recs_state DEFAULT VALUES ON CONFLICT DO NOTHING"
+_SAVE_STATE = """
+UPDATE recs_state SET applied_through = $1, holder = $2, lease_until = now() + $3 * interval '1 second',
+    partitions = $4, updated_at = now(), built_at = CASE WHEN $5 THEN now() ELSE built_at END
+"""
+_JOURNAL = "DELETE FROM recs_removed RETURNING user_id, product_id, occurred_at"
+
+
+async def step(
+    conn: asyncpg.Connection, holder: str, *, lease_seconds: float, max_span: int, force_rebuild: bool = False
+) -> StepResult:
+    """One step of the maintainer (see the module's docstring), in one
+    REPEATABLE READ transaction on `conn`. Raises LeaseHeld when another
+    holder's lease is in force; asyncpg's SerializationError when another
+    step committed meanwhile (retry)."""
+    async with conn.transaction(isolation="repeatable_read"):
+        await conn.execute(_ENSURE_STATE)  # the row is gone after a TRUNCATE of every table (tests)
+        state = await conn.fetchrow(_LOCK_STATE)
+        if state["leased"] and state["holder"] != holder and not force_rebuild:
+            raise LeaseHeld(state["holder"])
+        boundary: int = state["boundary"]
+        current: list[str] = list(state["current"])
+        known = state["partitions"]
+        applied_through = state["applied_through"]
+        vanished = known is not None and bool(set(known) - set(current))
+        if force_rebuild or applied_through is None or vanished:
+            if vanished:
+                _log.info("a partition of the log is gone (retention): rebuilding the recommendations")
+            started = time.monotonic()
+            applied = await rebuild(conn, boundary)
+            await conn.execute(_SAVE_STATE, boundary, holder, lease_seconds, current, True)
+            _log.info("recommendations rebuilt from %d events in %.1f s", applied, time.monotonic() - started)
+            return StepResult(applied, 0, True, boundary, True)
+        start: int = applied_through
+        end = min(boundary, start + max_span) if start > 0 else boundary
+        journal = await conn.fetch(_JOURNAL)
+        if journal:
+            users = {r["user_id"] for r in journal}
+            buckets: dict[int, set[str]] = {}
+            for r in journal:
+                hour = math.floor(r["occurred_at"].timestamp() / 3600)
+                buckets.setdefault(hour, set()).add(r["product_id"])
+            await recompute_persons(conn, sorted(users), start, end)
+            await recompute_hours(conn, buckets, start)
+        applied = 0
+        if end > start:
+            applied = await apply_window(conn, start, end)
+        await conn.execute(_SAVE_STATE, max(start, end), holder, lease_seconds, current, False)
+        return StepResult(applied, len(journal), False, max(start, end), end >= boundary)
+
+
+# --- reads -------------------------------------------------------------------------------------
+
+_RECENTLY_VIEWED = f"""
+SELECT u.product_id, u.view_n, u.view_last FROM recs_user_products AS u
+WHERE u.user_id = $1 AND u.view_n > 0 AND u.product_id <> ALL($2::text[]) AND (NOT $3 OR u.buy_n = 0)
+  AND (NOT $4 OR NOT EXISTS (SELECT FROM user_cart AS c WHERE c.user_id = $1 AND c.product_id = u.product_id))
+ORDER BY u.view_last DESC, u.product_id {_C}
+LIMIT $5
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    product_id: str
+    score: float
+    support: int
+    last_occurred_at: datetime | None
+
+
+async def recently_viewed(
+    pool: asyncpg.Pool,
+    user_id: str,
+    limit: int,
+    *,
+    exclude: Sequence[str],
+    exclude_purchased: bool,
+    exclude_in_cart: bool,
+) -> list[Scored]:
+    rows = await pool.fetch(_RECENTLY_VIEWED, user_id, list(exclude), exclude_purchased, exclude_in_cart, limit)
+    return [Scored(r[0], float(r[1]), r[1], r[2]) for r in rows]
+
+
+_TOGETHER = f"""
+SELECT p.other_id, p.support, p.support::float8 / greatest(coalesce(pp.people, 0), 1)
+FROM recs_pairs AS p
+LEFT JOIN recs_product_people AS pp ON pp.kind = p.kind AND pp.product_id = p.product_id
+WHERE p.kind = $1 AND p.product_id = $2 AND p.support > 0 AND p.other_id <> ALL($3::text[])
+ORDER BY p.support DESC, p.other_id {_C}
+LIMIT $4
+"""
+
+
+async def together(
+    pool: asyncpg.Pool, kind: int, product_id: str, limit: int, *, exclude: Sequence[str]
+) -> list[Scored]:
+    """FrequentlyBoughtTogether (PURCHASES) or AlsoViewed (VIEWS)."""
+    rows = await pool.fetch(_TOGETHER, kind, product_id, list(exclude), limit)
+    return [Scored(r[0], r[2], r[1], None) for r in rows]
+
+
+def _decayed(bucket_start: str, width_hours: float) -> str:
+    """SQL: a bucket's decayed weight, estimated from its moments (x: hours
+    from `bucket_start`), with the decay rate $a per hour and now $now in
+    hours: s0 * 2^(-(now - start - mean)/h) * exp(a^2 var / 2), in log space,
+    kept within what the bucket's edges allow (every event lies in it), and
+    within float range."""
+    mean = "(s1 / s0)"
+    var = f"greatest(s2 / s0 - {mean} * {mean}, 0)"
+    age = f"($2::float8 - {bucket_start})"
+    log = f"ln(s0) - $1::float8 * ({age} - {mean}) + $1::float8 * $1::float8 * {var} / 2"
+    low = f"ln(s0) - $1::float8 * {age}"
+    high = f"ln(s0) - $1::float8 * ({age} - {width_hours})"
+    return f"exp(least(greatest(least(greatest({log}, {low}), {high}), -700), 700))"
+
+
+_TRENDING = f"""
+SELECT product_id, sum({_decayed("hour", HOUR_BUCKET_HOURS)}) AS score, sum(n)::int8, max(last_at)
+FROM recs_product_hours
+WHERE hour >= $3::int4 AND hour <= $4::int4
+GROUP BY product_id
+ORDER BY score DESC, product_id {_C}
+LIMIT $5
+"""
+
+
+def trending_hours(now: float, window_seconds: float) -> tuple[int, int]:
+    """The hour buckets of the window [now - window, now): those whose
+    midpoint is at or after now - window, up to the one now is in (the
+    documented rounding of the far edge: at most half an hour)."""
+    first = math.ceil((now - window_seconds - 1_800) / 3_600)
+    last = math.floor(now / 3_600)
+    return first, last
+
+
+async def trending(
+    pool: asyncpg.Pool, now: float, window_seconds: float, half_life_seconds: float, limit: int
+) -> list[Scored]:
+    first, last = trending_hours(now, window_seconds)
+    if first > last:
+        return []
+    rate = math.log(2) / (half_life_seconds / 3_600)
+    rows = await pool.fetch(_TRENDING, rate, now / 3_600, first, last, limit)
+    return [Scored(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+_AFFINITIES = f"""
+SELECT u.product_id, u.train_w, u.train_n, u.train_last FROM recs_user_products AS u
+WHERE u.user_id = $1 AND u.train_n > 0 AND u.product_id <> ALL($2::text[])
+  AND (NOT $3 OR NOT EXISTS (SELECT FROM user_cart AS c WHERE c.user_id = $1 AND c.product_id = u.product_id))
+ORDER BY u.train_w DESC, u.product_id {_C}
+LIMIT $4
+"""
+_DECAYED_AFFINITIES = f"""
+SELECT d.product_id, sum({_decayed("d.day * 24.0", DAY_BUCKET_HOURS)}) AS score,
+       min(u.train_n), min(u.train_last)
+FROM recs_user_days AS d
+JOIN recs_user_products AS u ON u.user_id = d.user_id AND u.product_id = d.product_id
+WHERE d.user_id = $3 AND d.product_id <> ALL($4::text[])
+  AND (NOT $5 OR NOT EXISTS (SELECT FROM user_cart AS c WHERE c.user_id = $3 AND c.product_id = d.product_id))
+GROUP BY d.product_id
+ORDER BY score DESC, d.product_id {_C}
+LIMIT $6
+"""
+
+
+async def affinities(
+    pool: asyncpg.Pool,
+    user_id: str,
+    now: float,
+    half_life_seconds: float | None,
+    limit: int,
+    *,
+    exclude: Sequence[str],
+    exclude_in_cart: bool,
+) -> list[Scored]:
+    if half_life_seconds is None:
+        rows = await pool.fetch(_AFFINITIES, user_id, list(exclude), exclude_in_cart, limit)
+    else:
+        rate = math.log(2) / (half_life_seconds / 3_600)
+        rows = await pool.fetch(_DECAYED_AFFINITIES, rate, now / 3_600, user_id, list(exclude), exclude_in_cart, limit)
+    return [Scored(r[0], float(r[1]), r[2], r[3]) for r in rows]
+
+
+def utc_now() -> float:
+    return datetime.now(UTC).timestamp()
+
+
+# --- the maintainer --------------------------------------------------------------------------
+
+DEFAULT_INTERVAL = 0.5  # seconds between steps once caught up (freshness: this plus a step)
+LEASE_SECONDS = 30.0  # another server takes over this long after the holder stopped stepping
+TARGET_EVENTS = 20_000  # events a step aims at: the window's span of xids adapts to it
+FIRST_SPAN = 256  # xids of the first window after a (re)start
+RETRY_BACKOFF = (0.2, 5.0)
+
+
+def holder_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class RecommendationsMaintainer:
+    """Steps the recommendations forward from the committed events, once per
+    host (the database side: the supervisor with --workers, the single
+    process otherwise) and, by the lease in recs_state, once per deployment.
+    Bulk work on its own connection: it never takes a connection of the
+    serving pools, and its SQL runs in PostgreSQL, not on the event loop of
+    the calls."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        statement_cache_size: int = 100,
+        holder: str | None = None,
+    ) -> None:
+        self._dsn = dsn
+        self._interval = interval
+        self._statement_cache_size = statement_cache_size
+        self.holder = holder or holder_name()
+        self._task: asyncio.Task[None] | None = None
+        self._span = FIRST_SPAN
+        self.steps = 0  # committed steps (tests, logs)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="recommendations")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        backoff = RETRY_BACKOFF[0]
+        conn: asyncpg.Connection | None = None
+        try:
+            while True:
+                try:
+                    if conn is None or conn.is_closed():
+                        conn = await asyncpg.connect(
+                            self._dsn,
+                            statement_cache_size=self._statement_cache_size,
+                            server_settings={"application_name": APPLICATION_NAME},
+                        )
+                    result = await step(conn, self.holder, lease_seconds=LEASE_SECONDS, max_span=self._span)
+                    self.steps += 1
+                    backoff = RETRY_BACKOFF[0]
+                    self._adapt(result)
+                    if result.caught_up:
+                        await asyncio.sleep(self._interval)
+                except LeaseHeld:
+                    await asyncio.sleep(LEASE_SECONDS / 3)
+                except asyncpg.SerializationError:
+                    await asyncio.sleep(self._interval)  # another server stepped meanwhile
+                except Exception as exc:
+                    if not is_database_unavailable(exc):
+                        _log.exception("a step of the recommendations failed; retrying")
+                    if conn is not None:
+                        conn.terminate()
+                        conn = None
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, RETRY_BACKOFF[1])
+        finally:
+            if conn is not None:
+                conn.terminate()
+
+    def _adapt(self, result: StepResult) -> None:
+        """About TARGET_EVENTS per step: halve the span after a larger step, double it after a small full one."""
+        if result.applied > TARGET_EVENTS:
+            self._span = max(1, self._span // 2)
+        elif not result.caught_up and result.applied < TARGET_EVENTS // 4:
+            self._span = min(self._span * 2, 1 << 30)
+
+
+APPLICATION_NAME = "interactions-recommendations"
+
+_CAUGHT_UP = "SELECT coalesce(applied_through >= $1, false) FROM recs_state"
+_NEXT_XID = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8"
+
+
+async def wait_applied(conn: asyncpg.Connection | asyncpg.Pool, within: float) -> float:
+    """Waits until every transaction committed before the call is in the
+    aggregates; returns the seconds it took (TimeoutError after `within`)."""
+    started = time.monotonic()
+    target: int = await conn.fetchval(_NEXT_XID)
+    async with asyncio.timeout(within):
+        while not await conn.fetchval(_CAUGHT_UP, target):  # noqa: ASYNC110 - another process's progress
+            await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def rebuild_now(dsn: str, *, statement_cache_size: int = 100) -> StepResult:
+    """`interactions-server rebuild-recommendations`: a rebuild from the log, now."""
+    conn = await asyncpg.connect(
+        dsn, statement_cache_size=statement_cache_size, server_settings={"application_name": APPLICATION_NAME}
+    )
+    try:
+        return await step(conn, holder_name(), lease_seconds=0, max_span=0, force_rebuild=True)
+    finally:
+        await conn.close()

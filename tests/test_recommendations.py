@@ -1,0 +1,371 @@
+"""RecommendationService on the real server and PostgreSQL: every RPC against
+the reference of tests/recs_reference.py, computed from the events the test
+sent, with the maintainer running as it does in production (the tests wait
+until it has applied what they sent: storage.wait_applied).
+
+Covered: out-of-order arrival and duplicates, deletion, exclusions, ties,
+the window and half-life edges, the together relation's edges (one hour
+exactly, sessions, empty sessions) and its cap, bad input, unknown ids, and
+a rebuild from the log giving the same aggregates as the maintenance.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from interactions_client.rules import STANDARD
+from interactions_client.v1 import admin_service_pb2, admin_service_pb2_grpc, interaction_service_pb2
+from interactions_client.v1 import interaction_service_pb2_grpc
+from interactions_client.v1 import recommendation_service_pb2 as pb
+from interactions_client.v1 import recommendation_service_pb2_grpc
+from interactions_client.v1.event_pb2 import Event
+from interactions_server import storage
+from interactions_server.server import App
+from interactions_server.storage import _recommendations as recs
+from tests import recs_reference as ref
+from tests.events import valid_event
+from tests.support import field_violations
+
+HOUR = 3600.0
+DAY = 86400.0
+TOLERANCE = 1e-3  # relative: the decay estimated from a bucket's moments (docs/analytics.md)
+
+
+def to_event(e: ref.Ev, event_id: str | None = None) -> Event:
+    rule = STANDARD[e.type]
+    event = valid_event(rule.event_type, user_id=e.user)
+    if event_id is not None:
+        event.event_id = event_id
+    event.ClearField("product_id")
+    if e.product:
+        event.product_id = e.product
+    event.ClearField("session_id")
+    if e.session:
+        event.session_id = e.session
+    seconds = math.floor(e.at)
+    event.occurred_at.CopyFrom(Timestamp(seconds=seconds, nanos=round((e.at - seconds) * 1e6) * 1000))
+    return event
+
+
+async def send(server: App, events: Sequence[Event]) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = interaction_service_pb2_grpc.InteractionServiceStub(channel)
+        for first in range(0, len(events), 500):
+            response = await stub.LogEvents(interaction_service_pb2.LogEventsRequest(events=events[first : first + 500]))
+            assert not response.rejected, response.rejected[:3]
+
+
+async def applied(server: App) -> None:
+    await storage.wait_applied(server.pool, 30.0)
+
+
+def stub(channel: grpc.aio.Channel) -> recommendation_service_pb2_grpc.RecommendationServiceStub:
+    return recommendation_service_pb2_grpc.RecommendationServiceStub(channel)
+
+
+def seconds(ts: Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def same(got: Sequence[pb.ScoredProduct], want: Sequence[ref.Row], *, last: bool = True, rel: float = 1e-9) -> None:
+    assert [p.product_id for p in got] == [r.product_id for r in want]
+    for p, r in zip(got, want, strict=True):
+        assert p.score == pytest.approx(r.score, rel=rel, abs=1e-12), p.product_id
+        assert p.support == r.support, p.product_id
+        if last and r.last is not None:
+            assert seconds(p.last_occurred_at) == pytest.approx(r.last, abs=1e-6), p.product_id
+        if r.last is None:
+            assert not p.HasField("last_occurred_at")
+
+
+def mix(rng: random.Random, now: float, *, users: int = 12, products: int = 15, count: int = 600) -> list[ref.Ev]:
+    """A seeded mix over the last three days: every kind of type, sessions
+    (some spanning hours), events without a session, a few without product."""
+    kinds = ["view"] * 5 + ["click"] * 2 + ["product_view", "purchase", "purchase", "add_to_cart", "wishlist", "review"]
+    kinds += ["search", "page_view", "login"]
+    events = []
+    for _ in range(count):
+        kind = rng.choice(kinds)
+        user = f"u{rng.randrange(users)}"
+        at = now - rng.uniform(60, 3 * DAY)
+        product: str | None = f"p{min(rng.randrange(products), rng.randrange(products))}"
+        if kind in ("login",) or (kind in ("search", "page_view") and rng.random() < 0.5):
+            product = None
+        session = f"s-{user}-{int(at // (3 * HOUR))}" if rng.random() < 0.7 else ""
+        if STANDARD[kind].session_required and not session:
+            session = f"s-{user}-x"
+        events.append(ref.Ev(user, product, kind, round(at, 6), session))
+    return events
+
+
+async def test_every_rpc_against_the_reference(server: App) -> None:
+    rng = random.Random(20)
+    now = time.time()
+    events = mix(rng, now)
+    protos = [to_event(e) for e in events]
+    order = list(range(len(protos)))
+    rng.shuffle(order)  # out of order
+    await send(server, [protos[i] for i in order[: len(order) // 2]])
+    await applied(server)
+    await send(server, [protos[i] for i in order[len(order) // 3 :]])  # the overlap: duplicates
+    await applied(server)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        rec = stub(channel)
+        for user in sorted({e.user for e in events}):
+            got = await rec.RecentlyViewed(pb.RecentlyViewedRequest(user_id=user, limit=100))
+            same(got.products, ref.recently_viewed(events, user, 100))
+            got = await rec.UserAffinities(pb.UserAffinitiesRequest(user_id=user, limit=100))
+            same(got.products, ref.affinities(events, user, now, None, 100))
+            before = time.time()
+            got = await rec.UserAffinities(
+                pb.UserAffinitiesRequest(user_id=user, limit=100, half_life=Duration(seconds=int(2 * DAY)))
+            )
+            want = ref.affinities(events, user, before, 2 * DAY, 100)
+            assert {p.product_id for p in got.products} == {r.product_id for r in want}
+            by_id = {r.product_id: r for r in want}
+            for p in got.products:
+                assert p.score == pytest.approx(by_id[p.product_id].score, rel=TOLERANCE), p.product_id
+                assert p.support == by_id[p.product_id].support
+        for product in sorted({e.product for e in events if e.product}):
+            got = await rec.FrequentlyBoughtTogether(pb.FrequentlyBoughtTogetherRequest(product_id=product, limit=100))
+            same(got.products, ref.together(events, ref.PURCHASE_TYPES, product, 100))
+            got = await rec.AlsoViewed(pb.AlsoViewedRequest(product_id=product, limit=100))
+            same(got.products, ref.together(events, ref.VIEW_TYPES, product, 100))
+        before = time.time()
+        got = await rec.TrendingProducts(pb.TrendingProductsRequest(limit=100))
+        want = ref.trending(events, before, limit=100)
+        assert {p.product_id for p in got.products} == {r.product_id for r in want}
+        for p, r in zip(got.products, sorted(want, key=lambda r: r.product_id), strict=False):
+            del p, r
+        by_id = {r.product_id: r for r in want}
+        for p in got.products:
+            assert p.score == pytest.approx(by_id[p.product_id].score, rel=TOLERANCE), p.product_id
+            assert p.support == by_id[p.product_id].support
+    # At a fixed now, against the bucket rule exactly and the definition within the tolerance.
+    for window, half_life in ((7 * DAY, DAY), (DAY, 6 * HOUR), (3 * HOUR, HOUR), (30 * DAY, 30 * DAY)):
+        rows = await storage.trending(server.pool, now, window, half_life, 100)
+        want = ref.trending(events, now, window, half_life, 100)
+        same_scored(rows, want)
+
+
+def same_scored(rows: Sequence[storage.Scored], want: Sequence[ref.Row]) -> None:
+    assert [r.product_id for r in rows] == [w.product_id for w in want]
+    for r, w in zip(rows, want, strict=True):
+        assert r.score == pytest.approx(w.score, rel=TOLERANCE), r.product_id
+        assert r.support == w.support, r.product_id
+        assert r.last_occurred_at is not None and w.last is not None
+        assert r.last_occurred_at.timestamp() == pytest.approx(w.last, abs=1e-6)
+
+
+async def test_unknown_ids_answer_empty_lists(server: App) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        rec = stub(channel)
+        assert not (await rec.RecentlyViewed(pb.RecentlyViewedRequest(user_id="nobody"))).products
+        assert not (await rec.UserAffinities(pb.UserAffinitiesRequest(user_id="nobody"))).products
+        assert not (await rec.FrequentlyBoughtTogether(pb.FrequentlyBoughtTogetherRequest(product_id="none"))).products
+        assert not (await rec.AlsoViewed(pb.AlsoViewedRequest(product_id="none"))).products
+        assert not (await rec.TrendingProducts(pb.TrendingProductsRequest())).products
+
+
+@pytest.mark.parametrize(
+    ("method", "request_", "field"),
+    [
+        ("RecentlyViewed", pb.RecentlyViewedRequest(user_id="u", limit=-1), "limit"),
+        ("RecentlyViewed", pb.RecentlyViewedRequest(user_id="u", limit=101), "limit"),
+        ("RecentlyViewed", pb.RecentlyViewedRequest(user_id=""), "user_id"),
+        ("RecentlyViewed", pb.RecentlyViewedRequest(user_id="u" * 129), "user_id"),
+        ("RecentlyViewed", pb.RecentlyViewedRequest(user_id="u", exclude_product_ids=["p", "x" * 129]), "exclude_product_ids[1]"),
+        ("RecentlyViewed", pb.RecentlyViewedRequest(user_id="u", exclude_product_ids=["p"] * 1001), "exclude_product_ids"),
+        ("TrendingProducts", pb.TrendingProductsRequest(window=Duration(seconds=0)), "window"),
+        ("TrendingProducts", pb.TrendingProductsRequest(window=Duration(seconds=-5)), "window"),
+        ("TrendingProducts", pb.TrendingProductsRequest(half_life=Duration(seconds=1, nanos=-1)), "half_life"),
+        ("TrendingProducts", pb.TrendingProductsRequest(half_life=Duration(nanos=1_000_000_000)), "half_life"),
+        ("TrendingProducts", pb.TrendingProductsRequest(limit=-3), "limit"),
+        ("FrequentlyBoughtTogether", pb.FrequentlyBoughtTogetherRequest(product_id="p" * 129), "product_id"),
+        ("FrequentlyBoughtTogether", pb.FrequentlyBoughtTogetherRequest(product_id="p\x00"), "product_id"),
+        ("AlsoViewed", pb.AlsoViewedRequest(product_id=" "), "product_id"),
+        ("AlsoViewed", pb.AlsoViewedRequest(product_id="p", limit=1000), "limit"),
+        ("UserAffinities", pb.UserAffinitiesRequest(user_id="u", half_life=Duration(seconds=0)), "half_life"),
+        ("UserAffinities", pb.UserAffinitiesRequest(user_id="u", limit=-1), "limit"),
+    ],
+)
+async def test_bad_input_is_invalid_argument_naming_the_field(
+    server: App, method: str, request_: object, field: str
+) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await getattr(stub(channel), method)(request_)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in field_violations(raised.value)
+
+
+async def test_exclusions_and_ties(server: App) -> None:
+    now = time.time()
+    at = now - 2 * HOUR
+    events = [
+        # u1 viewed p1..p4 at the same instant: a tie, broken by product_id.
+        *(ref.Ev("u1", p, "view", at) for p in ("p3", "p1", "p4", "p2")),
+        ref.Ev("u1", "p5", "view", at - 60),
+        ref.Ev("u1", "p2", "purchase", at + 1),
+        ref.Ev("u1", "p3", "add_to_cart", at + 2),
+    ]
+    await send(server, [to_event(e) for e in events])
+    await applied(server)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        rec = stub(channel)
+        got = await rec.RecentlyViewed(pb.RecentlyViewedRequest(user_id="u1"))
+        assert [p.product_id for p in got.products] == ["p1", "p2", "p3", "p4", "p5"]
+        got = await rec.RecentlyViewed(
+            pb.RecentlyViewedRequest(
+                user_id="u1", exclude_purchased=True, exclude_in_cart=True, exclude_product_ids=["p4"], limit=2
+            )
+        )
+        same(got.products, ref.recently_viewed(events, "u1", 2, exclude=["p4"], exclude_purchased=True, cart=["p3"]))
+        assert [p.product_id for p in got.products] == ["p1", "p5"]
+        got = await rec.UserAffinities(pb.UserAffinitiesRequest(user_id="u1", exclude_in_cart=True))
+        same(got.products, ref.affinities(events, "u1", now, cart=["p3"]))
+        got = await rec.TrendingProducts(pb.TrendingProductsRequest(exclude_product_ids=["p2"], limit=3))
+        assert [p.product_id for p in got.products] == [r.product_id for r in ref.trending(events, time.time(), exclude=["p2"], limit=3)]
+
+
+async def test_together_edges_and_the_cap(server: App) -> None:
+    base = math.floor(time.time() / HOUR) * HOUR - 10 * DAY + 0.5 * HOUR
+    events = [
+        # a: exactly one hour apart (together), b: one hour and a microsecond (not), across an hour boundary.
+        ref.Ev("a", "x", "purchase", base),
+        ref.Ev("a", "y", "purchase", base + HOUR),
+        ref.Ev("b", "x", "purchase", base),
+        ref.Ev("b", "z", "purchase", base + HOUR + 1e-6),
+        # c: a day apart in one session (together); d: a day apart, no session (not).
+        ref.Ev("c", "x", "purchase", base, "s1"),
+        ref.Ev("c", "w", "purchase", base + DAY, "s1"),
+        ref.Ev("d", "x", "purchase", base),
+        ref.Ev("d", "v", "purchase", base + DAY),
+        # e: x twice, with y once: one person, support 1.
+        ref.Ev("e", "x", "purchase", base + 5),
+        ref.Ev("e", "x", "purchase", base + 50),
+        ref.Ev("e", "y", "purchase", base + 20),
+    ]
+    # h: a heavy viewer with 30 products in one hour: only the first 20 by
+    # first occurrence take part (sent newest first: the arrival order does
+    # not change which).
+    heavy = [ref.Ev("h", f"q{i:02d}", "view", base + 10 * i) for i in range(30)]
+    events += heavy
+    rng = random.Random(7)
+    protos = [to_event(e) for e in events]
+    await send(server, list(reversed(protos[-30:])))
+    await applied(server)
+    rest = protos[:-30]
+    rng.shuffle(rest)
+    await send(server, rest)
+    await applied(server)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        rec = stub(channel)
+        got = await rec.FrequentlyBoughtTogether(pb.FrequentlyBoughtTogetherRequest(product_id="x", limit=100))
+        same(got.products, ref.together(events, ref.PURCHASE_TYPES, "x", 100))
+        assert {p.product_id: p.support for p in got.products} == {"y": 2, "w": 1}
+        assert got.products[0].score == pytest.approx(2 / 5)
+        got = await rec.AlsoViewed(pb.AlsoViewedRequest(product_id="q00", limit=100))
+        same(got.products, ref.together(events, ref.VIEW_TYPES, "q00", 100))
+        assert [p.product_id for p in got.products] == [f"q{i:02d}" for i in range(1, 20)]
+        assert not (await rec.AlsoViewed(pb.AlsoViewedRequest(product_id="q25"))).products
+    # An earlier event of a product past the cap displaces the 20th: q29 viewed first.
+    late = ref.Ev("h", "q29", "view", base - 1)
+    events.append(late)
+    await send(server, [to_event(late)])
+    await applied(server)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        rec = stub(channel)
+        for product in ("q00", "q19", "q29"):
+            got = await rec.AlsoViewed(pb.AlsoViewedRequest(product_id=product, limit=100))
+            same(got.products, ref.together(events, ref.VIEW_TYPES, product, 100))
+        assert not (await rec.AlsoViewed(pb.AlsoViewedRequest(product_id="q19"))).products
+
+
+async def test_trending_window_and_half_life_edges(server: App) -> None:
+    now = math.floor(time.time() / HOUR) * HOUR - 0.25 * HOUR  # a quarter hour before an hour's end
+    window = 6 * HOUR
+    edge = now - window  # 45 minutes into an hour: that hour's midpoint is before the edge
+    events = [
+        ref.Ev("t1", "in", "view", edge + HOUR),
+        ref.Ev("t1", "in", "purchase", now - 1),
+        ref.Ev("t2", "edge", "view", edge + 60),  # inside the window, in an hour that is not counted
+        ref.Ev("t2", "out", "view", edge - HOUR),
+        ref.Ev("t3", "half", "click", now - 2 * HOUR),
+        ref.Ev("t3", "twice", "view", now - 4 * HOUR),
+        ref.Ev("t3", "twice", "view", now - 4 * HOUR),
+    ]
+    await send(server, [to_event(e) for e in events])
+    await applied(server)
+    rows = await storage.trending(server.pool, now, window, 2 * HOUR, 10)
+    same_scored(rows, ref.trending(events, now, window, 2 * HOUR, 10))
+    scores = {r.product_id: r.score for r in rows}
+    assert scores["half"] == pytest.approx(1.2 * 0.5, rel=TOLERANCE)  # one half-life old
+    assert scores["twice"] == pytest.approx(2 * 0.25, rel=TOLERANCE)
+    assert "out" not in scores and "edge" not in scores  # the documented rounding of the far edge
+    assert ref.trending(events, now, window, 2 * HOUR, 10, rounded=False)[-1].product_id == "edge"
+    # A window that starts at an hour's midpoint takes that hour.
+    rows = await storage.trending(server.pool, now, window + 0.25 * HOUR, 2 * HOUR, 10)
+    assert "edge" in {r.product_id for r in rows}
+
+
+async def test_deletion_leaves_every_result(server: App) -> None:
+    now = time.time()
+    events = [
+        ref.Ev("keep", "a", "purchase", now - HOUR, "s"),
+        ref.Ev("keep", "b", "purchase", now - HOUR + 60, "s"),
+        ref.Ev("gone", "a", "purchase", now - 2 * HOUR, "t"),
+        ref.Ev("gone", "c", "purchase", now - 2 * HOUR + 60, "t"),
+        ref.Ev("gone", "c", "view", now - 30),
+        ref.Ev("gone", "a", "view", now - 20),
+    ]
+    await send(server, [to_event(e) for e in events])
+    await applied(server)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        await admin.DeleteUserData(admin_service_pb2.DeleteUserDataRequest(user_id="gone"))
+        await applied(server)
+        left = [e for e in events if e.user != "gone"]
+        rec = stub(channel)
+        assert not (await rec.RecentlyViewed(pb.RecentlyViewedRequest(user_id="gone"))).products
+        assert not (await rec.UserAffinities(pb.UserAffinitiesRequest(user_id="gone"))).products
+        for product in ("a", "b", "c"):
+            got = await rec.FrequentlyBoughtTogether(pb.FrequentlyBoughtTogetherRequest(product_id=product))
+            same(got.products, ref.together(left, ref.PURCHASE_TYPES, product))
+        got = await rec.AlsoViewed(pb.AlsoViewedRequest(product_id="a"))
+        assert not got.products
+    same_scored(await storage.trending(server.pool, now, 7 * DAY, DAY, 10), ref.trending(left, now))
+
+
+async def aggregates(pool: asyncpg.Pool) -> dict[str, list[tuple[object, ...]]]:
+    tables = {}
+    for table in recs._TABLES:
+        rows = await pool.fetch(f"SELECT * FROM {table}")  # noqa: S608
+        tables[table] = sorted(
+            tuple(round(v, 6) if isinstance(v, float) else v for k, v in r.items() if k != "touched") for r in rows
+        )
+    return tables
+
+
+async def test_a_rebuild_gives_what_the_maintenance_gave(server: App) -> None:
+    rng = random.Random(3)
+    now = time.time()
+    events = mix(rng, now, count=400)
+    protos = [to_event(e) for e in events]
+    rng.shuffle(protos)
+    for first in range(0, len(protos), 50):  # many small steps
+        await send(server, protos[first : first + 50])
+    await applied(server)
+    maintained = await aggregates(server.pool)
+    result = await recs.rebuild_now(server.database_url or "")
+    assert result.rebuilt and result.applied == sum(1 for e in events if e.product)
+    assert await aggregates(server.pool) == maintained
