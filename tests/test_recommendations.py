@@ -11,10 +11,14 @@ a rebuild from the log giving the same aggregates as the maintenance.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import random
+import sys
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 
 import asyncpg
 import grpc
@@ -22,11 +26,16 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from interactions_client import InteractionsClient, SyncInteractionsClient
 from interactions_client.rules import STANDARD
-from interactions_client.v1 import admin_service_pb2, admin_service_pb2_grpc, interaction_service_pb2
-from interactions_client.v1 import interaction_service_pb2_grpc
+from interactions_client.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    interaction_service_pb2,
+    interaction_service_pb2_grpc,
+    recommendation_service_pb2_grpc,
+)
 from interactions_client.v1 import recommendation_service_pb2 as pb
-from interactions_client.v1 import recommendation_service_pb2_grpc
 from interactions_client.v1.event_pb2 import Event
 from interactions_server import storage
 from interactions_server.server import App
@@ -34,6 +43,7 @@ from interactions_server.storage import _recommendations as recs
 from tests import recs_reference as ref
 from tests.events import valid_event
 from tests.support import field_violations
+from tests.test_cli import cli
 
 HOUR = 3600.0
 DAY = 86400.0
@@ -60,7 +70,9 @@ async def send(server: App, events: Sequence[Event]) -> None:
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = interaction_service_pb2_grpc.InteractionServiceStub(channel)
         for first in range(0, len(events), 500):
-            response = await stub.LogEvents(interaction_service_pb2.LogEventsRequest(events=events[first : first + 500]))
+            response = await stub.LogEvents(
+                interaction_service_pb2.LogEventsRequest(events=events[first : first + 500])
+            )
             assert not response.rejected, response.rejected[:3]
 
 
@@ -183,8 +195,16 @@ async def test_unknown_ids_answer_empty_lists(server: App) -> None:
         ("RecentlyViewed", pb.RecentlyViewedRequest(user_id="u", limit=101), "limit"),
         ("RecentlyViewed", pb.RecentlyViewedRequest(user_id=""), "user_id"),
         ("RecentlyViewed", pb.RecentlyViewedRequest(user_id="u" * 129), "user_id"),
-        ("RecentlyViewed", pb.RecentlyViewedRequest(user_id="u", exclude_product_ids=["p", "x" * 129]), "exclude_product_ids[1]"),
-        ("RecentlyViewed", pb.RecentlyViewedRequest(user_id="u", exclude_product_ids=["p"] * 1001), "exclude_product_ids"),
+        (
+            "RecentlyViewed",
+            pb.RecentlyViewedRequest(user_id="u", exclude_product_ids=["p", "x" * 129]),
+            "exclude_product_ids[1]",
+        ),
+        (
+            "RecentlyViewed",
+            pb.RecentlyViewedRequest(user_id="u", exclude_product_ids=["p"] * 1001),
+            "exclude_product_ids",
+        ),
         ("TrendingProducts", pb.TrendingProductsRequest(window=Duration(seconds=0)), "window"),
         ("TrendingProducts", pb.TrendingProductsRequest(window=Duration(seconds=-5)), "window"),
         ("TrendingProducts", pb.TrendingProductsRequest(half_life=Duration(seconds=1, nanos=-1)), "half_life"),
@@ -234,7 +254,9 @@ async def test_exclusions_and_ties(server: App) -> None:
         got = await rec.UserAffinities(pb.UserAffinitiesRequest(user_id="u1", exclude_in_cart=True))
         same(got.products, ref.affinities(events, "u1", now, cart=["p3"]))
         got = await rec.TrendingProducts(pb.TrendingProductsRequest(exclude_product_ids=["p2"], limit=3))
-        assert [p.product_id for p in got.products] == [r.product_id for r in ref.trending(events, time.time(), exclude=["p2"], limit=3)]
+        assert [p.product_id for p in got.products] == [
+            r.product_id for r in ref.trending(events, time.time(), exclude=["p2"], limit=3)
+        ]
 
 
 async def test_together_edges_and_the_cap(server: App) -> None:
@@ -349,7 +371,7 @@ async def test_deletion_leaves_every_result(server: App) -> None:
 async def aggregates(pool: asyncpg.Pool) -> dict[str, list[tuple[object, ...]]]:
     tables = {}
     for table in recs._TABLES:
-        rows = await pool.fetch(f"SELECT * FROM {table}")  # noqa: S608
+        rows = await pool.fetch(f"SELECT * FROM {table}")
         tables[table] = sorted(
             tuple(round(v, 6) if isinstance(v, float) else v for k, v in r.items() if k != "touched") for r in rows
         )
@@ -369,3 +391,58 @@ async def test_a_rebuild_gives_what_the_maintenance_gave(server: App) -> None:
     result = await recs.rebuild_now(server.database_url or "")
     assert result.rebuilt and result.applied == sum(1 for e in events if e.product)
     assert await aggregates(server.pool) == maintained
+
+
+async def test_the_clients_and_the_commands(server: App) -> None:
+    now = time.time()
+    events = [
+        ref.Ev("c1", "a", "view", now - 300, "s"),
+        ref.Ev("c1", "b", "view", now - 200, "s"),
+        ref.Ev("c1", "a", "purchase", now - 100, "s"),
+        ref.Ev("c1", "b", "purchase", now - 90, "s"),
+    ]
+    await send(server, [to_event(e) for e in events])
+    await applied(server)
+    async with InteractionsClient(server.address) as client:
+        assert [p.product_id for p in await client.recently_viewed("c1")] == ["b", "a"]
+        assert [p.product_id for p in await client.recently_viewed("c1", exclude=["b"])] == ["a"]
+        assert [p.product_id for p in await client.frequently_bought_together("a")] == ["b"]
+        assert [p.product_id for p in await client.also_viewed("b")] == ["a"]
+        assert [p.product_id for p in await client.user_affinities("c1", half_life=timedelta(days=1))] == ["a", "b"]
+        trending = await client.trending_products(window=timedelta(hours=1), half_life=timedelta(hours=6), limit=1)
+        assert [p.product_id for p in trending] == ["a"]
+    with SyncInteractionsClient(server.address) as sync:
+        assert [p.product_id for p in sync.recently_viewed("c1", exclude_purchased=True)] == []
+        assert sync.frequently_bought_together("b")[0].score == pytest.approx(1.0)
+    for args, want in (
+        (("recently-viewed", "c1"), ["b", "a"]),
+        (("recently-viewed", "--user", "c1", "--exclude", "b"), ["a"]),
+        (("trending", "--window", "1h", "--half-life", "6h", "--limit", "1"), ["a"]),
+        (("bought-together", "a"), ["b"]),
+        (("also-viewed", "--product", "b"), ["a"]),
+        (("affinities", "c1", "--half-life", "1d"), ["a", "b"]),
+    ):
+        run = await cli(*args, "--json", "--target", server.address)
+        assert run.status == 0, run
+        rows = json.loads(run.stdout)
+        assert [r["product_id"] for r in rows] == want, args
+        assert set(rows[0]) == {"product_id", "score", "support", "last_occurred_at"}
+    run = await cli("recently-viewed", "c1", "--target", server.address)
+    assert run.status == 0 and "product_id" in run.stdout and "b" in run.stdout
+    run = await cli("recently-viewed", "c1", "--limit", "-1", "--target", server.address)
+    assert run.status != 0 and "limit" in run.stderr
+
+
+async def test_rebuild_recommendations_command(server: App) -> None:
+    now = time.time()
+    await send(server, [to_event(ref.Ev("r1", "a", "view", now - 10)), to_event(ref.Ev("r1", "b", "click", now - 5))])
+    await applied(server)
+    before = await aggregates(server.pool)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "interactions_server.cli", "rebuild-recommendations",
+        "--database-url", server.database_url or "", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    assert "recommendations rebuilt from 2 events" in stdout.decode()
+    assert await aggregates(server.pool) == before

@@ -25,6 +25,7 @@ from interactions_client.channel import (
 )
 from interactions_client.errors import InvalidEventError, from_rpc_error
 from interactions_client.events import EventMethods, timestamp, with_event_id
+from interactions_client.recommendations import RecommendationMethods
 from interactions_client.results import BatchResult, Identity, LinkResult, LogResult
 from interactions_client.rpc_protos import (
     HEALTH_CHECK_METHOD,
@@ -51,6 +52,7 @@ from interactions_client.v1.identity_service_pb2 import GetIdentityRequest, Link
 from interactions_client.v1.identity_service_pb2_grpc import IdentityServiceStub
 from interactions_client.v1.interaction_service_pb2 import LogEventRequest
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
+from interactions_client.v1.recommendation_service_pb2_grpc import RecommendationServiceStub
 from interactions_client.v1.user_state_service_pb2 import (
     CartItem,
     GetCartRequest,
@@ -96,7 +98,7 @@ def prevalidate(event: Event) -> None:
         raise InvalidEventError("invalid event", found, local=True)
 
 
-class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], AnalyticsMethods):
+class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], AnalyticsMethods, RecommendationMethods):
     """Logs interactions and reads user state; `async with InteractionsClient() as client:`.
 
     Every typed method (`view`, `add_to_cart`, ... see EventMethods) is a
@@ -145,6 +147,7 @@ class InteractionsClient(EventMethods[Coroutine[Any, Any, LogResult]], Analytics
         self._admin = with_metadata(AdminServiceStub(self._channel), metadata)
         self._identity = with_metadata(IdentityServiceStub(self._channel), metadata)
         self._analytics = with_metadata(AnalyticsServiceStub(self._channel), metadata)
+        self._recommendations = with_metadata(RecommendationServiceStub(self._channel), metadata)
         self._events = with_metadata(EventStreamServiceStub(self._channel), metadata)
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,

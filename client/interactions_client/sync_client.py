@@ -22,6 +22,7 @@ from interactions_client.channel import (
 from interactions_client.client import prevalidate, purge_request, resolve_tls
 from interactions_client.errors import from_rpc_error
 from interactions_client.events import EventMethods, timestamp, with_event_id
+from interactions_client.recommendations import SyncRecommendationMethods
 from interactions_client.results import BatchResult, Identity, LinkResult, LogResult
 from interactions_client.rpc_protos import (
     HEALTH_CHECK_METHOD,
@@ -47,6 +48,7 @@ from interactions_client.v1.identity_service_pb2 import GetIdentityRequest, Link
 from interactions_client.v1.identity_service_pb2_grpc import IdentityServiceStub
 from interactions_client.v1.interaction_service_pb2 import LogEventRequest
 from interactions_client.v1.interaction_service_pb2_grpc import InteractionServiceStub
+from interactions_client.v1.recommendation_service_pb2_grpc import RecommendationServiceStub
 from interactions_client.v1.user_state_service_pb2 import (
     CartItem,
     GetCartRequest,
@@ -58,7 +60,7 @@ from interactions_client.v1.user_state_service_pb2 import (
 from interactions_client.v1.user_state_service_pb2_grpc import UserStateServiceStub
 
 
-class SyncInteractionsClient(EventMethods[LogResult], SyncAnalyticsMethods):
+class SyncInteractionsClient(EventMethods[LogResult], SyncAnalyticsMethods, SyncRecommendationMethods):
     """InteractionsClient's methods, blocking; `with SyncInteractionsClient() as client:`.
 
     Same parameters, results and exceptions as InteractionsClient;
@@ -89,6 +91,7 @@ class SyncInteractionsClient(EventMethods[LogResult], SyncAnalyticsMethods):
         self._admin = with_metadata(AdminServiceStub(self._channel), self._metadata)
         self._identity = with_metadata(IdentityServiceStub(self._channel), self._metadata)
         self._analytics = with_metadata(AnalyticsServiceStub(self._channel), self._metadata)
+        self._recommendations = with_metadata(RecommendationServiceStub(self._channel), self._metadata)
         self._events = with_metadata(EventStreamServiceStub(self._channel), self._metadata)
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,

@@ -25,6 +25,7 @@ from interactions_client.catalog import HEADER, PRODUCT_LABELS, SYNC_LABELS, VAL
 from interactions_client.channel import DEFAULT_DEADLINE, TlsConfig, default_target
 from interactions_client.cli import _analytics as analytics_cli
 from interactions_client.cli import _lifecycle as lifecycle_cli
+from interactions_client.cli import _recommend as recommend_cli
 from interactions_client.cli import _tail as tail_cli
 from interactions_client.cli._errors import EXIT_FAILED, EXIT_OK, EXIT_REJECTED_LINES, EXIT_USAGE, UsageError, report
 from interactions_client.cli._jsonl_import import RejectedLines, import_jsonl, rejected_path_for
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="a service name (default: the server as a whole)")
     analytics_cli.add_commands(commands, common)
     lifecycle_cli.add_commands(commands, common)
+    recommend_cli.add_commands(commands, common)
     tail_cli.add_command(commands, common, analytics_cli.parse_event_type)
     return parser
 
@@ -397,6 +399,7 @@ _CLIENT_COMMANDS = {
     **analytics_cli.COMMANDS,
     "link": _link,
     "identity": _identity,
+    **recommend_cli.COMMANDS,
     "delete-user": _delete_user,
     **lifecycle_cli.COMMANDS,
     "tail": tail_cli.run,
