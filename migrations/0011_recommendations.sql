@@ -62,29 +62,40 @@ CREATE TABLE recs_user_products (
     PRIMARY KEY (user_id, product_id)
 );
 
--- The training weight of a person's product by UTC day, with its first two
--- moments in time (x: hours since the day began), from which the decayed sum
--- for any half-life is estimated (docs/analytics.md: how, and the error bound).
+-- The training weight of a person's product by UTC day, with its moments
+-- in time (m_k = sum of w * x^k, x: hours from the day's midpoint, k < 8),
+-- from which the decayed sum for any half-life is computed (a Taylor series
+-- of the decay around the midpoint; docs/analytics.md: the error bound).
 CREATE TABLE recs_user_days (
     user_id     text   NOT NULL,
     day         int4   NOT NULL,  -- days since 1970-01-01
     product_id  text   NOT NULL,
     n           bigint NOT NULL,
-    s0          float8 NOT NULL,  -- sum of w
-    s1          float8 NOT NULL,  -- sum of w * x
-    s2          float8 NOT NULL,  -- sum of w * x^2
+    m0          float8 NOT NULL,  -- sum of w
+    m1          float8 NOT NULL,  -- sum of w * x^1
+    m2          float8 NOT NULL,  -- sum of w * x^2
+    m3          float8 NOT NULL,  -- sum of w * x^3
+    m4          float8 NOT NULL,  -- sum of w * x^4
+    m5          float8 NOT NULL,  -- sum of w * x^5
+    m6          float8 NOT NULL,  -- sum of w * x^6
+    m7          float8 NOT NULL,  -- sum of w * x^7
     PRIMARY KEY (user_id, day, product_id)
 );
 
 -- Trending: the training weight of a product by UTC hour, with its moments
--- (x: hours since the hour began) and its latest event.
+-- (as above, x: hours from the hour's midpoint) and its latest event.
 CREATE TABLE recs_product_hours (
     hour        int4        NOT NULL,  -- hours since 1970-01-01 00:00 UTC
     product_id  text        NOT NULL,
     n           bigint      NOT NULL,
-    s0          float8      NOT NULL,
-    s1          float8      NOT NULL,
-    s2          float8      NOT NULL,
+    m0          float8      NOT NULL,
+    m1          float8      NOT NULL,
+    m2          float8      NOT NULL,
+    m3          float8      NOT NULL,
+    m4          float8      NOT NULL,
+    m5          float8      NOT NULL,
+    m6          float8      NOT NULL,
+    m7          float8      NOT NULL,
     last_at     timestamptz NOT NULL,
     PRIMARY KEY (hour, product_id)
 );

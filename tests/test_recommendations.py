@@ -408,19 +408,27 @@ async def test_the_clients_and_the_commands(server: App) -> None:
         assert [p.product_id for p in await client.recently_viewed("c1", exclude=["b"])] == ["a"]
         assert [p.product_id for p in await client.frequently_bought_together("a")] == ["b"]
         assert [p.product_id for p in await client.also_viewed("b")] == ["a"]
-        assert [p.product_id for p in await client.user_affinities("c1", half_life=timedelta(days=1))] == ["a", "b"]
+        # b's events are the more recent: decayed, b comes first; undecayed, a tie broken by product_id.
+        assert [p.product_id for p in await client.user_affinities("c1", half_life=timedelta(days=1))] == ["b", "a"]
+        assert [p.product_id for p in await client.user_affinities("c1")] == ["a", "b"]
         trending = await client.trending_products(window=timedelta(hours=1), half_life=timedelta(hours=6), limit=1)
-        assert [p.product_id for p in trending] == ["a"]
-    with SyncInteractionsClient(server.address) as sync:
-        assert [p.product_id for p in sync.recently_viewed("c1", exclude_purchased=True)] == []
-        assert sync.frequently_bought_together("b")[0].score == pytest.approx(1.0)
+        assert [p.product_id for p in trending] == ["b"]
+
+    def use_sync() -> None:
+        with SyncInteractionsClient(server.address) as sync:
+            assert [p.product_id for p in sync.recently_viewed("c1", exclude_purchased=True)] == []
+            assert sync.frequently_bought_together("b")[0].score == pytest.approx(1.0)
+            assert [p.product_id for p in sync.user_affinities("c1", limit=1)] == ["a"]
+
+    await asyncio.to_thread(use_sync)  # the server runs on this test's event loop
     for args, want in (
         (("recently-viewed", "c1"), ["b", "a"]),
         (("recently-viewed", "--user", "c1", "--exclude", "b"), ["a"]),
-        (("trending", "--window", "1h", "--half-life", "6h", "--limit", "1"), ["a"]),
+        (("trending", "--window", "1h", "--half-life", "6h", "--limit", "1"), ["b"]),
         (("bought-together", "a"), ["b"]),
         (("also-viewed", "--product", "b"), ["a"]),
-        (("affinities", "c1", "--half-life", "1d"), ["a", "b"]),
+        (("affinities", "c1", "--half-life", "1d"), ["b", "a"]),
+        (("affinities", "c1"), ["a", "b"]),
     ):
         run = await cli(*args, "--json", "--target", server.address)
         assert run.status == 0, run

@@ -55,6 +55,22 @@ _WEIGHT_TYPES = list(ML_WEIGHTS)
 _WEIGHT_VALUES = [ML_WEIGHTS[name] for name in _WEIGHT_TYPES]
 HOUR_BUCKET_HOURS = 1.0  # recs_product_hours
 DAY_BUCKET_HOURS = 24.0  # recs_user_days
+# The moments m_k = sum of w * x^k (x: hours from the bucket's midpoint)
+# kept per bucket: the decayed sum is their Taylor series, whose truncation
+# error is below (a * width / 2)^MOMENTS / MOMENTS! relative (a: the decay
+# rate per hour; docs/analytics.md).
+MOMENTS = 8
+_M = range(MOMENTS)
+_M_COLUMNS = ", ".join(f"m{k}" for k in _M)
+
+
+def _moment_sums(x: str) -> str:
+    """SQL: sum(weight * x^k) AS m_k for every k, x an expression in hours."""
+    return ", ".join(("sum(weight)" if k == 0 else f"sum(weight * ({x}) ^ {k})") + f" AS m{k}" for k in _M)
+
+
+def _moment_adds() -> str:
+    return ", ".join(f"m{k} = t.m{k} + excluded.m{k}" for k in _M)
 
 _VIEW_LIST = ", ".join(f"'{t}'" for t in VIEW_TYPES)
 _BUY_LIST = ", ".join(f"'{t}'" for t in PURCHASE_TYPES)
@@ -72,17 +88,16 @@ def _aggregate_sql(where: str, *, hours: bool) -> str:
     the denominators, the decay moments by day, the members of together, and
     (hours) the trending buckets. $3, $4: the ml_weights; $5: the step."""
     hours_cte = (
-        """,
+        f""",
 hours AS (
-    INSERT INTO recs_product_hours AS t (hour, product_id, n, s0, s1, s2, last_at)
-    SELECT h, product_id, count(*), sum(weight), sum(weight * x), sum(weight * x * x), max(occurred_at)
+    INSERT INTO recs_product_hours AS t (hour, product_id, n, {_M_COLUMNS}, last_at)
+    SELECT h, product_id, count(*), {_moment_sums("x")}, max(occurred_at)
     FROM (SELECT product_id, weight, occurred_at, floor(epoch / 3600)::int4 AS h,
-                 (epoch - floor(epoch / 3600) * 3600) / 3600 AS x
+                 (epoch - floor(epoch / 3600) * 3600 - 1800) / 3600 AS x
           FROM src WHERE weight IS NOT NULL) AS s
     GROUP BY 1, 2 ORDER BY 1, 2
     ON CONFLICT (hour, product_id) DO UPDATE
-    SET n = t.n + excluded.n, s0 = t.s0 + excluded.s0, s1 = t.s1 + excluded.s1, s2 = t.s2 + excluded.s2,
-        last_at = greatest(t.last_at, excluded.last_at)
+    SET n = t.n + excluded.n, {_moment_adds()}, last_at = greatest(t.last_at, excluded.last_at)
 )"""
         if hours
         else ""
@@ -129,14 +144,14 @@ people AS (
     ON CONFLICT (kind, product_id) DO UPDATE SET people = t.people + excluded.people
 ),
 days AS (
-    INSERT INTO recs_user_days AS t (user_id, day, product_id, n, s0, s1, s2)
-    SELECT user_id, d, product_id, count(*), sum(weight), sum(weight * x), sum(weight * x * x)
+    INSERT INTO recs_user_days AS t (user_id, day, product_id, n, {_M_COLUMNS})
+    SELECT user_id, d, product_id, count(*), {_moment_sums("x")}
     FROM (SELECT user_id, product_id, weight, floor(epoch / 86400)::int4 AS d,
-                 (epoch - floor(epoch / 86400) * 86400) / 3600 AS x
+                 (epoch - floor(epoch / 86400) * 86400 - 43200) / 3600 AS x
           FROM src WHERE weight IS NOT NULL) AS s
     GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
     ON CONFLICT (user_id, day, product_id) DO UPDATE
-    SET n = t.n + excluded.n, s0 = t.s0 + excluded.s0, s1 = t.s1 + excluded.s1, s2 = t.s2 + excluded.s2
+    SET n = t.n + excluded.n, {_moment_adds()}
 ),
 hour_members AS (
     INSERT INTO recs_hour_members AS t (kind, user_id, hour, product_id, first_at, last_at, eligible, touched)
@@ -315,12 +330,11 @@ WHERE t.kind = k.kind AND t.product_id = k.p AND t.people <= 0
 
 # The trending buckets of one hour recomputed from the log for some products
 # (below transaction $3): after removals.
-_RECOMPUTE_HOUR = """
+_RECOMPUTE_HOUR = f"""
 WITH w AS (SELECT * FROM unnest($4::text[], $5::float8[]) AS w(event_type, weight)),
 fresh AS (
-    SELECT e.product_id, count(*) AS n, sum(w.weight) AS s0,
-           sum(w.weight * (date_part('epoch', e.occurred_at) - $1::int4 * 3600.0) / 3600) AS s1,
-           sum(w.weight * ((date_part('epoch', e.occurred_at) - $1::int4 * 3600.0) / 3600) ^ 2) AS s2,
+    SELECT e.product_id, count(*) AS n,
+           {_moment_sums("(date_part('epoch', e.occurred_at) - $1::int4 * 3600.0 - 1800) / 3600")},
            max(e.occurred_at) AS last_at
     FROM events AS e JOIN w ON w.event_type = e.event_type
     WHERE e.occurred_at >= to_timestamp($1::int4 * 3600.0) AND e.occurred_at < to_timestamp(($1::int4 + 1) * 3600.0)
@@ -331,10 +345,10 @@ gone AS (
     DELETE FROM recs_product_hours AS t
     WHERE t.hour = $1::int4 AND t.product_id = ANY($2::text[]) AND t.product_id NOT IN (SELECT product_id FROM fresh)
 )
-INSERT INTO recs_product_hours AS t (hour, product_id, n, s0, s1, s2, last_at)
-SELECT $1::int4, product_id, n, s0, s1, s2, last_at FROM fresh ORDER BY product_id
+INSERT INTO recs_product_hours AS t (hour, product_id, n, {_M_COLUMNS}, last_at)
+SELECT $1::int4, product_id, n, {_M_COLUMNS}, last_at FROM fresh ORDER BY product_id
 ON CONFLICT (hour, product_id) DO UPDATE
-SET n = excluded.n, s0 = excluded.s0, s1 = excluded.s1, s2 = excluded.s2, last_at = excluded.last_at
+SET n = excluded.n, {", ".join(f"m{k} = excluded.m{k}" for k in _M)}, last_at = excluded.last_at
 """
 
 _TABLES = (
@@ -541,17 +555,20 @@ async def together(
 
 
 def _decayed(bucket_start: str, width_hours: float) -> str:
-    """SQL: a bucket's decayed weight, estimated from its moments (x: hours
-    from `bucket_start`), with the decay rate $a per hour and now $now in
-    hours: s0 * 2^(-(now - start - mean)/h) * exp(a^2 var / 2), in log space,
-    kept within what the bucket's edges allow (every event lies in it), and
+    """SQL: a bucket's decayed weight from its moments, with the decay rate
+    a = $1 per hour and now = $2 in hours: sum of w * e^(-a (now - t)) =
+    e^(-a (now - mid)) * sum over k of a^k / k! * m_k (the series of e^(a x)
+    around the midpoint, by Horner's rule), in log space; kept within what
+    the bucket's edges allow (every event lies in it: also the answer when a
+    half-life far shorter than the bucket makes the series useless), and
     within float range."""
-    mean = "(s1 / s0)"
-    var = f"greatest(s2 / s0 - {mean} * {mean}, 0)"
-    age = f"($2::float8 - {bucket_start})"
-    log = f"ln(s0) - $1::float8 * ({age} - {mean}) + $1::float8 * $1::float8 * {var} / 2"
-    low = f"ln(s0) - $1::float8 * {age}"
-    high = f"ln(s0) - $1::float8 * ({age} - {width_hours})"
+    series = f"m{MOMENTS - 1}"
+    for k in reversed(range(MOMENTS - 1)):
+        series = f"m{k} + $1::float8 / {k + 1} * ({series})"
+    age = f"($2::float8 - {bucket_start} - {width_hours / 2})"  # now minus the midpoint
+    low = f"ln(m0) - $1::float8 * ({age} + {width_hours / 2})"
+    high = f"ln(m0) - $1::float8 * ({age} - {width_hours / 2})"
+    log = f"ln(greatest({series}, 1e-300)) - $1::float8 * {age}"
     return f"exp(least(greatest(least(greatest({log}, {low}), {high}), -700), 700))"
 
 
