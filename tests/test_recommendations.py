@@ -454,3 +454,26 @@ async def test_rebuild_recommendations_command(server: App) -> None:
     assert process.returncode == 0, stderr.decode()
     assert "recommendations rebuilt from 2 events" in stdout.decode()
     assert await aggregates(server.pool) == before
+
+
+async def test_reads_never_wait_for_the_pool_ingest_uses(server: App) -> None:
+    """Every connection of the serving pool held (ingest's): the reads answer
+    from the recommendations' own pool."""
+    now = time.time()
+    await send(server, [to_event(ref.Ev("o1", "a", "view", now - 60)), to_event(ref.Ev("o1", "b", "view", now - 30))])
+    await applied(server)
+    pool = server.pool
+    held = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            rec = stub(channel)
+            got = await rec.RecentlyViewed(pb.RecentlyViewedRequest(user_id="o1"), timeout=10)
+            assert [p.product_id for p in got.products] == ["b", "a"]
+            await rec.UserAffinities(pb.UserAffinitiesRequest(user_id="o1"), timeout=10)
+            await rec.AlsoViewed(pb.AlsoViewedRequest(product_id="a"), timeout=10)
+            await rec.FrequentlyBoughtTogether(pb.FrequentlyBoughtTogetherRequest(product_id="a"), timeout=10)
+            got = await rec.TrendingProducts(pb.TrendingProductsRequest(), timeout=10)
+            assert {p.product_id for p in got.products} == {"a", "b"}
+    finally:
+        for conn in held:
+            await pool.release(conn)

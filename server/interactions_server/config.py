@@ -127,6 +127,10 @@ class ServerConfig:
     subscription_poll_interval: float = DEFAULT_SUBSCRIPTION_POLL_INTERVAL
     subscription_ring_bytes: int = DEFAULT_SUBSCRIPTION_RING_BYTES
     subscription_pool_max_size: int = 2
+    # RecommendationService's reads and trending's shared computations: a
+    # pool of their own, so that a storm of reads never takes a connection
+    # that ingest needs (calls beyond it wait for one of these).
+    recommendations_pool_max_size: int = 4
     batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT  # per stream
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES  # request bytes held by all calls at once
     max_concurrent_rpcs: int | None = DEFAULT_MAX_CONCURRENT_RPCS  # unary calls; the excess gets RESOURCE_EXHAUSTED

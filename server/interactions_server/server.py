@@ -67,6 +67,7 @@ class Parts:
     config: ServerConfig
     pool: asyncpg.Pool
     analytics_pool: asyncpg.Pool  # exports and window queries: never the connections ingest needs
+    recommendations_pool: asyncpg.Pool  # RecommendationService's reads: neither ingest's nor the exports'
     ingestor: Ingestor
     committer: GroupCommitter
     budget: rpc.ByteBudget  # request bytes held by all calls at once
@@ -134,7 +135,7 @@ SERVICES: tuple[Service, ...] = (
     ),
     Service(
         recommendation_service_pb2.DESCRIPTOR.services_by_name["RecommendationService"],
-        lambda parts: RecommendationService(parts.pool, parts.analytics_pool),
+        lambda parts: RecommendationService(parts.recommendations_pool),
         reads_only=True,
         # Per-user and per-product reads, one index range each; trending is
         # a shared list (a computation now and then), neither class.
@@ -185,6 +186,7 @@ class Server:
         self._pool: asyncpg.Pool | None = None
         self._analytics_pool: asyncpg.Pool | None = None
         self._subscription_pool: asyncpg.Pool | None = None
+        self._recommendations_pool: asyncpg.Pool | None = None
         self._feed: feed.EventFeed | None = None
         self._auth: rpc.TokenAuth | None = None
         self._health: rpc.DatabaseHealth | None = None
@@ -256,7 +258,13 @@ class Server:
             max_size=config.subscription_pool_max_size,
             statement_cache_size=config.statement_cache_size,
         )
-        pools = (self._pool, self._analytics_pool, self._subscription_pool)
+        self._recommendations_pool = await storage.open_pool(
+            self.dsn,
+            min_size=1,
+            max_size=config.recommendations_pool_max_size,
+            statement_cache_size=config.statement_cache_size,
+        )
+        pools = (self._pool, self._analytics_pool, self._subscription_pool, self._recommendations_pool)
         self._health = rpc.DatabaseHealth(
             self.dsn,
             SERVICE_NAMES,
@@ -287,6 +295,7 @@ class Server:
             config,
             self._pool,
             self._analytics_pool,
+            self._recommendations_pool,
             ingestor,
             self._committer,
             rpc.ByteBudget(config.max_inflight_bytes),
@@ -331,7 +340,7 @@ class Server:
         if self._feed is not None:
             self._feed.close()
             await self._feed.wait_closed()
-        for pool in (self._pool, self._analytics_pool, self._subscription_pool):
+        for pool in (self._pool, self._analytics_pool, self._subscription_pool, self._recommendations_pool):
             if pool is not None:
                 await storage.close_pool(pool)
         await self._summary.stop()

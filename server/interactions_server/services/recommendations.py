@@ -2,10 +2,13 @@
 from the aggregates the maintainer keeps (storage/_recommendations.py;
 docs/analytics.md, "Recommendations").
 
-Trending is one list for the whole shop per (window, half_life): computed on
-the analytics pool at most once a second per process and shared by every
-call (a stale list is served while the next is computed, never one older
-than MAX_STALE seconds), so that its cost does not grow with the call rate.
+Every read runs on the recommendations' own pool (ServerConfig.
+recommendations_pool_max_size): never a connection ingest or the exports need.
+Trending is one list for the whole shop per (window, half_life): computed at
+most once a second per process, one computation at a time, and shared by
+every call (a stale list is served while the next is computed, never one
+older than MAX_STALE seconds), so that its cost does not grow with the call
+rate.
 """
 
 from __future__ import annotations
@@ -46,13 +49,10 @@ TRENDING_ROWS = MAX_LIMIT + MAX_EXCLUDED  # enough for any limit after any exclu
 
 
 class RecommendationService(recommendation_service_pb2_grpc.RecommendationServiceServicer):
-    def __init__(
-        self, pool: asyncpg.Pool, analytics_pool: asyncpg.Pool, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, pool: asyncpg.Pool, clock: Callable[[], float] = time.time) -> None:
         self._pool = pool
-        self._analytics_pool = analytics_pool
         self._clock = clock
-        self._trending = _TrendingCache(analytics_pool, clock)
+        self._trending = _TrendingCache(pool, clock)
 
     async def RecentlyViewed(
         self, request: pb.RecentlyViewedRequest, context: grpc.aio.ServicerContext
@@ -133,6 +133,9 @@ class _TrendingCache:
         self._pool = pool
         self._clock = clock
         self._entries: OrderedDict[tuple[float, float], _Entry] = OrderedDict()
+        # One computation at a time: many (window, half_life)s never hold
+        # more than one connection of the pool the per-user reads share.
+        self._computing = asyncio.Semaphore(1)
 
     async def get(self, window: float, half_life: float) -> list[storage.Scored]:
         key = (window, half_life)
@@ -152,10 +155,11 @@ class _TrendingCache:
         return entry.rows
 
     async def _compute(self, entry: _Entry, window: float, half_life: float) -> None:
-        started = time.monotonic()
         try:
-            entry.rows = await storage.trending(self._pool, self._clock(), window, half_life, TRENDING_ROWS)
-            entry.computed_at = started
+            async with self._computing:
+                started = time.monotonic()
+                entry.rows = await storage.trending(self._pool, self._clock(), window, half_life, TRENDING_ROWS)
+                entry.computed_at = started
         finally:
             entry.computing = None
 
