@@ -31,6 +31,8 @@ from interactions_client.rules import STANDARD
 from interactions_client.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
+    identity_service_pb2,
+    identity_service_pb2_grpc,
     interaction_service_pb2,
     interaction_service_pb2_grpc,
     recommendation_service_pb2_grpc,
@@ -477,3 +479,47 @@ async def test_reads_never_wait_for_the_pool_ingest_uses(server: App) -> None:
     finally:
         for conn in held:
             await pool.release(conn)
+
+
+async def test_linked_identities_count_as_one_person(server: App) -> None:
+    """A guest's events join its person's at the link (moved in the log, so
+    the maintainer sees a removal and new events), later events of the guest
+    id are the person's, and reads by the guest id answer for the person."""
+    now = time.time()
+    t = now - 3 * HOUR
+    before = [
+        ref.Ev("g", "a", "view", t),
+        ref.Ev("g", "b", "click", t + 60),
+        ref.Ev("g", "x", "purchase", t + 120),
+        ref.Ev("m", "y", "purchase", t + 600),  # within an hour of g's x: together once linked
+        ref.Ev("m", "x", "purchase", t - 2 * DAY),
+        ref.Ev("m", "a", "view", t - DAY),
+        ref.Ev("o", "x", "purchase", t),
+    ]
+    await send(server, [to_event(e) for e in before])
+    await applied(server)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        rec = stub(channel)
+        got = await rec.FrequentlyBoughtTogether(pb.FrequentlyBoughtTogetherRequest(product_id="x"))
+        same(got.products, ref.together(before, ref.PURCHASE_TYPES, "x"))
+        assert not got.products  # three persons, none with two purchases within an hour
+        await identity_service_pb2_grpc.IdentityServiceStub(channel).LinkIdentity(
+            identity_service_pb2.LinkIdentityRequest(anonymous_id="g", user_id="m")
+        )
+        after = [ref.Ev("g", "c", "view", now - 60)]  # stored under m
+        await send(server, [to_event(e) for e in after])
+        await applied(server)
+        merged = [ref.Ev("m" if e.user == "g" else e.user, e.product, e.type, e.at, e.session) for e in before + after]
+        for user in ("g", "m"):
+            got = await rec.RecentlyViewed(pb.RecentlyViewedRequest(user_id=user, exclude_purchased=True))
+            same(got.products, ref.recently_viewed(merged, "m", exclude_purchased=True))
+            assert [p.product_id for p in got.products] == ["c", "b", "a"]
+            got = await rec.UserAffinities(pb.UserAffinitiesRequest(user_id=user, limit=100))
+            same(got.products, ref.affinities(merged, "m", now, None, 100))
+        got = await rec.FrequentlyBoughtTogether(pb.FrequentlyBoughtTogetherRequest(product_id="x"))
+        same(got.products, ref.together(merged, ref.PURCHASE_TYPES, "x"))
+        assert [(p.product_id, p.support, p.score) for p in got.products] == [("y", 1, 0.5)]  # m and o bought x
+        got = await rec.AlsoViewed(pb.AlsoViewedRequest(product_id="a"))
+        same(got.products, ref.together(merged, ref.VIEW_TYPES, "a"))
+        assert [p.product_id for p in got.products] == ["b"]
+    same_scored(await storage.trending(server.pool, now, 7 * DAY, DAY, 10), ref.trending(merged, now))

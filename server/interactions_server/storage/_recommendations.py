@@ -506,10 +506,13 @@ async def step(
 
 # --- reads -------------------------------------------------------------------------------------
 
+# Reads by a user id answer for its person (person_of, migrations/0008): a
+# linked anonymous id's events are stored under the person.
 _RECENTLY_VIEWED = f"""
 SELECT u.product_id, u.view_n, u.view_last FROM recs_user_products AS u
-WHERE u.user_id = $1 AND u.view_n > 0 AND u.product_id <> ALL($2::text[]) AND (NOT $3 OR u.buy_n = 0)
-  AND (NOT $4 OR NOT EXISTS (SELECT FROM user_cart AS c WHERE c.user_id = $1 AND c.product_id = u.product_id))
+WHERE u.user_id = person_of($1) AND u.view_n > 0 AND u.product_id <> ALL($2::text[]) AND (NOT $3 OR u.buy_n = 0)
+  AND (NOT $4 OR NOT EXISTS (
+      SELECT FROM user_cart AS c WHERE c.user_id = person_of($1) AND c.product_id = u.product_id))
 ORDER BY u.view_last DESC, u.product_id {_C}
 LIMIT $5
 """
@@ -604,8 +607,9 @@ async def trending(
 
 _AFFINITIES = f"""
 SELECT u.product_id, u.train_w, u.train_n, u.train_last FROM recs_user_products AS u
-WHERE u.user_id = $1 AND u.train_n > 0 AND u.product_id <> ALL($2::text[])
-  AND (NOT $3 OR NOT EXISTS (SELECT FROM user_cart AS c WHERE c.user_id = $1 AND c.product_id = u.product_id))
+WHERE u.user_id = person_of($1) AND u.train_n > 0 AND u.product_id <> ALL($2::text[])
+  AND (NOT $3 OR NOT EXISTS (
+      SELECT FROM user_cart AS c WHERE c.user_id = person_of($1) AND c.product_id = u.product_id))
 ORDER BY u.train_w DESC, u.product_id {_C}
 LIMIT $4
 """
@@ -614,8 +618,9 @@ SELECT d.product_id, sum({_decayed("d.day * 24.0", DAY_BUCKET_HOURS)}) AS score,
        min(u.train_n), min(u.train_last)
 FROM recs_user_days AS d
 JOIN recs_user_products AS u ON u.user_id = d.user_id AND u.product_id = d.product_id
-WHERE d.user_id = $3 AND d.product_id <> ALL($4::text[])
-  AND (NOT $5 OR NOT EXISTS (SELECT FROM user_cart AS c WHERE c.user_id = $3 AND c.product_id = d.product_id))
+WHERE d.user_id = person_of($3) AND d.product_id <> ALL($4::text[])
+  AND (NOT $5 OR NOT EXISTS (
+      SELECT FROM user_cart AS c WHERE c.user_id = person_of($3) AND c.product_id = d.product_id))
 GROUP BY d.product_id
 ORDER BY score DESC, d.product_id {_C}
 LIMIT $6
