@@ -21,6 +21,7 @@ from interactions_client.v1 import (
     event_stream_service_pb2,
     identity_service_pb2,
     interaction_service_pb2,
+    recommendation_service_pb2,
     user_state_service_pb2,
 )
 
@@ -45,6 +46,7 @@ SCHEMA_SERVICES: tuple[ServiceDescriptor, ...] = (
     interaction_service_pb2.DESCRIPTOR.services_by_name["InteractionService"],
     user_state_service_pb2.DESCRIPTOR.services_by_name["UserStateService"],
     analytics_service_pb2.DESCRIPTOR.services_by_name["AnalyticsService"],
+    recommendation_service_pb2.DESCRIPTOR.services_by_name["RecommendationService"],
     identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"],
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"],
     event_stream_service_pb2.DESCRIPTOR.services_by_name["EventStreamService"],
