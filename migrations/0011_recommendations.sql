@@ -26,19 +26,23 @@ INSERT INTO recs_state DEFAULT VALUES;
 
 -- What was removed from the log after it may have been applied: every row
 -- with a product that leaves events (a deletion, an identity link's move,
--- retention's and purges' row deletes). The maintainer recomputes what those
--- rows touched from what the log still holds, then forgets them. Dropped
--- partitions fire no trigger: recs_state.partitions catches those.
+-- retention's and purges' row deletes). The maintainer recomputes the
+-- persons concerned from what the log still holds, subtracts the applied
+-- ones (xid below its position) from the trending buckets, then forgets
+-- them. Dropped partitions fire no trigger: recs_state.partitions catches those.
 CREATE TABLE recs_removed (
     user_id      text        NOT NULL,
     product_id   text        NOT NULL,
-    occurred_at  timestamptz NOT NULL
+    event_type   text        NOT NULL,
+    occurred_at  timestamptz NOT NULL,
+    xid          bigint      NOT NULL
 );
 
 CREATE FUNCTION recs_note_removed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO recs_removed (user_id, product_id, occurred_at) VALUES (OLD.user_id, OLD.product_id, OLD.occurred_at);
+    INSERT INTO recs_removed (user_id, product_id, event_type, occurred_at, xid)
+    VALUES (OLD.user_id, OLD.product_id, OLD.event_type, OLD.occurred_at, OLD.xid);
     RETURN NULL;
 END $$;
 

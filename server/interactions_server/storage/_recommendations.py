@@ -328,27 +328,57 @@ DELETE FROM recs_product_people AS t USING unnest($1::int2[], $2::text[]) AS k(k
 WHERE t.kind = k.kind AND t.product_id = k.p AND t.people <= 0
 """
 
-# The trending buckets of one hour recomputed from the log for some products
-# (below transaction $3): after removals.
-_RECOMPUTE_HOUR = f"""
-WITH w AS (SELECT * FROM unnest($4::text[], $5::float8[]) AS w(event_type, weight)),
-fresh AS (
-    SELECT e.product_id, count(*) AS n,
-           {_moment_sums("(date_part('epoch', e.occurred_at) - $1::int4 * 3600.0 - 1800) / 3600")},
-           max(e.occurred_at) AS last_at
-    FROM events AS e JOIN w ON w.event_type = e.event_type
-    WHERE e.occurred_at >= to_timestamp($1::int4 * 3600.0) AND e.occurred_at < to_timestamp(($1::int4 + 1) * 3600.0)
-      AND e.product_id = ANY($2::text[]) AND e.xid < $3::int8
-    GROUP BY e.product_id
+# The journal of removals, for at most $1 persons a step (every row of
+# theirs): the persons (recomputed from the log), and the removed events that
+# had been applied (xid below $2, the step's start) subtracted from the
+# trending buckets, by the same moments they were added with. Returns the
+# persons, and the buckets that are now empty or whose latest event was
+# among the removed (their last_at is read again).
+_JOURNAL = f"""
+WITH gone AS (
+    DELETE FROM recs_removed
+    WHERE user_id IN (SELECT DISTINCT user_id FROM recs_removed LIMIT $1)
+    RETURNING user_id, product_id, event_type, occurred_at, xid
 ),
-gone AS (
-    DELETE FROM recs_product_hours AS t
-    WHERE t.hour = $1::int4 AND t.product_id = ANY($2::text[]) AND t.product_id NOT IN (SELECT product_id FROM fresh)
+w AS (SELECT * FROM unnest($3::text[], $4::float8[]) AS w(event_type, weight)),
+sub AS (
+    SELECT h, product_id, count(*) AS n, {_moment_sums("x")}, max(occurred_at) AS latest
+    FROM (SELECT g.product_id, w.weight, g.occurred_at, floor(date_part('epoch', g.occurred_at) / 3600)::int4 AS h,
+                 (date_part('epoch', g.occurred_at) - floor(date_part('epoch', g.occurred_at) / 3600) * 3600 - 1800)
+                 / 3600 AS x
+          FROM gone AS g JOIN w ON w.event_type = g.event_type WHERE g.xid < $2::int8) AS s
+    GROUP BY 1, 2
+),
+upd AS (
+    UPDATE recs_product_hours AS t
+    SET n = t.n - sub.n, {", ".join(f"m{k} = t.m{k} - sub.m{k}" for k in _M)}
+    FROM sub WHERE t.hour = sub.h AND t.product_id = sub.product_id
+    RETURNING t.hour, t.product_id, t.n, t.last_at <= sub.latest AS stale
 )
-INSERT INTO recs_product_hours AS t (hour, product_id, n, {_M_COLUMNS}, last_at)
-SELECT $1::int4, product_id, n, {_M_COLUMNS}, last_at FROM fresh ORDER BY product_id
-ON CONFLICT (hour, product_id) DO UPDATE
-SET n = excluded.n, {", ".join(f"m{k} = excluded.m{k}" for k in _M)}, last_at = excluded.last_at
+SELECT (SELECT coalesce(array_agg(DISTINCT user_id), '{{}}') FROM gone) AS users,
+       (SELECT count(*) FROM gone) AS removed,
+       coalesce(array_agg(hour) FILTER (WHERE n <= 0), '{{}}') AS empty_hours,
+       coalesce(array_agg(product_id) FILTER (WHERE n <= 0), '{{}}') AS empty_products,
+       coalesce(array_agg(hour) FILTER (WHERE n > 0 AND stale), '{{}}') AS stale_hours,
+       coalesce(array_agg(product_id) FILTER (WHERE n > 0 AND stale), '{{}}') AS stale_products
+FROM upd
+"""
+JOURNAL_PERSONS = 500  # persons of the journal a step handles (the rest: the next steps)
+_DROP_HOURS = """
+DELETE FROM recs_product_hours AS t USING unnest($1::int4[], $2::text[]) AS k(hour, product_id)
+WHERE t.hour = k.hour AND t.product_id = k.product_id
+"""
+# The latest applied event of a bucket whose latest was removed (one hour of
+# the log, by occurred_at's index, for one product).
+_LAST_AT = """
+UPDATE recs_product_hours AS t
+SET last_at = coalesce((
+    SELECT max(e.occurred_at) FROM events AS e
+    WHERE e.product_id = k.product_id AND e.event_type = ANY($4::text[]) AND e.xid < $3::int8
+      AND e.occurred_at >= to_timestamp(k.hour * 3600.0) AND e.occurred_at < to_timestamp((k.hour + 1) * 3600.0)
+), t.last_at)
+FROM unnest($1::int4[], $2::text[]) AS k(hour, product_id)
+WHERE t.hour = k.hour AND t.product_id = k.product_id
 """
 
 _TABLES = (
@@ -427,12 +457,6 @@ async def recompute_persons(conn: asyncpg.Connection, users: Sequence[str], thro
     await conn.execute(_PAIRS_USERS, users)
 
 
-async def recompute_hours(conn: asyncpg.Connection, buckets: dict[int, set[str]], through: int) -> None:
-    """The trending buckets of (hour, product)s recomputed from the log below `through`."""
-    for hour in sorted(buckets):
-        await conn.execute(_RECOMPUTE_HOUR, hour, sorted(buckets[hour]), through, _WEIGHT_TYPES, _WEIGHT_VALUES)
-
-
 async def rebuild(conn: asyncpg.Connection, through: int) -> int:
     """Every aggregate rebuilt from the events below transaction `through`
     (inside the caller's transaction: readers see the old ones until it
@@ -458,7 +482,6 @@ _SAVE_STATE = """
 UPDATE recs_state SET applied_through = $1, holder = $2, lease_until = now() + $3 * interval '1 second',
     partitions = $4, updated_at = now(), built_at = CASE WHEN $5 THEN now() ELSE built_at END
 """
-_JOURNAL = "DELETE FROM recs_removed RETURNING user_id, product_id, occurred_at"
 
 
 async def step(
@@ -488,20 +511,22 @@ async def step(
             return StepResult(applied, 0, True, boundary, True)
         start: int = applied_through
         end = min(boundary, start + max_span) if start > 0 else boundary
-        journal = await conn.fetch(_JOURNAL)
-        if journal:
-            users = {r["user_id"] for r in journal}
-            buckets: dict[int, set[str]] = {}
-            for r in journal:
-                hour = math.floor(r["occurred_at"].timestamp() / 3600)
-                buckets.setdefault(hour, set()).add(r["product_id"])
-            await recompute_persons(conn, sorted(users), start, end)
-            await recompute_hours(conn, buckets, start)
+        journal = await conn.fetchrow(_JOURNAL, JOURNAL_PERSONS, start, _WEIGHT_TYPES, _WEIGHT_VALUES)
+        users: list[str] = journal["users"]
+        if users:
+            await recompute_persons(conn, users, start, end)
+            if journal["empty_hours"]:
+                await conn.execute(_DROP_HOURS, journal["empty_hours"], journal["empty_products"])
+            if journal["stale_hours"]:
+                await conn.execute(
+                    _LAST_AT, journal["stale_hours"], journal["stale_products"], start, _WEIGHT_TYPES
+                )
         applied = 0
         if end > start:
             applied = await apply_window(conn, start, end)
         await conn.execute(_SAVE_STATE, max(start, end), holder, lease_seconds, current, False)
-        return StepResult(applied, len(journal), False, max(start, end), end >= boundary)
+        more = len(users) >= JOURNAL_PERSONS  # the journal holds more persons: no pause before the next step
+        return StepResult(applied, journal["removed"], False, max(start, end), end >= boundary and not more)
 
 
 # --- reads -------------------------------------------------------------------------------------
@@ -740,13 +765,16 @@ class RecommendationsMaintainer:
 
 APPLICATION_NAME = "interactions-recommendations"
 
-_CAUGHT_UP = "SELECT coalesce(applied_through >= $1, false) FROM recs_state"
+_CAUGHT_UP = (
+    "SELECT coalesce(applied_through >= $1, false) AND NOT EXISTS (SELECT FROM recs_removed) FROM recs_state"
+)
 _NEXT_XID = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8"
 
 
 async def wait_applied(conn: asyncpg.Connection | asyncpg.Pool, within: float) -> float:
     """Waits until every transaction committed before the call is in the
-    aggregates; returns the seconds it took (TimeoutError after `within`)."""
+    aggregates and the journal of removals is empty; returns the seconds it
+    took (TimeoutError after `within`)."""
     started = time.monotonic()
     target: int = await conn.fetchval(_NEXT_XID)
     async with asyncio.timeout(within):
