@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from bench import analytics, identity, late_events, measures, retention, subscribe
+from bench import analytics, identity, late_events, measures, recommendations, retention, subscribe
 from bench.config import MEASURES, BenchConfig
 from bench.database import EmbeddedDatabase
 from bench.report import Results, render, to_json
@@ -142,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"(n): old page_view rows the retention deletes (default {defaults.retention_events:,})",
     )
     parser.add_argument(
+        "--recs-events",
+        type=_positive,
+        help=f"(r): rows preloaded in the log (default {defaults.recs_events:,}; full run 10000000)",
+    )
+    parser.add_argument(
+        "--recs-calls", type=_positive, help=f"(r): calls of each RPC at 50 calls/s (default {defaults.recs_calls:,})"
+    )
+    parser.add_argument(
         "--k2-workers",
         type=_workers_list,
         help="(k2): the server set-ups, as --workers values, each with as many client connections (default 1,2)",
@@ -211,6 +219,8 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         "late_calls": args.late_calls,
         "link_guests": args.link_guests,
         "retention_events": args.retention_events,
+        "recs_events": args.recs_events,
+        "recs_calls": args.recs_calls,
         # The two switches override only when given (None: the config's own value).
         "prevalidate": None if args.prevalidate else False,
         "pg_defaults": True if args.pg_defaults else None,
@@ -299,6 +309,8 @@ async def _measure(bench: measures.Bench, results: Results) -> None:
         results.link = await identity.link_latency(bench)
     if "n" in only:
         results.retention = await retention.run(bench)
+    if "r" in only:
+        results.recommendations = await recommendations.run(bench)
     if "s" in only:  # before (e), (g) and (f): its first part needs no subscriber on the log
         results.subscription = await subscribe.run(bench)
     if "e" in only:

@@ -21,6 +21,7 @@ MEASURES: dict[str, str] = {
     "l": "a late LogEvent on a (user, product) with 200k events: latency and CPU per call",
     "m": "LinkIdentity of a guest with 100 events: latency",
     "n": "bulk ingest while a per-type retention deletes a month of rows, against (b) alone",
+    "r": "RecommendationService: each RPC at 50 calls/s over a preloaded log (latency, CPU per call), freshness",
     "s": "the event stream: the xid stamp's cost on (b), (b) with 8 subscribers, delivery latency, slow-consumer RSS",
 }
 
@@ -55,6 +56,8 @@ class BenchConfig:
     late_calls: int = 200  # (l): late LogEvent calls, one at a time
     link_guests: int = 500  # (m): guests of 100 events linked, one call each
     retention_events: int = 200_000  # (n): old page_view rows the retention deletes beside the stream
+    recs_events: int = 1_000_000  # (r): rows preloaded in the log; 10,000,000 for the full run
+    recs_calls: int = 500  # (r): calls of each RPC at 50 calls/s
     prevalidate: bool = True  # the bulk streams' client pre-validates (the shipped default)
     pg_defaults: bool = False  # PostgreSQL's own defaults instead of the embedded server's machine settings
     seed: int = 5
@@ -78,6 +81,8 @@ class BenchConfig:
             late_calls=20,
             link_guests=20,
             retention_events=10_000,
+            recs_events=20_000,
+            recs_calls=20,
             repeat=1,
             quick=True,
         )

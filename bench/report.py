@@ -14,6 +14,7 @@ from bench.late_events import LateEvents
 from bench.measures import BusyLatency, CallLatency, InlineLatency, Latency, Memory, Profile, Throughput
 from bench.proc_stats import RssSamples
 from bench.retention import RetentionBeside
+from bench.recommendations import RecsResults
 from bench.subscribe import SUBSCRIBERS, SubscriptionResults
 
 MB = 1024.0  # kB per MB
@@ -43,6 +44,7 @@ class Results:
     late: LateEvents | None = None  # (l)
     link: LinkLatency | None = None  # (m)
     retention: RetentionBeside | None = None  # (n)
+    recommendations: RecsResults | None = None  # (r)
     subscription: SubscriptionResults | None = None  # (s)
     profiles: dict[str, Profile] = field(default_factory=dict)
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -251,6 +253,8 @@ def rows(results: Results) -> list[Row]:
         out.extend(link_rows(link))
     if (kept := results.retention) is not None:
         out.extend(retention_rows(kept, results.bulk))
+    if (recs := results.recommendations) is not None:
+        out.extend(recs_rows(recs))
     if (sub := results.subscription) is not None:
         out.extend(subscription_rows(sub))
     for key, why in results.skipped.items():
@@ -539,6 +543,62 @@ def retention_rows(kept: RetentionBeside, alone: Throughput | None) -> list[Row]
             noise=_noise(kept.run),
         ),
     ]
+def recs_rows(recs: RecsResults) -> list[Row]:
+    per_user = {"RecentlyViewed", "UserAffinities"}
+    out = [
+        Row(
+            "r",
+            f"(r) maintainer catching up on {_size(recs.events)} preloaded rows",
+            f"{recs.catch_up_seconds:.1f} s ({recs.events / max(recs.catch_up_seconds, 1e-9):,.0f} rows/s)",
+        )
+    ]
+    for rpc in recs.rpcs:
+        void = f"{rpc.errors} calls failed" if rpc.errors else ""
+        noise = rpc.cpu.other + rpc.cpu.steal
+        enough = rpc.calls >= 100  # fewer: no p99 worth the name (give --recs-calls more)
+        sample = f"{rpc.calls:,} calls, {rpc.nonempty:,} non-empty" if enough else f"only {rpc.calls} calls: too few"
+        limit = 0.010 if rpc.rpc in per_user else 0.020
+        out += [
+            Row("r", f"(r) {rpc.rpc} p50 at 50 calls/s", _ms(rpc.p50), void=void, noise=noise),
+            Row(
+                "r",
+                f"(r) {rpc.rpc} p99 at 50 calls/s",
+                f"{_ms(rpc.p99)} ({sample})",
+                target=f"<= {limit * 1000:.0f} ms",
+                met=rpc.p99 <= limit if enough else None,
+                void=void,
+                noise=noise,
+            ),
+            Row(
+                "r",
+                f"(r) {rpc.rpc} CPU per call",
+                f"server {rpc.server_ms_per_call:.2f} ms, PostgreSQL {rpc.postgres_ms_per_call:.2f} ms",
+                void=void,
+                noise=noise,
+            ),
+        ]
+    for fresh in recs.freshness:
+        void = f"{fresh.missed} of {fresh.samples} never showed" if fresh.missed else ""
+        out.append(
+            Row(
+                "r",
+                f"(r) freshness {fresh.where} ({fresh.samples} samples), p50 / max",
+                f"{fresh.p50:.2f} s / {fresh.max:.2f} s",
+                target="<= 60 s",
+                met=fresh.max <= 60.0 if fresh.samples else None,
+                void=void,
+            )
+        )
+    if recs.stream is not None:
+        out.append(
+            Row(
+                "r",
+                "(r) the bulk stream beside the freshness samples",
+                f"{recs.stream.rate:,.0f} events/s",
+                noise=recs.stream.cpu.other + recs.stream.cpu.steal,
+            )
+        )
+    return out
 
 
 def cpu_rows(results: Results) -> list[tuple[str, Throughput]]:
@@ -715,6 +775,7 @@ def to_json(results: Results) -> dict[str, Any]:
             **{k: v for k, v in asdict(results.retention).items() if k != "run"},
             "run": throughput(results.retention.run),
         },
+        "r_recommendations": None if results.recommendations is None else asdict(results.recommendations),
         "s_subscription": None
         if results.subscription is None
         else {

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The start of the table row of every measure, (a) to (n), (k2) and (s).
+# The start of the table row of every measure, (a) to (n), (k2), (r) and (s).
 MEASURE_ROWS = (
     "(a) DB ceiling",
     "(b) bulk StreamEvents",
@@ -53,6 +53,12 @@ MEASURE_ROWS = (
     "(k2) 1 worker, 1 conn.: the stream beside LogEvent",
     "(k2) 2 workers, 2 conn.: LogEvent",
     "(k2) 2 workers, 2 conn.: the stream beside LogEvent",
+    "(r) maintainer catching up on",
+    "(r) RecentlyViewed p99 at 50 calls/s",
+    "(r) TrendingProducts p99 at 50 calls/s",
+    "(r) FrequentlyBoughtTogether CPU per call",
+    "(r) freshness alone",
+    "(r) freshness beside a bulk stream",
     "(s) (b) xid + BRIN (0009)",
     "(s) (b) no xid column",
     "(s) (b) xid + B-tree",

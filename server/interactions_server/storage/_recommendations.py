@@ -72,6 +72,7 @@ def _moment_sums(x: str) -> str:
 def _moment_adds() -> str:
     return ", ".join(f"m{k} = t.m{k} + excluded.m{k}" for k in _M)
 
+
 _VIEW_LIST = ", ".join(f"'{t}'" for t in VIEW_TYPES)
 _BUY_LIST = ", ".join(f"'{t}'" for t in PURCHASE_TYPES)
 _KIND = f"(CASE WHEN e.event_type IN ({_VIEW_LIST}) THEN 1 WHEN e.event_type IN ({_BUY_LIST}) THEN 2 END)"
@@ -518,9 +519,7 @@ async def step(
             if journal["empty_hours"]:
                 await conn.execute(_DROP_HOURS, journal["empty_hours"], journal["empty_products"])
             if journal["stale_hours"]:
-                await conn.execute(
-                    _LAST_AT, journal["stale_hours"], journal["stale_products"], start, _WEIGHT_TYPES
-                )
+                await conn.execute(_LAST_AT, journal["stale_hours"], journal["stale_products"], start, _WEIGHT_TYPES)
         applied = 0
         if end > start:
             applied = await apply_window(conn, start, end)
@@ -765,9 +764,7 @@ class RecommendationsMaintainer:
 
 APPLICATION_NAME = "interactions-recommendations"
 
-_CAUGHT_UP = (
-    "SELECT coalesce(applied_through >= $1, false) AND NOT EXISTS (SELECT FROM recs_removed) FROM recs_state"
-)
+_CAUGHT_UP = "SELECT coalesce(applied_through >= $1, false) AND NOT EXISTS (SELECT FROM recs_removed) FROM recs_state"
 _NEXT_XID = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8"
 
 
