@@ -124,6 +124,10 @@ CREATE TABLE recs_hour_members (
     PRIMARY KEY (kind, user_id, hour, product_id)
 );
 
+-- A step finds what it changed (the groups to rank again, the members to
+-- pair) by `touched`.
+CREATE INDEX recs_hour_members_touched ON recs_hour_members (touched);
+
 -- The same by non-empty session_id (any two occurrences in one session are together).
 CREATE TABLE recs_session_members (
     kind        int2        NOT NULL,
@@ -135,6 +139,7 @@ CREATE TABLE recs_session_members (
     touched     bigint      NOT NULL,
     PRIMARY KEY (kind, user_id, session_id, product_id)
 );
+CREATE INDEX recs_session_members_touched ON recs_session_members (touched);
 
 -- The pairs a person has together (a < b by code point): existence, so
 -- that a pair counts once per person however often it recurs.
@@ -145,6 +150,7 @@ CREATE TABLE recs_person_pairs (
     b        text NOT NULL,
     PRIMARY KEY (kind, user_id, a, b)
 );
+CREATE INDEX recs_person_pairs_b ON recs_person_pairs (kind, user_id, b);  -- a product's pairs, from either side
 
 -- support(p, q): the persons who have p and q together; both directions stored.
 CREATE TABLE recs_pairs (

@@ -120,9 +120,10 @@ agg AS (
     FROM src GROUP BY 1, 2
     HAVING count(*) FILTER (WHERE kind IS NOT NULL) > 0 OR count(weight) > 0
 ),
-old AS (
-    SELECT o.user_id, o.product_id, o.view_n, o.buy_n
-    FROM recs_user_products AS o JOIN agg AS a ON a.user_id = o.user_id AND a.product_id = o.product_id
+old AS MATERIALIZED (  -- before this statement's upserts: whether the person had the product yet
+    SELECT a.user_id, a.product_id, a.view_n, a.buy_n, coalesce(o.view_n, 0) AS old_view_n,
+           coalesce(o.buy_n, 0) AS old_buy_n
+    FROM agg AS a LEFT JOIN recs_user_products AS o ON o.user_id = a.user_id AND o.product_id = a.product_id
 ),
 products AS (
     INSERT INTO recs_user_products AS t
@@ -136,10 +137,10 @@ products AS (
 ),
 people AS (
     INSERT INTO recs_product_people AS t (kind, product_id, people)
-    SELECT k.kind, a.product_id, count(*)
-    FROM agg AS a LEFT JOIN old AS o ON o.user_id = a.user_id AND o.product_id = a.product_id
-    CROSS JOIN LATERAL (VALUES (1::int2, a.view_n > 0 AND coalesce(o.view_n, 0) = 0),
-                               (2::int2, a.buy_n > 0 AND coalesce(o.buy_n, 0) = 0)) AS k(kind, became)
+    SELECT k.kind, o.product_id, count(*)
+    FROM old AS o
+    CROSS JOIN LATERAL (VALUES (1::int2, o.view_n > 0 AND o.old_view_n = 0),
+                               (2::int2, o.buy_n > 0 AND o.old_buy_n = 0)) AS k(kind, became)
     WHERE k.became
     GROUP BY 1, 2 ORDER BY 1, 2
     ON CONFLICT (kind, product_id) DO UPDATE SET people = t.people + excluded.people
@@ -177,17 +178,14 @@ SELECT count(*) FROM src
 """
 
 
-# The groups whose members a statement ranks: those the window touched, or
-# every group of some users (a recompute), or every group (a rebuild).
-_WINDOW_HOUR_GROUPS = f"""
-SELECT DISTINCT {_KIND} AS kind, e.user_id, floor(date_part('epoch', e.occurred_at) / 3600)::int4 AS grp
-FROM events AS e WHERE {_WINDOW} AND e.product_id IS NOT NULL AND {_KIND} IS NOT NULL
-"""
-_WINDOW_SESSION_GROUPS = f"""
-SELECT DISTINCT {_KIND} AS kind, e.user_id, e.session_id AS grp
-FROM events AS e WHERE {_WINDOW} AND e.product_id IS NOT NULL AND {_KIND} IS NOT NULL
-  AND e.session_id IS NOT NULL AND e.session_id <> ''
-"""
+# The groups whose members a statement ranks: those with a member the step
+# ($3) inserted or widened (the only changes that move a rank: a new member,
+# an earlier first occurrence), by the members' `touched` index; or every
+# group of some users (a recompute), or every group (a rebuild).
+_WINDOW_HOUR_GROUPS = "SELECT DISTINCT kind, user_id, hour AS grp FROM recs_hour_members WHERE touched = $3::int8"
+_WINDOW_SESSION_GROUPS = (
+    "SELECT DISTINCT kind, user_id, session_id AS grp FROM recs_session_members WHERE touched = $3::int8"
+)
 
 
 def _eligibility_sql(table: str, column: str, groups: str | None) -> str:
@@ -211,12 +209,14 @@ UPDATE {table} AS t SET eligible = r.eligible, touched = CASE WHEN r.eligible TH
 FROM ranked AS r
 WHERE t.kind = r.kind AND t.user_id = r.user_id AND t.{column} = r.{column} AND t.product_id = r.product_id
   AND t.eligible <> r.eligible
-RETURNING t.kind, t.user_id, t.eligible
+RETURNING t.kind, t.user_id, t.product_id, t.eligible
 """
 
 
-_ELIGIBLE_WINDOW_HOURS = _eligibility_sql("recs_hour_members", "hour", _WINDOW_HOUR_GROUPS)
-_ELIGIBLE_WINDOW_SESSIONS = _eligibility_sql("recs_session_members", "session_id", _WINDOW_SESSION_GROUPS)
+_ELIGIBLE_WINDOW_HOURS = _eligibility_sql("recs_hour_members", "hour", _WINDOW_HOUR_GROUPS).replace("$3", "$1")
+_ELIGIBLE_WINDOW_SESSIONS = _eligibility_sql("recs_session_members", "session_id", _WINDOW_SESSION_GROUPS).replace(
+    "$3", "$1"
+)
 _USER_HOUR_GROUPS = "SELECT kind, user_id, hour AS grp FROM recs_hour_members WHERE user_id = ANY($1::text[])"
 _USER_SESSION_GROUPS = (
     "SELECT kind, user_id, session_id AS grp FROM recs_session_members WHERE user_id = ANY($1::text[])"
@@ -274,29 +274,38 @@ ON CONFLICT (kind, product_id, other_id) DO UPDATE SET support = t.support + exc
 """
 
 
-# A window: the rows the step widened or made eligible ($3: the step), in
-# the groups the window touched.
+# A window: the rows the step ($3) inserted, widened or made eligible (the
+# only ones that can be in a new pair), by the `touched` index.
 _PAIRS_WINDOW = _pairs_sql(
-    f"""SELECT m.* FROM recs_hour_members AS m
-        JOIN ({_WINDOW_HOUR_GROUPS}) AS g ON g.kind = m.kind AND g.user_id = m.user_id AND g.grp = m.hour
-        WHERE m.eligible AND m.touched = $3::int8""",
-    f"""SELECT m.* FROM recs_session_members AS m
-        JOIN ({_WINDOW_SESSION_GROUPS}) AS g ON g.kind = m.kind AND g.user_id = m.user_id AND g.grp = m.session_id
-        WHERE m.eligible AND m.touched = $3::int8""",
+    "SELECT * FROM recs_hour_members WHERE touched = $1::int8 AND eligible",
+    "SELECT * FROM recs_session_members WHERE touched = $1::int8 AND eligible",
 )
 # Every eligible member of the users $1 (their pairs are built from scratch).
 _PAIRS_USERS = _pairs_sql(
     "SELECT * FROM recs_hour_members WHERE user_id = ANY($1::text[]) AND eligible",
     "SELECT * FROM recs_session_members WHERE user_id = ANY($1::text[]) AND eligible",
 )
+# The pairs of some (kind, person, product)s: $1, $2, $3 (kind, user_id, product_id).
+_DISPLACED = "unnest($1::int2[], $2::text[], $3::text[]) AS k(kind, user_id, product_id)"
+# Every pair of those from their eligible members.
+_PAIRS_PRODUCTS = _pairs_sql(
+    f"""SELECT m.* FROM recs_hour_members AS m JOIN {_DISPLACED}
+        ON m.kind = k.kind AND m.user_id = k.user_id AND m.product_id = k.product_id WHERE m.eligible""",
+    f"""SELECT m.* FROM recs_session_members AS m JOIN {_DISPLACED}
+        ON m.kind = k.kind AND m.user_id = k.user_id AND m.product_id = k.product_id WHERE m.eligible""",
+)
 _PAIRS_ALL = _pairs_sql(
     "SELECT * FROM recs_hour_members WHERE eligible", "SELECT * FROM recs_session_members WHERE eligible"
 )
 
+
 # Forgetting persons: their pairs leave the supports, their products the
 # denominators, then every person-level row of theirs goes.
-_FORGET_PAIRS = """
-WITH gone AS (DELETE FROM recs_person_pairs WHERE kind IN (1, 2) AND user_id = ANY($1::text[]) RETURNING kind, a, b),
+def _forget_pairs_sql(gone: str) -> str:
+    """Person pairs deleted by `gone` (a DELETE ... RETURNING kind, a, b)
+    leave the supports; returns the supports changed."""
+    return f"""
+WITH gone AS ({gone}),
 dec AS (
     SELECT kind, p, q, count(*) AS n
     FROM (SELECT kind, a AS p, b AS q FROM gone UNION ALL SELECT kind, b, a FROM gone) AS x
@@ -306,6 +315,21 @@ UPDATE recs_pairs AS t SET support = t.support - dec.n
 FROM dec WHERE t.kind = dec.kind AND t.product_id = dec.p AND t.other_id = dec.q
 RETURNING t.kind, t.product_id, t.other_id, t.support
 """
+
+
+_FORGET_PAIRS = _forget_pairs_sql(
+    "DELETE FROM recs_person_pairs WHERE kind IN (1, 2) AND user_id = ANY($1::text[]) RETURNING kind, a, b"
+)
+# By each side's index (an OR of the two would read every pair of the person).
+_FORGET_PRODUCT_PAIRS = _forget_pairs_sql(
+    f"""DELETE FROM recs_person_pairs WHERE ctid = ANY(ARRAY(
+        SELECT pp.ctid FROM {_DISPLACED} JOIN recs_person_pairs AS pp
+          ON pp.kind = k.kind AND pp.user_id = k.user_id AND pp.a = k.product_id
+        UNION
+        SELECT pp.ctid FROM {_DISPLACED} JOIN recs_person_pairs AS pp
+          ON pp.kind = k.kind AND pp.user_id = k.user_id AND pp.b = k.product_id))
+    RETURNING kind, a, b"""
+)
 _DROP_PAIRS = """
 DELETE FROM recs_pairs AS t USING unnest($1::int2[], $2::text[], $3::text[]) AS k(kind, p, q)
 WHERE t.kind = k.kind AND t.product_id = k.p AND t.other_id = k.q AND t.support <= 0
@@ -418,24 +442,28 @@ async def apply_window(conn: asyncpg.Connection, start: int, end: int) -> int:
     applied: int = await conn.fetchval(
         _aggregate_sql(_WINDOW, hours=True), start, end, _WEIGHT_TYPES, _WEIGHT_VALUES, end
     )
-    displaced: set[str] = set()
+    displaced: set[tuple[int, str, str]] = set()
     for statement in (_ELIGIBLE_WINDOW_HOURS, _ELIGIBLE_WINDOW_SESSIONS):
-        for kind, user_id, eligible in await conn.fetch(statement, start, end, end):
-            del kind
+        for kind, user_id, product_id, eligible in await conn.fetch(statement, end):
             if not eligible:
-                displaced.add(user_id)
-    await conn.execute(_PAIRS_WINDOW, start, end, end)
+                displaced.add((kind, user_id, product_id))
+    await conn.execute(_PAIRS_WINDOW, end)
     if displaced:
-        # A member pushed out of its group's first CAP: the person's pairs
-        # are rebuilt from their members (it may have been the only witness).
-        users = sorted(displaced)
-        await _forget_pairs(conn, users)
-        await conn.execute(_PAIRS_USERS, users)
+        # A member pushed out of its group's first CAP (it may have been the
+        # only witness of some pairs): the person's pairs with that product
+        # are found again from its members that are still eligible.
+        keys = sorted(displaced)
+        columns = ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
+        await _drop_zero_pairs(conn, await conn.fetch(_FORGET_PRODUCT_PAIRS, *columns))
+        await conn.execute(_PAIRS_PRODUCTS, *columns)
     return applied
 
 
 async def _forget_pairs(conn: asyncpg.Connection, users: list[str]) -> None:
-    rows = await conn.fetch(_FORGET_PAIRS, users)
+    await _drop_zero_pairs(conn, await conn.fetch(_FORGET_PAIRS, users))
+
+
+async def _drop_zero_pairs(conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> None:
     zero = [r for r in rows if r["support"] <= 0]
     if zero:
         await conn.execute(
