@@ -13,8 +13,8 @@ from bench.identity import LinkLatency
 from bench.late_events import LateEvents
 from bench.measures import BusyLatency, CallLatency, InlineLatency, Latency, Memory, Profile, Throughput
 from bench.proc_stats import RssSamples
-from bench.retention import RetentionBeside
 from bench.recommendations import RecsResults
+from bench.retention import RetentionBeside
 from bench.subscribe import SUBSCRIBERS, SubscriptionResults
 
 MB = 1024.0  # kB per MB
@@ -543,6 +543,8 @@ def retention_rows(kept: RetentionBeside, alone: Throughput | None) -> list[Row]
             noise=_noise(kept.run),
         ),
     ]
+
+
 def recs_rows(recs: RecsResults) -> list[Row]:
     per_user = {"RecentlyViewed", "UserAffinities"}
     out = [
