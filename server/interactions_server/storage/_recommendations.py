@@ -437,11 +437,21 @@ class LeaseHeld(Exception):
     """Another server maintains the recommendations now."""
 
 
+# After a window this large (a backlog, a bulk load's transaction), the
+# planner is told what the step wrote before it ranks and pairs: with the
+# statistics of before, it takes the step's `touched` rows for a handful and
+# picks plans that take minutes instead of seconds.
+ANALYZE_EVENTS = 20_000
+_ANALYZE = "ANALYZE recs_hour_members, recs_session_members, recs_person_pairs, recs_pairs"
+
+
 async def apply_window(conn: asyncpg.Connection, start: int, end: int) -> int:
     """Applies the events with an xid in [start, end); returns how many were read."""
     applied: int = await conn.fetchval(
         _aggregate_sql(_WINDOW, hours=True), start, end, _WEIGHT_TYPES, _WEIGHT_VALUES, end
     )
+    if applied >= ANALYZE_EVENTS:
+        await conn.execute(_ANALYZE)
     displaced: set[tuple[int, str, str]] = set()
     for statement in (_ELIGIBLE_WINDOW_HOURS, _ELIGIBLE_WINDOW_SESSIONS):
         for kind, user_id, product_id, eligible in await conn.fetch(statement, end):
@@ -496,6 +506,8 @@ async def rebuild(conn: asyncpg.Connection, through: int) -> int:
     applied: int = await conn.fetchval(
         _aggregate_sql(_WINDOW, hours=True), -1, through, _WEIGHT_TYPES, _WEIGHT_VALUES, through
     )
+    if applied >= ANALYZE_EVENTS:
+        await conn.execute(_ANALYZE)
     await conn.execute(_ELIGIBLE_ALL_HOURS, through)
     await conn.execute(_ELIGIBLE_ALL_SESSIONS, through)
     await conn.execute(_PAIRS_ALL)
