@@ -11,9 +11,9 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 
+from interactions_client.analytics import duration
 from interactions_client.errors import from_rpc_error
 from interactions_client.v1.recommendation_service_pb2 import (
     AlsoViewedRequest,
@@ -25,14 +25,6 @@ from interactions_client.v1.recommendation_service_pb2 import (
 )
 
 __all__ = ["RecommendationMethods", "ScoredProduct", "SyncRecommendationMethods"]
-
-
-def _duration(value: timedelta | None) -> Duration | None:
-    if value is None:
-        return None
-    duration = Duration()
-    duration.FromTimedelta(value)
-    return duration
 
 
 def recently_viewed_request(
@@ -51,7 +43,7 @@ def trending_request(
     window: timedelta | None, half_life: timedelta | None, limit: int, exclude: Iterable[str]
 ) -> TrendingProductsRequest:
     return TrendingProductsRequest(
-        window=_duration(window), half_life=_duration(half_life), limit=limit, exclude_product_ids=list(exclude)
+        window=duration(window), half_life=duration(half_life), limit=limit, exclude_product_ids=list(exclude)
     )
 
 
@@ -60,7 +52,7 @@ def affinities_request(
 ) -> UserAffinitiesRequest:
     return UserAffinitiesRequest(
         user_id=user_id,
-        half_life=_duration(half_life),
+        half_life=duration(half_life),
         limit=limit,
         exclude_product_ids=list(exclude),
         exclude_in_cart=exclude_in_cart,
