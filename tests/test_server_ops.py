@@ -147,6 +147,7 @@ async def test_reflection_lists_and_describes_the_services(channel: grpc.aio.Cha
         "interactions.v1.IdentityService",
         "interactions.v1.AdminService",
         "interactions.v1.EventStreamService",
+        "interactions.v1.RecommendationService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     }
