@@ -61,6 +61,24 @@ LOCAL: dict[str, str] = {
     "retention_schedule": "the daily retention run's lease (one row), claimed and renewed through the coordinator",
     "retention_detached": "the names of the log's partitions retention detached, and its walk's position: "
     "bookkeeping of the coordinator's DDL",
+    # The recommendations' aggregates (migrations/0011): written only by the
+    # maintainer's set-based steps on the coordinator; not yet run or tested
+    # on a cluster (issue 20's first step is for one PostgreSQL).
+    **{
+        table: "the recommendations' aggregates, kept by one maintainer on the coordinator (not yet for a cluster)"
+        for table in (
+            "recs_state",
+            "recs_removed",
+            "recs_user_products",
+            "recs_user_days",
+            "recs_product_hours",
+            "recs_hour_members",
+            "recs_session_members",
+            "recs_person_pairs",
+            "recs_pairs",
+            "recs_product_people",
+        )
+    },
 }
 
 
