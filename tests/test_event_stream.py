@@ -217,6 +217,31 @@ async def test_now_starts_after_what_was_committed_and_earliest_at_the_oldest(cl
     await earliest.close()
 
 
+async def test_now_while_the_reader_runs_starts_at_its_current_position_not_where_it_started(
+    client: InteractionsClient,
+) -> None:
+    """A later subscription from now does not get what the process's reader
+    read before it (it used to start where the reader had started: with a
+    reader running for a while, far behind the ring, every new subscriber
+    reading the backlog from the database by itself)."""
+    first = Reader(client.subscribe())
+    await first.started()
+    before = events_of(["a", "b"])
+    assert (await client.log_many(before)).accepted == 2
+    await first.wait_for(2)  # the reader has read them: its position is past them
+    later = Reader(client.subscribe())
+    await later.started()
+    after = events_of(["c"])
+    assert (await client.log_many(after)).accepted == 1
+    await first.wait_for(3)
+    await later.wait_for(1)
+    await asyncio.sleep(0.1)
+    assert later.event_ids == [after[0].event_id]
+    assert first.event_ids == stream_order([before, after])
+    await later.close()
+    await first.close()
+
+
 # --- filters ---------------------------------------------------------------------------
 
 

@@ -180,8 +180,13 @@ class EventFeed:
         return self._subscriptions
 
     async def now(self) -> StreamPosition:
-        """START_POSITION_NOW: the reader's position (the reader starts if it was idle)."""
-        return await self._ensure_reader()
+        """START_POSITION_NOW: the reader's current position (the reader starts
+        if it was idle). Not where it started: a reader that has run for a
+        while started behind the ring, and every subscription from there
+        would read its way through the database with reads of its own."""
+        started = await self._ensure_reader()
+        head = self._head
+        return started if head is None else head
 
     async def earliest(self) -> StreamPosition:
         """START_POSITION_EARLIEST: right after what retention removed."""
