@@ -4,6 +4,7 @@ the helpers that put the log into a known state before a measure."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 import time
@@ -68,6 +69,9 @@ class EmbeddedDatabase:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
+DEADLOCK_RETRIES = 10
+
+
 async def reset_log(url: str) -> None:
     """Empties every table of the service (the log, its keys, the state) and
     checkpoints, so that every throughput measure starts from the same state."""
@@ -77,7 +81,16 @@ async def reset_log(url: str) -> None:
             "SELECT quote_ident(tablename) FROM pg_tables WHERE schemaname = 'public'"
             " AND tablename <> 'schema_migrations'"
         )
-        await connection.execute(f"TRUNCATE {', '.join(t[0] for t in tables)}")
+        # The server's recommendations maintainer reads and writes these tables meanwhile: a TRUNCATE
+        # of all of them can deadlock with one of its steps, and then either side may be the victim.
+        for attempt in range(DEADLOCK_RETRIES):
+            try:
+                await connection.execute(f"TRUNCATE {', '.join(t[0] for t in tables)}")
+                break
+            except asyncpg.DeadlockDetectedError:
+                if attempt == DEADLOCK_RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.1)
         await connection.execute("CHECKPOINT")
     finally:
         await connection.close()

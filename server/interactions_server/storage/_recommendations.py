@@ -782,8 +782,10 @@ class RecommendationsMaintainer:
                         await asyncio.sleep(self._interval)
                 except LeaseHeld:
                     await asyncio.sleep(LEASE_SECONDS / 3)
-                except asyncpg.SerializationError:
-                    await asyncio.sleep(self._interval)  # another server stepped meanwhile
+                except asyncpg.TransactionRollbackError:
+                    # Another server stepped meanwhile (serialization failure), or the step was the victim
+                    # of a deadlock with an operator's DDL or TRUNCATE: nothing was applied, step again.
+                    await asyncio.sleep(self._interval)
                 except Exception as exc:
                     if not is_database_unavailable(exc):
                         _log.exception("a step of the recommendations failed; retrying")
