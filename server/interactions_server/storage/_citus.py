@@ -61,11 +61,12 @@ LOCAL: dict[str, str] = {
     "retention_schedule": "the daily retention run's lease (one row), claimed and renewed through the coordinator",
     "retention_detached": "the names of the log's partitions retention detached, and its walk's position: "
     "bookkeeping of the coordinator's DDL",
-    # The recommendations' aggregates (migrations/0011): written only by the
-    # maintainer's set-based steps on the coordinator; not yet run or tested
-    # on a cluster (issue 20's first step is for one PostgreSQL).
+    # The recommendations' aggregates (migrations/0011): on a cluster the
+    # maintainer does not run (the journal's trigger cannot be on a
+    # distributed table, and the log's transaction ids are per node), so the
+    # tables stay, empty, on the coordinator (docs/scaling.md).
     **{
-        table: "the recommendations' aggregates, kept by one maintainer on the coordinator (not yet for a cluster)"
+        table: "the recommendations' aggregates: not maintained on a cluster (docs/scaling.md), empty on the coordinator"
         for table in (
             "recs_state",
             "recs_removed",
@@ -218,6 +219,12 @@ async def schema_tables(conn: asyncpg.Connection) -> list[str]:
     return [r["relname"] for r in rows]
 
 
+RECS_TRIGGER = "events_recs_removed"  # migrations/0011: the recommendations' journal of removals
+_HAS_RECS_TRIGGER = (
+    f"SELECT EXISTS (SELECT FROM pg_trigger WHERE tgname = '{RECS_TRIGGER}' AND tgrelid = '{ANCHOR}'::regclass)"
+)
+
+
 def unplaced(tables: list[str]) -> list[str]:
     """The tables this module does not say where to put."""
     return [t for t in tables if t not in DISTRIBUTED and t not in LOCAL]
@@ -243,6 +250,12 @@ async def place_tables(conn: asyncpg.Connection, shard_count: int | None) -> lis
             f"{ANCHOR} is already distributed in {anchor.shards} shards, not {shard_count}: "
             "leave out --shard-count (alter_distributed_table changes a shard count)"
         )
+    if ANCHOR not in placed and await conn.fetchval(_HAS_RECS_TRIGGER):
+        # Citus refuses to distribute a table with triggers, and this one's
+        # function writes recs_removed, a coordinator table a worker's shard
+        # could not reach: on a cluster the recommendations are not maintained.
+        await conn.execute(f"DROP TRIGGER {RECS_TRIGGER} ON {ANCHOR}")
+        lines.append(f"{ANCHOR}: trigger {RECS_TRIGGER} dropped (recommendations are not maintained on a cluster)")
     for table in [ANCHOR, *sorted(set(DISTRIBUTED) - {ANCHOR})]:
         if table not in tables:
             continue  # a migration not applied here

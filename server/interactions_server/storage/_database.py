@@ -60,7 +60,7 @@ class Database:
         if not policy.keeps_everything:
             self.retention = RetentionKeeper(self._pool, policy, check_interval=self.config.retention_check_interval)
             self.retention.start()
-        if self.config.recommendations_interval > 0:
+        if self.config.recommendations_interval > 0 and await self._recommendations_here(dsn):
             self.recommendations = RecommendationsMaintainer(
                 dsn,
                 interval=self.config.recommendations_interval,
@@ -68,6 +68,21 @@ class Database:
             )
             self.recommendations.start()
         return dsn
+
+    async def _recommendations_here(self, dsn: str) -> bool:
+        """Whether this database can keep the recommendations: not a Citus
+        cluster (docs/scaling.md: the maintainer's windows of transaction ids
+        are one node's, and its journal's trigger cannot be on a distributed table)."""
+        if (
+            self._embedded is None
+            and (await _citus.kind_of(dsn, statement_cache_size=self.config.statement_cache_size)).cluster
+        ):
+            _log.warning(
+                "Citus cluster: the recommendations are not maintained here (RecommendationService answers "
+                "from empty aggregates); docs/scaling.md"
+            )
+            return False
+        return True
 
     @property
     def embedded_pid(self) -> int | None:
