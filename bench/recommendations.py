@@ -35,6 +35,7 @@ from interactions_server.storage import _recommendations as recs
 RATE = 50.0  # calls/s of each RPC
 FRESH_SAMPLES = 20  # freshness samples alone, and as many beside the stream
 FRESH_POLL = 0.01
+PACE_EVERY = 100  # events between the paced stream's pauses
 SEED_RECS = 12
 
 
@@ -74,6 +75,7 @@ class RecsResults:
     rpcs: list[RpcLatency] = field(default_factory=list)
     freshness: list[Freshness] = field(default_factory=list)
     stream: Throughput | None = None  # the bulk stream beside the freshness samples
+    half_stream: Throughput | None = None  # the same paced at half its rate
 
 
 def _user(rng: random.Random) -> str:
@@ -166,6 +168,39 @@ async def _caught_up(url: str) -> float:
         await connection.close()
 
 
+async def _beside_stream(
+    bench: Bench, client: InteractionsClient, where: str, tag: str, rate: float | None
+) -> tuple[Freshness, Throughput]:
+    """Freshness samples while a bulk stream of `busy_events` runs, at full
+    speed (rate None) or paced at `rate` events/s; the stream's throughput."""
+    config = bench.config
+    meter = bench.meter()
+    meter.start()
+    cpu_before = time.process_time()
+    started = time.monotonic()
+    sent = 0
+
+    async def bulk() -> None:
+        nonlocal sent
+        events = stream_events(bench.seed(SEED_RECS + 1), 0, 1, config.busy_events, time.time())
+        async with (
+            InteractionsClient(bench.server.target, deadline=60.0) as streamer,
+            streamer.stream(validate=False) as stream,
+        ):
+            for event in events:
+                await stream.send(event)
+                sent += 1
+                if rate is not None and sent % PACE_EVERY == 0:
+                    await asyncio.sleep(max(0.0, started + sent / rate - time.monotonic()))
+
+    task = asyncio.create_task(bulk())
+    await asyncio.sleep(0.5)  # the stream at its pace
+    fresh = await _freshness(client, where, FRESH_SAMPLES, tag, task)
+    await task
+    cpu = meter.stop(time.process_time() - cpu_before)
+    return fresh, Throughput(sent, time.monotonic() - started, cpu)
+
+
 async def run(bench: Bench) -> RecsResults:
     config = bench.config
     await database.reset_log(bench.url)
@@ -181,29 +216,15 @@ async def run(bench: Bench) -> RecsResults:
             result.rpcs.append(latency)
             bench.progress(f"(r) {name} p50 {latency.p50 * 1000:.1f} ms, p99 {latency.p99 * 1000:.1f} ms")
         result.freshness.append(await _freshness(client, "alone", FRESH_SAMPLES, "a"))
-        meter = bench.meter()
-        meter.start()
-        cpu_before = time.process_time()
-        started = time.monotonic()
-        sent = 0
-
-        async def bulk() -> None:
-            nonlocal sent
-            events = stream_events(bench.seed(SEED_RECS + 1), 0, 1, config.busy_events, time.time())
-            async with (
-                InteractionsClient(bench.server.target, deadline=60.0) as streamer,
-                streamer.stream(validate=False) as stream,
-            ):
-                for event in events:
-                    await stream.send(event)
-                    sent += 1
-
-        task = asyncio.create_task(bulk())
-        await asyncio.sleep(0.5)  # the stream at full speed
-        result.freshness.append(await _freshness(client, "beside a bulk stream", FRESH_SAMPLES, "b", task))
-        await task
-        cpu = meter.stop(time.process_time() - cpu_before)
-        result.stream = Throughput(sent, time.monotonic() - started, cpu)
+        fresh, result.stream = await _beside_stream(bench, client, "beside a bulk stream", "b", None)
+        result.freshness.append(fresh)
+        await _caught_up(bench.url)
+        # Issue 20's freshness target is under half the maximum ingest: the stream again, paced at half
+        # the rate it had just reached at full speed.
+        fresh, result.half_stream = await _beside_stream(
+            bench, client, "beside a stream at half its full rate", "h", result.stream.rate / 2
+        )
+        result.freshness.append(fresh)
     for fresh in result.freshness:
         bench.progress(f"(r) freshness {fresh.where}: p50 {fresh.p50:.2f} s, max {fresh.max:.2f} s")
     return result

@@ -591,15 +591,12 @@ def recs_rows(recs: RecsResults) -> list[Row]:
                 void=void,
             )
         )
-    if recs.stream is not None:
-        out.append(
-            Row(
-                "r",
-                "(r) the bulk stream beside the freshness samples",
-                f"{recs.stream.rate:,.0f} events/s",
-                noise=recs.stream.cpu.other + recs.stream.cpu.steal,
-            )
-        )
+    for label, stream in (
+        ("(r) the bulk stream beside the freshness samples", recs.stream),
+        ("(r) the same paced at half that rate", recs.half_stream),
+    ):
+        if stream is not None:
+            out.append(Row("r", label, f"{stream.rate:,.0f} events/s", noise=stream.cpu.other + stream.cpu.steal))
     return out
 
 

@@ -59,6 +59,8 @@ MEASURE_ROWS = (
     "(r) FrequentlyBoughtTogether CPU per call",
     "(r) freshness alone",
     "(r) freshness beside a bulk stream",
+    "(r) freshness beside a stream at half its full rate",
+    "(r) the same paced at half that rate",
     "(s) (b) xid + BRIN (0009)",
     "(s) (b) no xid column",
     "(s) (b) xid + B-tree",

@@ -155,26 +155,34 @@ days AS (
     ON CONFLICT (user_id, day, product_id) DO UPDATE
     SET n = t.n + excluded.n, {_moment_adds()}
 ),
-hour_members AS (
+hour_members AS (  -- new members enter eligible: the ranking after corrects the few beyond the cap
     INSERT INTO recs_hour_members AS t (kind, user_id, hour, product_id, first_at, last_at, eligible, touched)
-    SELECT kind, user_id, floor(epoch / 3600)::int4, product_id, min(occurred_at), max(occurred_at), false, $5::int8
+    SELECT kind, user_id, floor(epoch / 3600)::int4, product_id, min(occurred_at), max(occurred_at), true, $5::int8
     FROM src WHERE kind IS NOT NULL
     GROUP BY kind, user_id, 3, product_id ORDER BY kind, user_id, 3, product_id
     ON CONFLICT (kind, user_id, hour, product_id) DO UPDATE
     SET first_at = least(t.first_at, excluded.first_at), last_at = greatest(t.last_at, excluded.last_at),
         touched = excluded.touched
     WHERE excluded.first_at < t.first_at OR excluded.last_at > t.last_at
+    RETURNING kind, user_id, product_id, xmax::text <> '0' AS widened  -- xmax is 0 on a row the upsert inserted
 ),
 session_members AS (
     INSERT INTO recs_session_members AS t (kind, user_id, session_id, product_id, first_at, eligible, touched)
-    SELECT kind, user_id, session_id, product_id, min(occurred_at), false, $5::int8
+    SELECT kind, user_id, session_id, product_id, min(occurred_at), true, $5::int8
     FROM src WHERE kind IS NOT NULL AND session_id IS NOT NULL AND session_id <> ''
     GROUP BY kind, user_id, session_id, product_id ORDER BY kind, user_id, session_id, product_id
     ON CONFLICT (kind, user_id, session_id, product_id) DO UPDATE
     SET first_at = excluded.first_at, touched = excluded.touched
     WHERE excluded.first_at < t.first_at
+    RETURNING kind, user_id, product_id, xmax::text <> '0' AS widened
+),
+widened AS (
+    SELECT kind, user_id, product_id FROM hour_members WHERE widened
+    UNION SELECT kind, user_id, product_id FROM session_members WHERE widened
 ){hours_cte}
-SELECT count(*) FROM src
+SELECT (SELECT count(*) FROM src) AS applied, w.*
+FROM (SELECT coalesce(array_agg(kind), '{{}}') AS widened_kinds, coalesce(array_agg(user_id), '{{}}') AS widened_users,
+             coalesce(array_agg(product_id), '{{}}') AS widened_products FROM widened) AS w
 """
 
 
@@ -209,7 +217,7 @@ UPDATE {table} AS t SET eligible = r.eligible, touched = CASE WHEN r.eligible TH
 FROM ranked AS r
 WHERE t.kind = r.kind AND t.user_id = r.user_id AND t.{column} = r.{column} AND t.product_id = r.product_id
   AND t.eligible <> r.eligible
-RETURNING t.kind, t.user_id, t.product_id, t.eligible
+RETURNING t.kind, t.user_id, t.product_id, t.eligible, t.touched = $3::int8 AS this_step
 """
 
 
@@ -445,18 +453,28 @@ ANALYZE_EVENTS = 20_000
 _ANALYZE = "ANALYZE recs_hour_members, recs_session_members, recs_person_pairs, recs_pairs"
 
 
-async def apply_window(conn: asyncpg.Connection, start: int, end: int) -> int:
-    """Applies the events with an xid in [start, end); returns how many were read."""
-    applied: int = await conn.fetchval(
+async def apply_window(conn: asyncpg.Connection, start: int, end: int, recomputed: Sequence[str] = ()) -> int:
+    """Applies the events with an xid in [start, end); returns how many were
+    read. `recomputed`: the persons this step recomputed before (their rows
+    carry the step's mark and may be in pairs already)."""
+    aggregated = await conn.fetchrow(
         _aggregate_sql(_WINDOW, hours=True), start, end, _WEIGHT_TYPES, _WEIGHT_VALUES, end
     )
+    applied: int = aggregated["applied"]
     if applied >= ANALYZE_EVENTS:
         await conn.execute(_ANALYZE)
+    again = set(recomputed)
+    widened = set(
+        zip(aggregated["widened_kinds"], aggregated["widened_users"], aggregated["widened_products"], strict=True)
+    )
     displaced: set[tuple[int, str, str]] = set()
     for statement in (_ELIGIBLE_WINDOW_HOURS, _ELIGIBLE_WINDOW_SESSIONS):
-        for kind, user_id, product_id, eligible in await conn.fetch(statement, end):
-            if not eligible:
-                displaced.add((kind, user_id, product_id))
+        for kind, user_id, product_id, eligible, this_step in await conn.fetch(statement, end):
+            # A member this step inserted is in no pair yet (they come next): beyond the cap it is
+            # merely not eligible. An older one (or one this step widened) may have witnessed pairs.
+            key = (kind, user_id, product_id)
+            if not eligible and (not this_step or key in widened or user_id in again):
+                displaced.add(key)
     await conn.execute(_PAIRS_WINDOW, end)
     if displaced:
         # A member pushed out of its group's first CAP (it may have been the
@@ -562,7 +580,7 @@ async def step(
                 await conn.execute(_LAST_AT, journal["stale_hours"], journal["stale_products"], start, _WEIGHT_TYPES)
         applied = 0
         if end > start:
-            applied = await apply_window(conn, start, end)
+            applied = await apply_window(conn, start, end, users)
         await conn.execute(_SAVE_STATE, max(start, end), holder, lease_seconds, current, False)
         more = len(users) >= JOURNAL_PERSONS  # the journal holds more persons: no pause before the next step
         return StepResult(applied, journal["removed"], False, max(start, end), end >= boundary and not more)
@@ -751,6 +769,7 @@ class RecommendationsMaintainer:
         self._task: asyncio.Task[None] | None = None
         self._span = FIRST_SPAN
         self.steps = 0  # committed steps (tests, logs)
+        self.low_priority = False  # its PostgreSQL backend runs at BACKEND_NICENESS
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="recommendations")
@@ -774,6 +793,7 @@ class RecommendationsMaintainer:
                             statement_cache_size=self._statement_cache_size,
                             server_settings={"application_name": APPLICATION_NAME},
                         )
+                        self.low_priority = await lower_backend_priority(conn)
                     result = await step(conn, self.holder, lease_seconds=LEASE_SECONDS, max_span=self._span)
                     self.steps += 1
                     backoff = RETRY_BACKOFF[0]
@@ -807,6 +827,42 @@ class RecommendationsMaintainer:
 
 
 APPLICATION_NAME = "interactions-recommendations"
+# The maintainer's PostgreSQL backend runs at the lowest CPU priority when this
+# process may set it (the same host and user: the embedded database, a local
+# one): on a busy machine ingest and the reads take the CPU first and the
+# maintenance the rest (freshness gives way, not ingest; docs/analytics.md).
+BACKEND_NICENESS = 19
+_DATA_DIRECTORY = "SELECT current_setting('data_directory', true)"  # NULL unless allowed to read it
+
+
+def renice_local_backend(pid: int, data_directory: str) -> bool:
+    """Sets process `pid`'s niceness to BACKEND_NICENESS if it is a backend
+    of the PostgreSQL at `data_directory` on this host (a few reads of /proc)."""
+    try:
+        if os.path.realpath(os.readlink(f"/proc/{pid}/cwd")) != os.path.realpath(data_directory):
+            return False
+        os.setpriority(os.PRIO_PROCESS, pid, BACKEND_NICENESS)
+    except OSError:  # another host's, another user's, no /proc
+        return False
+    return True
+
+
+async def lower_backend_priority(conn: asyncpg.Connection) -> bool:
+    """Sets the niceness of `conn`'s backend to BACKEND_NICENESS when it is
+    a process of this host this process may renice; returns whether it did.
+    The backend is known to be this host's by its working directory, which
+    PostgreSQL sets to its data directory (a pid alone could be another
+    host's, or another container's)."""
+    pid = conn.get_server_pid()
+    try:
+        data_directory = await conn.fetchval(_DATA_DIRECTORY)
+    except asyncpg.PostgresError:
+        return False
+    if not data_directory or not renice_local_backend(pid, data_directory):
+        return False
+    _log.info("the recommendations' PostgreSQL backend (pid %d) runs at niceness %d", pid, BACKEND_NICENESS)
+    return True
+
 
 _CAUGHT_UP = "SELECT coalesce(applied_through >= $1, false) AND NOT EXISTS (SELECT FROM recs_removed) FROM recs_state"
 _NEXT_XID = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8"
