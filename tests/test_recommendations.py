@@ -184,6 +184,35 @@ def same_scored(rows: Sequence[storage.Scored], want: Sequence[ref.Row]) -> None
         assert r.last_occurred_at.timestamp() == pytest.approx(w.last, abs=1e-6)
 
 
+async def test_affinities_of_a_heavy_person_take_rounds_and_stay_exact(server: App) -> None:
+    """UserAffinities with a half-life scores the person's products by their
+    bounds, the best first, in rounds (storage's threshold algorithm): here
+    the 60 products with the highest bounds (30 old events and one recent)
+    score below 20 with three recent events, so the first round's 40 do not
+    settle it and the answer comes from the second; it is the reference's."""
+    now = time.time()
+    events = [ref.Ev("heavy", f"mixed-{i:02d}", "view", now - 10 * DAY - j * 60) for i in range(60) for j in range(30)]
+    events += [ref.Ev("heavy", f"mixed-{i:02d}", "view", now - HOUR - i) for i in range(60)]
+    events += [
+        ref.Ev("heavy", f"steady-{i:02d}", "view", now - (1 + 0.5 * i) * HOUR - j) for i in range(20) for j in range(3)
+    ]
+    await send(server, [to_event(e) for e in events])
+    await applied(server)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        rec = stub(channel)
+        for limit in (5, 20, 100):
+            before = time.time()
+            got = await rec.UserAffinities(
+                pb.UserAffinitiesRequest(user_id="heavy", limit=limit, half_life=Duration(seconds=int(DAY)))
+            )
+            want = ref.affinities(events, "heavy", before, DAY, limit)
+            assert [p.product_id for p in got.products] == [r.product_id for r in want]
+            for p, r in zip(got.products, want, strict=True):
+                assert p.score == pytest.approx(r.score, rel=TOLERANCE), p.product_id
+                assert p.support == r.support
+        assert [p.product_id for p in got.products][:20] == [f"steady-{i:02d}" for i in range(20)]
+
+
 async def test_unknown_ids_answer_empty_lists(server: App) -> None:
     async with grpc.aio.insecure_channel(server.address) as channel:
         rec = stub(channel)
@@ -403,6 +432,31 @@ async def test_a_rebuild_gives_what_the_maintenance_gave(server: App) -> None:
     result = await recs.rebuild_now(server.database_url or "")
     assert result.rebuilt and result.applied == sum(1 for e in events if e.product)
     assert await aggregates(server.pool) == maintained
+
+
+async def test_after_a_crash_empties_them_the_maintainer_rebuilds(server: App) -> None:
+    """The recommendations' tables are UNLOGGED (migrations/0013: no WAL for
+    what the log can rebuild), so crash recovery resets every one of them to
+    empty, recs_state included: the maintainer's next step rebuilds from the
+    log, and the reads answer as before the crash."""
+    persistence = await server.pool.fetch(
+        "SELECT relname, relpersistence::text FROM pg_class WHERE relname = ANY($1::text[]) AND relkind = 'r'",
+        [*recs._TABLES, "recs_state", "recs_removed"],
+    )
+    assert len(persistence) == len(recs._TABLES) + 2
+    assert {r["relname"]: r["relpersistence"] for r in persistence} == {r["relname"]: "u" for r in persistence}
+    rng = random.Random(5)
+    events = mix(rng, time.time(), count=200)
+    await send(server, [to_event(e) for e in events])
+    await applied(server)
+    maintained = await aggregates(server.pool)
+    assert maintained["recs_user_products"]
+    # What crash recovery does to unlogged tables (recs_state first: the lock a step takes first).
+    await server.pool.execute(f"TRUNCATE recs_state, recs_removed, {', '.join(recs._TABLES)}")
+    await applied(server)
+    assert await aggregates(server.pool) == maintained
+    built = await server.pool.fetchval("SELECT built_at FROM recs_state")
+    assert built is not None
 
 
 async def test_the_clients_and_the_commands(server: App) -> None:

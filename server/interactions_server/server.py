@@ -263,6 +263,7 @@ class Server:
             min_size=1,
             max_size=config.recommendations_pool_max_size,
             statement_cache_size=config.statement_cache_size,
+            server_settings=storage.RECOMMENDATIONS_READ_SETTINGS,
         )
         pools = (self._pool, self._analytics_pool, self._subscription_pool, self._recommendations_pool)
         self._health = rpc.DatabaseHealth(

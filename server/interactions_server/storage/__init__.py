@@ -122,6 +122,7 @@ from interactions_server.storage._pool import (
 )
 from interactions_server.storage._recommendations import (
     PURCHASES,
+    RECOMMENDATIONS_READ_SETTINGS,
     VIEWS,
     RecommendationsMaintainer,
     Scored,
@@ -154,6 +155,7 @@ __all__ = [
     "DELETE_USER_DATA",
     "PURCHASES",
     "PURGE_EVENTS",
+    "RECOMMENDATIONS_READ_SETTINGS",
     "RETENTION",
     "STATE_TABLES",
     "USER_DATA_PARTS",

@@ -37,7 +37,13 @@ async def _end_transaction(connection: asyncpg.Connection) -> None:
 
 
 async def open_pool(
-    dsn: str, *, min_size: int, max_size: int, statement_cache_size: int, citus: bool = False
+    dsn: str,
+    *,
+    min_size: int,
+    max_size: int,
+    statement_cache_size: int,
+    citus: bool = False,
+    server_settings: dict[str, str] | None = None,
 ) -> asyncpg.Pool:
     """A pool of the serving side. Connections that die with the database are
     dropped and replaced on the next acquire, so the pool survives a restart.
@@ -50,6 +56,7 @@ async def open_pool(
         reset=_end_transaction,
         statement_cache_size=statement_cache_size,
         connection_class=CitusConnection if citus else asyncpg.Connection,
+        server_settings=server_settings,
     )
     return pool
 
