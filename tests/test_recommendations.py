@@ -15,7 +15,6 @@ import asyncio
 import dataclasses
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -543,23 +542,6 @@ async def test_reads_never_wait_for_the_pool_ingest_uses(server: App) -> None:
     finally:
         for conn in held:
             await pool.release(conn)
-
-
-async def test_the_maintainers_backend_runs_at_the_lowest_cpu_priority(server: App) -> None:
-    """The database is this host's (as the embedded one is): the maintainer's
-    PostgreSQL backend is reniced, so that on a busy machine ingest and the
-    reads get the CPU first; the serving pool's backends are not."""
-    await send(server, [to_event(ref.Ev("n1", "a", "view", time.time() - 60))])
-    await applied(server)  # the maintainer is connected and has stepped
-    maintainer = await server.pool.fetchval(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = $1", recs.APPLICATION_NAME
-    )
-    assert maintainer is not None
-    assert os.getpriority(os.PRIO_PROCESS, maintainer) == recs.BACKEND_NICENESS
-    serving = await server.pool.fetchval("SELECT pg_backend_pid()")
-    assert os.getpriority(os.PRIO_PROCESS, serving) < recs.BACKEND_NICENESS
-    assert not recs.renice_local_backend(serving, "/nonexistent")  # not that database's: left alone
-    assert os.getpriority(os.PRIO_PROCESS, serving) < recs.BACKEND_NICENESS
 
 
 async def test_linked_identities_count_as_one_person(server: App) -> None:

@@ -799,7 +799,6 @@ class RecommendationsMaintainer:
         self._task: asyncio.Task[None] | None = None
         self._span = FIRST_SPAN
         self.steps = 0  # committed steps (tests, logs)
-        self.low_priority = False  # its PostgreSQL backend runs at BACKEND_NICENESS
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="recommendations")
@@ -823,7 +822,6 @@ class RecommendationsMaintainer:
                             statement_cache_size=self._statement_cache_size,
                             server_settings={"application_name": APPLICATION_NAME},
                         )
-                        self.low_priority = await lower_backend_priority(conn)
                     result = await step(conn, self.holder, lease_seconds=LEASE_SECONDS, max_span=self._span)
                     self.steps += 1
                     backoff = RETRY_BACKOFF[0]
@@ -857,43 +855,6 @@ class RecommendationsMaintainer:
 
 
 APPLICATION_NAME = "interactions-recommendations"
-# The maintainer's PostgreSQL backend runs at the lowest CPU priority when this
-# process may set it (the same host and user: the embedded database, a local
-# one): on a busy machine ingest and the reads take the CPU first and the
-# maintenance the rest (freshness gives way, not ingest; docs/analytics.md).
-BACKEND_NICENESS = 19
-_DATA_DIRECTORY = "SELECT current_setting('data_directory', true)"  # NULL unless allowed to read it
-
-
-def renice_local_backend(pid: int, data_directory: str) -> bool:
-    """Sets process `pid`'s niceness to BACKEND_NICENESS if it is a backend
-    of the PostgreSQL at `data_directory` on this host (a few reads of /proc)."""
-    try:
-        if os.path.realpath(os.readlink(f"/proc/{pid}/cwd")) != os.path.realpath(data_directory):
-            return False
-        os.setpriority(os.PRIO_PROCESS, pid, BACKEND_NICENESS)
-    except OSError:  # another host's, another user's, no /proc
-        return False
-    return True
-
-
-async def lower_backend_priority(conn: asyncpg.Connection) -> bool:
-    """Sets the niceness of `conn`'s backend to BACKEND_NICENESS when it is
-    a process of this host this process may renice; returns whether it did.
-    The backend is known to be this host's by its working directory, which
-    PostgreSQL sets to its data directory (a pid alone could be another
-    host's, or another container's)."""
-    pid = conn.get_server_pid()
-    try:
-        data_directory = await conn.fetchval(_DATA_DIRECTORY)
-    except asyncpg.PostgresError:
-        return False
-    if not data_directory or not renice_local_backend(pid, data_directory):
-        return False
-    _log.info("the recommendations' PostgreSQL backend (pid %d) runs at niceness %d", pid, BACKEND_NICENESS)
-    return True
-
-
 _CAUGHT_UP = "SELECT coalesce(applied_through >= $1, false) AND NOT EXISTS (SELECT FROM recs_removed) FROM recs_state"
 _NEXT_XID = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8"
 
