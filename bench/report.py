@@ -552,7 +552,8 @@ def recs_rows(recs: RecsResults) -> list[Row]:
             "r",
             f"(r) maintainer catching up on {_size(recs.events)} preloaded rows",
             f"{recs.catch_up_seconds:.1f} s ({recs.events / max(recs.catch_up_seconds, 1e-9):,.0f} rows/s)",
-        )
+        ),
+        Row("r", "(r) VACUUM (ANALYZE) of the rebuilt aggregates, before the calls", f"{recs.vacuum_seconds:.1f} s"),
     ]
     for rpc in recs.rpcs:
         void = f"{rpc.errors} calls failed" if rpc.errors else ""

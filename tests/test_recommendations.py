@@ -184,11 +184,11 @@ def same_scored(rows: Sequence[storage.Scored], want: Sequence[ref.Row]) -> None
 
 
 async def test_affinities_of_a_heavy_person_take_rounds_and_stay_exact(server: App) -> None:
-    """UserAffinities with a half-life scores the person's products by their
-    bounds, the best first, in rounds (storage's threshold algorithm): here
-    the 60 products with the highest bounds (30 old events and one recent)
-    score below 20 with three recent events, so the first round's 40 do not
-    settle it and the answer comes from the second; it is the reference's."""
+    """UserAffinities with a half-life reads the person's products by
+    weight, the heaviest first, in rounds (storage's threshold algorithm):
+    here the 60 heaviest products (30 old events and one recent) score below
+    20 with three recent events, so the first round's 40 do not settle it and
+    the answer comes from the second; it is the reference's."""
     now = time.time()
     events = [ref.Ev("heavy", f"mixed-{i:02d}", "view", now - 10 * DAY - j * 60) for i in range(60) for j in range(30)]
     events += [ref.Ev("heavy", f"mixed-{i:02d}", "view", now - HOUR - i) for i in range(60)]
@@ -410,7 +410,7 @@ async def test_deletion_leaves_every_result(server: App) -> None:
 
 async def aggregates(pool: asyncpg.Pool) -> dict[str, list[tuple[object, ...]]]:
     tables = {}
-    for table in recs._TABLES:
+    for table in recs.TABLES:
         rows = await pool.fetch(f"SELECT * FROM {table}")
         tables[table] = sorted(
             tuple(round(v, 6) if isinstance(v, float) else v for k, v in r.items() if k != "touched") for r in rows
@@ -440,9 +440,9 @@ async def test_after_a_crash_empties_them_the_maintainer_rebuilds(server: App) -
     log, and the reads answer as before the crash."""
     persistence = await server.pool.fetch(
         "SELECT relname, relpersistence::text FROM pg_class WHERE relname = ANY($1::text[]) AND relkind = 'r'",
-        [*recs._TABLES, "recs_state", "recs_removed"],
+        [*recs.TABLES, "recs_state", "recs_removed"],
     )
-    assert len(persistence) == len(recs._TABLES) + 2
+    assert len(persistence) == len(recs.TABLES) + 2
     assert {r["relname"]: r["relpersistence"] for r in persistence} == {r["relname"]: "u" for r in persistence}
     rng = random.Random(5)
     events = mix(rng, time.time(), count=200)
@@ -451,7 +451,7 @@ async def test_after_a_crash_empties_them_the_maintainer_rebuilds(server: App) -
     maintained = await aggregates(server.pool)
     assert maintained["recs_user_products"]
     # What crash recovery does to unlogged tables (recs_state first: the lock a step takes first).
-    await server.pool.execute(f"TRUNCATE recs_state, recs_removed, {', '.join(recs._TABLES)}")
+    await server.pool.execute(f"TRUNCATE recs_state, recs_removed, {', '.join(recs.TABLES)}")
     await applied(server)
     assert await aggregates(server.pool) == maintained
     built = await server.pool.fetchval("SELECT built_at FROM recs_state")
@@ -632,3 +632,45 @@ async def test_retention_removes_what_it_removes(server: App, monkeypatch: pytes
     assert "events_2025_02" in removed.partitions
     await applied(server)
     await compare()
+
+
+async def test_trending_is_one_shared_list_kept_fresh_for_its_cost(
+    server: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The calls share one list per (window, half_life): fresh for DUTY
+    times its computation (so that its recomputation takes a bounded share
+    of the database whatever the log's size), served stale while the next is
+    computed, and never older than MAX_STALE."""
+    from interactions_server.services import recommendations as service
+
+    computations: list[float] = []
+    real = storage.trending
+
+    async def slow(*args: object) -> list[storage.Scored]:
+        await asyncio.sleep(0.2)  # a computation that costs 0.2 s, as a large log's does
+        computations.append(time.monotonic())
+        return await real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storage, "trending", slow)
+    now = time.time()
+    await send(server, [to_event(ref.Ev("c1", "a", "view", now - 60))])
+    await applied(server)
+    cache = service._TrendingCache(server.pool, time.time)
+    first = await cache.get(7 * DAY, DAY)  # no list yet: the call waits for the first
+    assert [r.product_id for r in first] == ["a"]
+    entry = cache._entries[(7 * DAY, DAY)]
+    assert service.DUTY * 0.2 <= entry.fresh_for <= service.DUTY * 0.2 + 1.0
+    await send(server, [to_event(ref.Ev("c1", "b", "purchase", now - 30))])
+    await applied(server)
+    assert await cache.get(7 * DAY, DAY) is first  # still fresh: no computation
+    assert entry.computing is None and len(computations) == 1
+    entry.computed_at -= entry.fresh_for  # stale: served while the next is computed
+    assert await cache.get(7 * DAY, DAY) is first
+    assert entry.computing is not None
+    await entry.computing
+    assert [r.product_id for r in await cache.get(7 * DAY, DAY)] == ["b", "a"]
+    entry.computed_at -= service.MAX_STALE  # too old to serve: the call waits for the next
+    await send(server, [to_event(ref.Ev("c1", "c", "purchase", now - 20))])
+    await applied(server)
+    assert {r.product_id for r in await cache.get(7 * DAY, DAY)} == {"a", "b", "c"}
+    assert len(computations) == 3

@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from interactions_client.limits import MAX_FUTURE_SECONDS
 from interactions_client.rules import STANDARD
 from interactions_server.errors import is_database_unavailable
 
@@ -414,7 +415,7 @@ FROM unnest($1::int4[], $2::text[]) AS k(hour, product_id)
 WHERE t.hour = k.hour AND t.product_id = k.product_id
 """
 
-_TABLES = (
+TABLES = (  # every aggregate (recs_state and recs_removed aside)
     "recs_user_products",
     "recs_user_days",
     "recs_product_hours",
@@ -518,7 +519,7 @@ async def rebuild(conn: asyncpg.Connection, through: int) -> int:
     """Every aggregate rebuilt from the events below transaction `through`
     (inside the caller's transaction: readers see the old ones until it
     commits). Returns the events read."""
-    for table in _TABLES:
+    for table in TABLES:
         await conn.execute(f"DELETE FROM {table}")
     await conn.execute("DELETE FROM recs_removed")
     applied: int = await conn.fetchval(
@@ -639,32 +640,51 @@ async def together(
     return [Scored(r[0], r[2], r[1], None) for r in rows]
 
 
-def _decayed(bucket_start: str, width_hours: float) -> str:
+def _decayed(bucket_start: str, width_hours: float, *, fast: bool, latest: str | None = None) -> str:
     """SQL: a bucket's decayed weight from its moments, with the decay rate
     a = $1 per hour and now = $2 in hours: sum of w * e^(-a (now - t)) =
     e^(-a (now - mid)) * sum over k of a^k / k! * m_k (the series of e^(a x)
-    around the midpoint, by Horner's rule), in log space; kept within what
-    the bucket's edges allow (every event lies in it: also the answer when a
-    half-life far shorter than the bucket makes the series useless), and
-    within float range."""
+    around the midpoint, by Horner's rule). `fast` (the series is accurate:
+    a * width / 2 at most SERIES_ACCURATE) computes just that; otherwise in
+    log space, kept within what the bucket's edges allow (every event lies
+    in it, and none after `latest`, hours, when given: also the answer when
+    a half-life far shorter than the bucket makes the series useless). Both
+    kept within float range."""
     series = f"m{MOMENTS - 1}"
     for k in reversed(range(MOMENTS - 1)):
         series = f"m{k} + $1::float8 / {k + 1} * ({series})"
     age = f"($2::float8 - {bucket_start} - {width_hours / 2})"  # now minus the midpoint
+    if fast:
+        return f"({series}) * exp(greatest(-$1::float8 * {age}, -700))"
+    end = f"{bucket_start} + {width_hours}" if latest is None else f"least({bucket_start} + {width_hours}, {latest})"
     low = f"ln(m0) - $1::float8 * ({age} + {width_hours / 2})"
-    high = f"ln(m0) - $1::float8 * ({age} - {width_hours / 2})"
+    high = f"ln(m0) - $1::float8 * ($2::float8 - ({end}))"
     log = f"ln(greatest({series}, 1e-300)) - $1::float8 * {age}"
     return f"exp(least(greatest(least(greatest({log}, {low}), {high}), -700), 700))"
 
 
-_TRENDING = f"""
-SELECT product_id, sum({_decayed("hour", HOUR_BUCKET_HOURS)}) AS score, sum(n)::int8, max(last_at)
+# Where the series alone is accurate (a * width / 2 at most this: its relative
+# error is below 1.1e-8, docs/analytics.md), it is computed without the log
+# space and the clamps: about half the cost a bucket (trending reads every
+# bucket of its window).
+SERIES_ACCURATE = 0.35
+
+
+def _series_accurate(rate: float, width_hours: float) -> bool:
+    return rate * width_hours / 2 <= SERIES_ACCURATE
+
+
+_TRENDING = {
+    fast: f"""
+SELECT product_id, sum({_decayed("hour", HOUR_BUCKET_HOURS, fast=fast)}) AS score, sum(n)::int8, max(last_at)
 FROM recs_product_hours
 WHERE hour >= $3::int4 AND hour <= $4::int4
 GROUP BY product_id
 ORDER BY score DESC, product_id {_C}
 LIMIT $5
 """
+    for fast in (False, True)
+}
 
 
 def trending_hours(now: float, window_seconds: float) -> tuple[int, int]:
@@ -683,7 +703,7 @@ async def trending(
     if first > last:
         return []
     rate = math.log(2) / (half_life_seconds / 3_600)
-    rows = await pool.fetch(_TRENDING, rate, now / 3_600, first, last, limit)
+    rows = await pool.fetch(_TRENDING[_series_accurate(rate, HOUR_BUCKET_HOURS)], rate, now / 3_600, first, last, limit)
     return [Scored(r[0], r[1], r[2], r[3]) for r in rows]
 
 
@@ -696,40 +716,52 @@ ORDER BY u.train_w DESC, u.product_id {_C}
 LIMIT $4
 """
 # With a half-life: the threshold algorithm (Fagin's), exact, so that a
-# heavy person's call reads the day buckets of a few products instead of all
-# of them (64 ms a call for the bench's heaviest person at 1M events). A
-# product's decayed score is at most its weight decayed from its latest
-# weighted event, `bound` (every one of its events is at least that old):
-# the products are taken by bound, the best first, and their decayed scores
-# computed from their day buckets; once the limit-th best score exceeds the
-# bound of the first product not taken, no other can enter the answer.
-_AFFINITY_BOUNDS = f"""
-SELECT u.product_id, u.train_w * exp(-$1::float8 * ($2::float8 - date_part('epoch', u.train_last) / 3600)) AS bound
+# heavy person's call reads a few of its products instead of all of them
+# (the bench's heaviest persons have most of the catalog). The products come
+# by the index of their training weight, the heaviest first, a page a round;
+# no event is later than now + MAX_FUTURE_SECONDS (the events' bound), so a
+# product not read yet scores at most the next weight times e^(a x that
+# bound). A product read scores at most its weight decayed from its latest
+# event (`bound`): its decayed score, from its day buckets, is computed only
+# when that bound reaches the limit-th best score so far. Once that best
+# score exceeds what the products not read could score, no other can enter.
+_AFFINITY_PAGE = f"""
+SELECT u.product_id, u.train_w,
+       u.train_w * exp(-$1::float8 * ($2::float8 - date_part('epoch', u.train_last) / 3600)) AS bound
 FROM recs_user_products AS u
 WHERE u.user_id = person_of($3) AND u.train_n > 0 AND u.product_id <> ALL($4::text[])
   AND (NOT $5 OR NOT EXISTS (
       SELECT FROM user_cart AS c WHERE c.user_id = person_of($3) AND c.product_id = u.product_id))
-ORDER BY bound DESC, u.product_id {_C}
-LIMIT $6
+  AND u.train_w <= $6::float8 AND (u.train_w < $6::float8 OR u.product_id {_C} > $7::text)
+ORDER BY u.train_w DESC, u.product_id {_C}
+LIMIT $8
 """
-# The person on both sides: the planner then reads both by index (without,
-# its generic plan hashed the whole of recs_user_products: 86 ms a call on 1M).
-_DECAYED_AFFINITIES = f"""
-SELECT d.product_id, sum({_decayed("d.day * 24.0", DAY_BUCKET_HOURS)}) AS score,
-       min(u.train_n), min(u.train_last)
+# The person and the products on both sides: the planner then reads both by
+# index (without, it hashed the whole person's recs_user_products: 86 ms a
+# call on 1M events with a generic plan, 11 of 20 ms for the heaviest at 10M).
+# A bucket's events are none later than the product's latest: the bound above holds for the estimate too
+# (within the series' own error where it is accurate: BOUND_SLACK).
+_DECAYED_AFFINITIES = {
+    fast: f"""
+SELECT d.product_id,
+       sum({_decayed("d.day * 24.0", DAY_BUCKET_HOURS, fast=fast, latest="date_part('epoch', u.train_last) / 3600")})
+       AS score, min(u.train_n), min(u.train_last)
 FROM recs_user_days AS d
 JOIN recs_user_products AS u ON u.user_id = d.user_id AND u.product_id = d.product_id
-WHERE d.user_id = person_of($3) AND u.user_id = person_of($3) AND d.product_id = ANY($4::text[])
+WHERE d.user_id = person_of($3) AND u.user_id = person_of($3)
+  AND d.product_id = ANY($4::text[]) AND u.product_id = ANY($4::text[])
 GROUP BY d.product_id
-ORDER BY score DESC, d.product_id {_C}
-LIMIT $5
 """
+    for fast in (False, True)
+}
 # The reads' pool plans every call for its parameters: a generic plan cannot
 # see how many rows a person or an ANY(array) has, and twice chose to read
 # a heavy person's whole rows (86 ms, then 70 ms a call for the bench's
 # heaviest at 1M events, against 2 and 14 ms planned per call).
 RECOMMENDATIONS_READ_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
-AFFINITY_FIRST_TAKE = 40  # products scored in the first round (at least 4 x limit); x 4 a round after
+AFFINITY_FIRST_TAKE = 200  # products read in the first round (at least 4 x limit); x 4 a round after
+FUTURE_HOURS = MAX_FUTURE_SECONDS / 3_600  # how far after now an event can be
+BOUND_SLACK = 1 + 1e-6  # the bounds are widened by more than the series' relative error
 
 
 async def affinities(
@@ -748,15 +780,37 @@ async def affinities(
     rate = math.log(2) / (half_life_seconds / 3_600)
     hours = now / 3_600
     take = max(AFFINITY_FIRST_TAKE, 4 * limit)
+    decayed = _DECAYED_AFFINITIES[_series_accurate(rate, DAY_BUCKET_HOURS)]
+    best: list[Scored] = []  # the best scored so far, by score then product_id
+    weight, after = math.inf, ""  # where the next page starts
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-        while True:  # one snapshot: the bounds and the buckets agree
-            bounds = await conn.fetch(_AFFINITY_BOUNDS, rate, hours, user_id, list(exclude), exclude_in_cart, take + 1)
-            taken = [r[0] for r in bounds[:take]]
-            rows = await conn.fetch(_DECAYED_AFFINITIES, rate, hours, user_id, taken, limit)
-            if len(bounds) <= take or (len(rows) == limit and rows[-1][1] > bounds[take][1]):
+        while True:  # one snapshot: the pages and the buckets agree
+            page = await conn.fetch(
+                _AFFINITY_PAGE, rate, hours, user_id, list(exclude), exclude_in_cart, weight, after, take + 1
+            )
+            # The page's products by bound, scored the likeliest first: the first few set the
+            # limit-th best score, and of the rest only those whose bound reaches it are scored.
+            pending = sorted(page[:take], key=lambda r: -r["bound"])
+            chunk = 2 * limit
+            while pending:
+                floor = best[limit - 1].score if len(best) >= limit else -math.inf
+                wanted = [r["product_id"] for r in pending[:chunk] if r["bound"] * BOUND_SLACK >= floor]
+                if not wanted:
+                    break  # by bound: the rest are below the floor too
+                scored = await conn.fetch(decayed, rate, hours, user_id, wanted)
+                best = sorted(
+                    (*best, *(Scored(r[0], float(r[1]), r[2], r[3]) for r in scored)),
+                    key=lambda s: (-s.score, s.product_id),  # code point order: COLLATE "C"
+                )[:limit]
+                pending, chunk = pending[chunk:], len(pending)
+            if len(page) <= take:
+                break  # every product read
+            unread = page[take]["train_w"] * math.exp(rate * FUTURE_HOURS) * BOUND_SLACK
+            if len(best) >= limit and best[-1].score > unread:
                 break
+            weight, after = page[take - 1]["train_w"], page[take - 1]["product_id"]
             take *= 4
-    return [Scored(r[0], float(r[1]), r[2], r[3]) for r in rows]
+    return best
 
 
 def utc_now() -> float:
