@@ -30,6 +30,12 @@ import os
 # child forked from a thread, as pgserver forks pg_ctl. Nothing here uses gRPC
 # in a forked child. The interactions-server command does the same.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+# The tests' servers (and the commands they start) keep the recommendations
+# fresh whatever the machine's load: a busy test machine would otherwise make
+# their maintainers wait for it (ingest first, --recommendations-yield), and
+# the tests that wait for the aggregates wait longer. tests/test_recommendations.py
+# checks the waiting itself.
+os.environ.setdefault("INTERACTIONS_RECOMMENDATIONS_YIELD", "0")
 
 import urllib.parse
 import uuid
@@ -56,7 +62,9 @@ with warnings.catch_warnings():
 
 # Short intervals keep tests quick: health notices a database change within
 # 0.2 s, and a server with a stream left open stops within 1 s.
-TEST_CONFIG = ServerConfig(listen="127.0.0.1:0", health_interval=0.2, health_timeout=1.0, shutdown_grace=1.0)
+TEST_CONFIG = ServerConfig(
+    listen="127.0.0.1:0", health_interval=0.2, health_timeout=1.0, shutdown_grace=1.0, recommendations_yield=0.0
+)
 
 
 def with_database(url: str, database: str) -> str:

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -47,7 +48,7 @@ from interactions_server.server import App
 from interactions_server.storage import _recommendations as recs
 from tests import recs_reference as ref
 from tests.events import valid_event
-from tests.support import field_violations
+from tests.support import StartServer, field_violations
 from tests.test_cli import cli
 
 HOUR = 3600.0
@@ -674,3 +675,55 @@ async def test_trending_is_one_shared_list_kept_fresh_for_its_cost(
     await applied(server)
     assert {r.product_id for r in await cache.get(7 * DAY, DAY)} == {"a", "b", "c"}
     assert len(computations) == 3
+
+
+async def test_the_maintainer_waits_while_the_host_is_saturated(start_server: StartServer) -> None:
+    """Ingest first: while others keep the host at least BUSY_SHARE busy,
+    the maintainer waits instead of stepping, for at most its budget in a
+    row; then it steps until caught up, however busy the host stays. With
+    the host idle, it steps as before."""
+    server = await start_server(recommendations_interval=0.0)  # no maintainer of its own
+    shares: list[int | None] = []
+    load = 0.9
+
+    def busy(backend: int | None) -> float:
+        shares.append(backend)
+        return load
+
+    maintainer = recs.RecommendationsMaintainer(
+        server.config.database_url or "", interval=0.05, busy=busy, yield_seconds=3.0
+    )
+    maintainer.start()
+    try:
+        now = time.time()
+        await send(server, [to_event(ref.Ev("y1", "a", "view", now - 60))])
+        with pytest.raises(TimeoutError):
+            await storage.wait_applied(server.pool, 1.5)  # saturated: it waits (within its 3 s)
+        assert maintainer.yields > 0 and maintainer.steps <= 1  # its first step may have come before the event
+        assert shares and all(isinstance(pid, int) for pid in shares)  # its own backend's CPU is left out
+        await storage.wait_applied(server.pool, 15.0)  # the budget spent, it steps however busy the host
+        assert [
+            p.product_id
+            for p in await storage.recently_viewed(
+                server.pool, "y1", 10, exclude=[], exclude_purchased=False, exclude_in_cart=False
+            )
+        ] == ["a"]
+        load = 0.1
+        await send(server, [to_event(ref.Ev("y1", "b", "view", now - 30))])
+        waited = await storage.wait_applied(server.pool, 15.0)
+        assert waited < 1.5  # idle: no waiting
+    finally:
+        await maintainer.stop()
+
+
+def test_host_cpu_leaves_out_the_process_it_is_given() -> None:
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc (not Linux)")
+    with_it, without_it = recs.HostCpu(), recs.HostCpu()
+    assert with_it.busy_share(None) is None and without_it.busy_share(os.getpid()) is None  # no interval yet
+    spin_until = time.process_time() + 0.5
+    while time.process_time() < spin_until:  # this process busy for 0.5 s of CPU
+        pass
+    everyone, others = with_it.busy_share(None), without_it.busy_share(os.getpid())
+    assert everyone is not None and others is not None
+    assert 0.0 <= others < everyone <= 1.0

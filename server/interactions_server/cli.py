@@ -156,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
         "on this host (env INTERACTIONS_RECOMMENDATIONS_INTERVAL; default %(default)s)",
     )
     parser.add_argument(
+        "--recommendations-yield",
+        type=_seconds,
+        metavar="SECONDS",
+        default=env("INTERACTIONS_RECOMMENDATIONS_YIELD", "30"),
+        help="how long in a row the maintainer's steps may wait while others keep the database's host (when "
+        "it is this one) at least 60%% busy, a bulk ingest at full speed: ingest first; 0: never "
+        "(env INTERACTIONS_RECOMMENDATIONS_YIELD; default %(default)s)",
+    )
+    parser.add_argument(
         "--retention-days",
         type=_retention_days,
         metavar="N",
@@ -367,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         event_loop=args.event_loop,
         retention=RetentionPolicy.of(args.retention_days, args.retention_days_by_type),
         recommendations_interval=args.recommendations_interval,
+        recommendations_yield=args.recommendations_yield,
     )
     if args.dry_run and args.command != "retention":
         _log.error("--dry-run is an option of `interactions-server retention`")

@@ -159,6 +159,10 @@ class ServerConfig:
     # Seconds between steps of the recommendations' maintainer once caught up
     # (--recommendations-interval); 0: no maintainer on this host.
     recommendations_interval: float = 0.5
+    # How long in a row its steps may wait while others keep the database's
+    # host (this one) at least 60% busy: ingest first (--recommendations-yield,
+    # docs/analytics.md "Ingest first"); 0: they never wait.
+    recommendations_yield: float = 30.0
 
 
 def split_listen(listen: str) -> tuple[str, int]:

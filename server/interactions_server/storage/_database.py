@@ -22,7 +22,7 @@ from interactions_server.storage import _citus, _migrate
 from interactions_server.storage._embedded import EmbeddedPostgres
 from interactions_server.storage._partitions import PartitionKeeper
 from interactions_server.storage._pool import close_pool, quiet_pool_logs
-from interactions_server.storage._recommendations import RecommendationsMaintainer
+from interactions_server.storage._recommendations import HostCpu, RecommendationsMaintainer
 from interactions_server.storage._retention import RetentionKeeper
 
 _log = logging.getLogger("interactions_server.database")
@@ -61,10 +61,13 @@ class Database:
             self.retention = RetentionKeeper(self._pool, policy, check_interval=self.config.retention_check_interval)
             self.retention.start()
         if self.config.recommendations_interval > 0 and await self._recommendations_here(dsn):
+            local = self._embedded is not None or on_this_host(dsn)
             self.recommendations = RecommendationsMaintainer(
                 dsn,
                 interval=self.config.recommendations_interval,
                 statement_cache_size=self.config.statement_cache_size,
+                busy=HostCpu().busy_share if local else None,  # another host's load is not seen from here
+                yield_seconds=self.config.recommendations_yield,
             )
             self.recommendations.start()
         return dsn
@@ -146,8 +149,7 @@ def describe_database(dsn: str) -> str:
     """The database a URL points at, without its password: "user@host:port/name"."""
     try:
         url = urllib.parse.urlsplit(dsn)
-        query = urllib.parse.parse_qs(url.query)
-        host = url.hostname or query.get("host", ["localhost"])[0]
+        host = _host(url)
         where = f"{host}:{url.port}" if url.port else host
         user = f"{url.username}@" if url.username else ""
         return f"{user}{where}{url.path or '/'}"
@@ -223,3 +225,17 @@ async def distribute(config: ServerConfig, dsn: str, shard_count: int | None) ->
             await conn.execute("SELECT pg_advisory_unlock($1)", _migrate.LOCK_KEY)
     finally:
         await conn.close()
+
+
+def _host(url: urllib.parse.SplitResult) -> str:
+    """A URL's host: its netloc's, else its `host` parameter's (a Unix socket's directory), else libpq's default."""
+    return url.hostname or urllib.parse.parse_qs(url.query).get("host", ["localhost"])[0]
+
+
+def on_this_host(dsn: str) -> bool:
+    """Whether a URL's database is on this host (a Unix socket, or a loopback address)."""
+    try:
+        host = _host(urllib.parse.urlsplit(dsn))
+    except ValueError:
+        return False
+    return host.startswith("/") or host in ("localhost", "127.0.0.1", "::1")

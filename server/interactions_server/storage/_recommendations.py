@@ -34,7 +34,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -820,10 +820,45 @@ def utc_now() -> float:
 # --- the maintainer --------------------------------------------------------------------------
 
 DEFAULT_INTERVAL = 0.5  # seconds between steps once caught up (freshness: this plus a step)
+DEFAULT_YIELD = 30.0  # seconds the steps may wait while the database's host is saturated
+BUSY_SHARE = 0.6  # of the host's CPU time, taken by others: ingest near full speed (0.85 at full speed here)
 LEASE_SECONDS = 30.0  # another server takes over this long after the holder stopped stepping
 TARGET_EVENTS = 20_000  # events a step aims at: the window's span of xids adapts to it
 FIRST_SPAN = 256  # xids of the first window after a (re)start
 RETRY_BACKOFF = (0.2, 5.0)
+
+
+class HostCpu:
+    """The share of this host's CPU time that processes other than one
+    (the maintainer's own backend) kept busy since the previous call
+    (Linux's /proc; None elsewhere, or on the first call)."""
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self._proc = proc
+        self._last: tuple[int, int, int] | None = None  # busy, all, the excluded process's (clock ticks)
+        self._excluded: int | None = None
+
+    def _ticks(self, pid: int | None) -> tuple[int, int, int] | None:
+        try:
+            with open(f"{self._proc}/stat", encoding="ascii") as stat:
+                fields = [int(v) for v in stat.readline().split()[1:9]]  # user .. steal
+            own = 0
+            if pid is not None:
+                with open(f"{self._proc}/{pid}/stat", encoding="utf-8", errors="replace") as process:
+                    after_name = process.read().rsplit(")", 1)[1].split()
+                own = int(after_name[11]) + int(after_name[12])  # utime, stime
+        except (OSError, ValueError, IndexError):
+            return None
+        idle = fields[3] + fields[4]  # idle, iowait
+        return sum(fields) - idle, sum(fields), own
+
+    def busy_share(self, exclude: int | None) -> float | None:
+        now, last = self._ticks(exclude), self._last
+        same = exclude == self._excluded
+        self._last, self._excluded = now, exclude
+        if now is None or last is None or not same or now[1] <= last[1]:
+            return None
+        return max(0.0, (now[0] - last[0]) - (now[2] - last[2])) / (now[1] - last[1])
 
 
 def holder_name() -> str:
@@ -836,7 +871,16 @@ class RecommendationsMaintainer:
     process otherwise) and, by the lease in recs_state, once per deployment.
     Bulk work on its own connection: it never takes a connection of the
     serving pools, and its SQL runs in PostgreSQL, not on the event loop of
-    the calls."""
+    the calls.
+
+    Ingest first: given `busy` (the share of the database host's CPU that
+    others than its own backend, whose pid it is given, kept busy since the
+    last call: HostCpu when the database is on this host), the maintainer
+    does not step while that share is at least BUSY_SHARE (a bulk ingest
+    near full speed, which the maintenance would slow by a third:
+    docs/analytics.md, "Ingest first"), for at most `yield_seconds` in a
+    row; then it steps until it has caught up, whatever the load, so that
+    the reads stay within the freshness promise."""
 
     def __init__(
         self,
@@ -845,6 +889,8 @@ class RecommendationsMaintainer:
         interval: float = DEFAULT_INTERVAL,
         statement_cache_size: int = 100,
         holder: str | None = None,
+        busy: Callable[[int | None], float | None] | None = None,
+        yield_seconds: float = DEFAULT_YIELD,
     ) -> None:
         self._dsn = dsn
         self._interval = interval
@@ -852,7 +898,12 @@ class RecommendationsMaintainer:
         self.holder = holder or holder_name()
         self._task: asyncio.Task[None] | None = None
         self._span = FIRST_SPAN
+        self._busy = busy if yield_seconds > 0 else None
+        self._yield_seconds = yield_seconds
+        self._yielding_since: float | None = None  # time.monotonic() of the first wait of this run of waits
+        self._catching_up = False  # the waits' budget is spent: steps until caught up
         self.steps = 0  # committed steps (tests, logs)
+        self.yields = 0  # waits for ingest (tests, logs)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="recommendations")
@@ -876,11 +927,16 @@ class RecommendationsMaintainer:
                             statement_cache_size=self._statement_cache_size,
                             server_settings={"application_name": APPLICATION_NAME},
                         )
+                    if self._yields(conn.get_server_pid()):
+                        self.yields += 1
+                        await asyncio.sleep(self._interval)
+                        continue
                     result = await step(conn, self.holder, lease_seconds=LEASE_SECONDS, max_span=self._span)
                     self.steps += 1
                     backoff = RETRY_BACKOFF[0]
                     self._adapt(result)
                     if result.caught_up:
+                        self._catching_up = False
                         await asyncio.sleep(self._interval)
                 except LeaseHeld:
                     await asyncio.sleep(LEASE_SECONDS / 3)
@@ -899,6 +955,27 @@ class RecommendationsMaintainer:
         finally:
             if conn is not None:
                 conn.terminate()
+
+    def _yields(self, backend: int) -> bool:
+        """Whether to wait instead of stepping: the host is saturated and the
+        budget of waits in a row is not spent (see the class's docstring)."""
+        if self._busy is None or self._catching_up:
+            return False
+        share = self._busy(backend)
+        if share is None or share < BUSY_SHARE:
+            self._yielding_since = None
+            return False
+        now = time.monotonic()
+        if self._yielding_since is None:
+            self._yielding_since = now
+        elif now - self._yielding_since >= self._yield_seconds:
+            self._yielding_since = None
+            self._catching_up = True
+            _log.info(
+                "recommendations: the host stayed saturated for %.0f s; stepping until caught up", self._yield_seconds
+            )
+            return False
+        return True
 
     def _adapt(self, result: StepResult) -> None:
         """About TARGET_EVENTS per step: halve the span after a larger step, double it after a small full one."""
