@@ -99,7 +99,12 @@ async def tail(*args: str, until_lines: int, then: signal.Signals = signal.SIGIN
             assert line, (await process.stderr.read()).decode()
             lines.append(line)
     process.send_signal(then)
-    stdout, stderr = await process.communicate()
+    try:
+        async with asyncio.timeout(20):  # a tail that does not end on the signal fails here, not hangs
+            stdout, stderr = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        raise
     assert process.returncode is not None
     return Run(process.returncode, "".join(lines) + stdout.decode(), stderr.decode())
 

@@ -116,6 +116,11 @@ class AsyncSubscription(_Subscription):
                 except grpc.RpcError as error:
                     if self._closed:
                         return
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        # The caller was cancelled (Ctrl-C in `interactions tail`) while it read: gRPC
+                        # may answer that as a CANCELLED call, which is no failure to retry.
+                        raise asyncio.CancelledError from error
                     delay = self._failed(error)
                 finally:
                     self._call.cancel()
