@@ -107,7 +107,7 @@ class AsyncSubscription(_Subscription):
 
     async def __aiter__(self) -> AsyncIterator[SubscriptionBatch]:
         try:
-            while True:
+            while not self._closed:
                 self._call = self._open(self._request)
                 try:
                     async for response in self._call:

@@ -77,9 +77,17 @@ async def run(client: InteractionsClient, args: argparse.Namespace) -> int:
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
-    # SIGTERM ends it like Ctrl-C (which asyncio.run turns into cancelling it).
+
+    def stop() -> None:
+        # Closing ends the subscription's call whatever gRPC makes of a cancelled read (it can answer
+        # one as a CANCELLED call); cancelling ends a wait between reconnections too.
+        subscription.close()
+        task.cancel()
+
+    signals = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C and SIGTERM alike
     with contextlib.suppress(NotImplementedError, RuntimeError):  # no signal handlers off the main thread
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        for number in signals:
+            loop.add_signal_handler(number, stop)
     try:
         async for batch in subscription:
             sys.stdout.writelines(_lines(batch))
@@ -88,7 +96,8 @@ async def run(client: InteractionsClient, args: argparse.Namespace) -> int:
         task.uncancel()
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.remove_signal_handler(signal.SIGTERM)
+            for number in signals:
+                loop.remove_signal_handler(number)
         if subscription.cursor:
             sys.stderr.write(f"cursor {subscription.cursor}\n")
             sys.stderr.flush()
