@@ -57,6 +57,7 @@ from interactions_server.config import (
 from interactions_server.errors import EXIT_DATABASE_DIED, EXIT_OPERATOR_ERROR, is_database_unavailable
 from interactions_server.server import App, Server, ServerConfig, StartupError
 from interactions_server.storage import (
+    BUSY_SHARE,
     Database,
     EmbeddedPostgres,
     MigrationError,
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         default=env("INTERACTIONS_RECOMMENDATIONS_YIELD", "30"),
         help="how long in a row the maintainer's steps may wait while others keep the database's host (when "
-        "it is this one) at least 60%% busy, a bulk ingest at full speed: ingest first; 0: never "
+        f"it is this one) at least {BUSY_SHARE:.0%}% busy, a bulk ingest at full speed: ingest first; 0: never "
         "(env INTERACTIONS_RECOMMENDATIONS_YIELD; default %(default)s)",
     )
     parser.add_argument(

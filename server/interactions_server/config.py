@@ -160,8 +160,8 @@ class ServerConfig:
     # (--recommendations-interval); 0: no maintainer on this host.
     recommendations_interval: float = 0.5
     # How long in a row its steps may wait while others keep the database's
-    # host (this one) at least 60% busy: ingest first (--recommendations-yield,
-    # docs/analytics.md "Ingest first"); 0: they never wait.
+    # host (this one) busy (storage's BUSY_SHARE): ingest first
+    # (--recommendations-yield, docs/analytics.md "Ingest first"); 0: never.
     recommendations_yield: float = 30.0
 
 

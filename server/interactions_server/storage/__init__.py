@@ -121,6 +121,7 @@ from interactions_server.storage._pool import (
     transaction,
 )
 from interactions_server.storage._recommendations import (
+    BUSY_SHARE,
     PURCHASES,
     RECOMMENDATIONS_READ_SETTINGS,
     VIEWS,
@@ -152,6 +153,7 @@ from interactions_server.storage._state import (
 from interactions_server.storage._user_data import USER_DATA_PARTS, UserHeader, user_data_part, user_header
 
 __all__ = [
+    "BUSY_SHARE",
     "DELETE_USER_DATA",
     "PURCHASES",
     "PURGE_EVENTS",

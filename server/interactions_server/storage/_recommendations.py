@@ -820,7 +820,6 @@ def utc_now() -> float:
 # --- the maintainer --------------------------------------------------------------------------
 
 DEFAULT_INTERVAL = 0.5  # seconds between steps once caught up (freshness: this plus a step)
-DEFAULT_YIELD = 30.0  # seconds the steps may wait while the database's host is saturated
 BUSY_SHARE = 0.6  # of the host's CPU time, taken by others: ingest near full speed (0.85 at full speed here)
 LEASE_SECONDS = 30.0  # another server takes over this long after the holder stopped stepping
 TARGET_EVENTS = 20_000  # events a step aims at: the window's span of xids adapts to it
@@ -890,7 +889,7 @@ class RecommendationsMaintainer:
         statement_cache_size: int = 100,
         holder: str | None = None,
         busy: Callable[[int | None], float | None] | None = None,
-        yield_seconds: float = DEFAULT_YIELD,
+        yield_seconds: float = 0.0,
     ) -> None:
         self._dsn = dsn
         self._interval = interval
